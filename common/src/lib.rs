@@ -1,1 +1,22 @@
-pub fn _placeholder() {}
+//! The shared library of the fleet: configuration, AWS clients, the consumer runtime, the
+//! failure taxonomy and DLQ attribution, telemetry, health, and provisioning of local queues
+//! and tables.
+
+pub mod attribution;
+pub mod aws;
+pub mod config;
+pub mod events;
+pub mod failure;
+pub mod health;
+pub mod provision;
+pub mod redact;
+pub mod runtime;
+pub mod telemetry;
+pub mod topology;
+
+pub use failure::{HandlerError, Reason};
+
+/// An AWS SDK error as one line: the error and its causes (code and message of a service error).
+pub fn sdk_error_message<E: std::error::Error + 'static>(error: &E) -> String {
+    aws_smithy_types::error::display::DisplayErrorContext(error).to_string()
+}

@@ -1,0 +1,167 @@
+//! AWS clients for the fleet: the standard credential chain in production, loopback emulators
+//! locally, and a request counter on every client so that cost per message is counted, not guessed.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+
+use crate::config::AwsConfig;
+
+/// The SQS and DynamoDB clients of one process, sharing one [`RequestCounter`].
+#[derive(Clone, Debug)]
+pub struct Clients {
+    /// SQS, with the endpoint override of the config if any.
+    pub sqs: aws_sdk_sqs::Client,
+    /// DynamoDB, with the endpoint override of the config if any.
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    /// Counts every request either client sends (each retry attempt included).
+    pub requests: RequestCounter,
+}
+
+impl Clients {
+    /// Builds both clients from the standard AWS chain and the config's overrides.
+    ///
+    /// An endpoint override on loopback is an emulator: the clients then sign with fixed
+    /// placeholder credentials, so real credentials are never sent to a local process.
+    pub async fn from_config(aws: &AwsConfig) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(region) = &aws.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let all_local = [&aws.sqs_endpoint_url, &aws.dynamodb_endpoint_url]
+            .iter()
+            .all(|url| url.as_deref().is_some_and(is_loopback_url));
+        if all_local {
+            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+                "local-emulator",
+                "local-emulator",
+                None,
+                None,
+                "fleet-local-emulator",
+            ));
+        }
+        let shared = loader.load().await;
+        Self::from_sdk_config(&shared, aws, RequestCounter::default())
+    }
+
+    /// Builds both clients from an already loaded [`SdkConfig`].
+    pub fn from_sdk_config(shared: &SdkConfig, aws: &AwsConfig, requests: RequestCounter) -> Self {
+        let mut sqs =
+            aws_sdk_sqs::config::Builder::from(shared).interceptor(requests.for_service("sqs"));
+        if let Some(url) = &aws.sqs_endpoint_url {
+            sqs = sqs.endpoint_url(url);
+        }
+        let mut ddb = aws_sdk_dynamodb::config::Builder::from(shared)
+            .interceptor(requests.for_service("dynamodb"));
+        if let Some(url) = &aws.dynamodb_endpoint_url {
+            ddb = ddb.endpoint_url(url);
+        }
+        Self {
+            sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(ddb.build()),
+            requests,
+        }
+    }
+}
+
+/// Whether an endpoint URL points at this machine.
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let host = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Counts requests per service and operation, and exports them as the
+/// `fleet_aws_requests_total{service, operation}` metric.
+#[derive(Clone, Debug, Default)]
+pub struct RequestCounter {
+    counts: Arc<Mutex<BTreeMap<(&'static str, String), u64>>>,
+}
+
+impl RequestCounter {
+    /// An interceptor that records into this counter under `service`.
+    pub fn for_service(&self, service: &'static str) -> CountingInterceptor {
+        CountingInterceptor {
+            service,
+            counter: self.clone(),
+        }
+    }
+
+    fn record(&self, service: &'static str, operation: &str) {
+        metrics::counter!("fleet_aws_requests_total", "service" => service, "operation" => operation.to_owned())
+            .increment(1);
+        let mut counts = self.counts.lock().expect("request counter lock");
+        *counts.entry((service, operation.to_owned())).or_default() += 1;
+    }
+
+    /// Requests sent to `service` so far, all operations.
+    pub fn total(&self, service: &str) -> u64 {
+        let counts = self.counts.lock().expect("request counter lock");
+        counts
+            .iter()
+            .filter(|((s, _), _)| *s == service)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Requests per `service.Operation` so far.
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        let counts = self.counts.lock().expect("request counter lock");
+        counts
+            .iter()
+            .map(|((s, op), n)| (format!("{s}.{op}"), *n))
+            .collect()
+    }
+}
+
+/// The SDK interceptor behind [`RequestCounter`]; one per client.
+#[derive(Debug)]
+pub struct CountingInterceptor {
+    service: &'static str,
+    counter: RequestCounter,
+}
+
+impl Intercept for CountingInterceptor {
+    fn name(&self) -> &'static str {
+        "FleetRequestCounter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let operation = cfg.load::<Metadata>().map_or("unknown", Metadata::name);
+        self.counter.record(self.service, operation);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_urls_are_recognised() {
+        assert!(is_loopback_url("http://127.0.0.1:4566"));
+        assert!(is_loopback_url("http://localhost:4566/"));
+        assert!(is_loopback_url("http://[::1]:8000"));
+        assert!(!is_loopback_url("https://sqs.us-east-1.amazonaws.com"));
+        assert!(!is_loopback_url("http://10.0.0.5:4566"));
+    }
+}

@@ -1,0 +1,650 @@
+//! Fleet configuration: one TOML file from `config/` plus `FLEET__…` environment overrides,
+//! validated once at start-up so that a bad value stops the program with a message naming the key.
+//!
+//! Overrides use `__` between path segments: `FLEET__WORKERS__ORDERS__MAX_IN_FLIGHT=64` sets
+//! `workers.orders.max_in_flight`. A value is read as TOML when it parses as TOML (numbers,
+//! booleans, arrays), otherwise as a string.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "FLEET__";
+/// The environment variable that names the config file.
+pub const CONFIG_PATH_ENV: &str = "FLEET_CONFIG";
+/// The config file used when neither `--config` nor `FLEET_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/fleet.toml";
+
+/// SQS refuses visibility timeouts above 12 hours.
+const MAX_VISIBILITY_TIMEOUT_SECS: u32 = 43_200;
+/// SQS keeps messages at most 14 days.
+const MAX_RETENTION_SECS: u32 = 1_209_600;
+/// SQS takes at most 10 messages per receive.
+const MAX_BATCH: u32 = 10;
+
+/// Why a configuration could not be used. Every variant names the file or the key to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (set --config or {CONFIG_PATH_ENV})")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("environment override {var}: {message}")]
+    Override { var: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole fleet's configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Where AWS is: region and, for the local emulators only, endpoint overrides.
+    #[serde(default)]
+    pub aws: AwsConfig,
+    /// Logs, metrics and the health endpoints.
+    #[serde(default)]
+    pub observability: ObservabilityConfig,
+    /// Every work queue, keyed by the logical name the workers use (`ingest`, `orders`, …).
+    /// Each gets a dead-letter queue named `<name>-dlq` (before `.fifo` for FIFO queues).
+    pub queues: BTreeMap<String, QueueConfig>,
+    /// Every DynamoDB table, keyed by logical name (`orders`, `catalog`, `events`).
+    #[serde(default)]
+    pub tables: BTreeMap<String, TableConfig>,
+    /// One consumer per worker role, keyed by role (`ingestion`, `orders`, `warehouse`, `delivery`).
+    pub workers: BTreeMap<String, WorkerConfig>,
+    /// Limits of the untrusted edge (ingestion).
+    #[serde(default)]
+    pub ingestion: IngestionConfig,
+}
+
+/// Where AWS is.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Region; when absent the standard chain decides (AWS_REGION, profile).
+    pub region: Option<String>,
+    /// SQS endpoint override, for the local emulator. Absent in production.
+    pub sqs_endpoint_url: Option<String>,
+    /// DynamoDB endpoint override, for the local emulator. Absent in production.
+    pub dynamodb_endpoint_url: Option<String>,
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line, span fields included (production).
+    #[default]
+    Json,
+    /// Human-readable lines (a terminal).
+    Pretty,
+}
+
+/// Logs, metrics, health.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservabilityConfig {
+    /// Address of the HTTP server for `/metrics`, `/healthz` and `/readyz`. Port 0 picks one.
+    #[serde(default = "default_listen_addr")]
+    pub listen_addr: SocketAddr,
+    /// `json` or `pretty`.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// Also print CloudWatch Embedded Metric Format lines to stdout (production on ECS).
+    #[serde(default)]
+    pub emf: bool,
+    /// How often EMF lines are written.
+    #[serde(default = "default_emf_interval_secs")]
+    pub emf_interval_secs: NonZeroU32,
+    /// The CloudWatch namespace of EMF metrics.
+    #[serde(default = "default_emf_namespace")]
+    pub emf_namespace: String,
+}
+
+impl Default for ObservabilityConfig {
+    fn default() -> Self {
+        Self {
+            listen_addr: default_listen_addr(),
+            log_format: LogFormat::default(),
+            emf: false,
+            emf_interval_secs: default_emf_interval_secs(),
+            emf_namespace: default_emf_namespace(),
+        }
+    }
+}
+
+fn default_listen_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+const fn default_emf_interval_secs() -> NonZeroU32 {
+    NonZeroU32::new(60).expect("non-zero")
+}
+fn default_emf_namespace() -> String {
+    "OrderFleet".to_owned()
+}
+
+/// One SQS work queue and its dead-letter queue.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    /// The queue's name in SQS (with `.fifo` for FIFO queues).
+    pub name: String,
+    /// FIFO queue: per-group ordering and deduplication.
+    #[serde(default)]
+    pub fifo: bool,
+    /// How long a received message stays invisible before SQS hands it out again.
+    pub visibility_timeout_secs: u32,
+    /// Receives after which SQS itself moves a message to the DLQ (the safety net for crashes).
+    pub max_receive_count: u32,
+    /// How long SQS keeps an unprocessed message.
+    pub retention_secs: u32,
+    /// How long the DLQ keeps a message; must be longer than `retention_secs`, because SQS keeps
+    /// a message's original enqueue time when it moves it to a standard DLQ.
+    pub dlq_retention_secs: u32,
+    /// Server-side encryption with SQS-owned keys locally; `deploy/` uses a customer-managed KMS key.
+    #[serde(default = "yes")]
+    pub sse: bool,
+}
+
+const fn yes() -> bool {
+    true
+}
+
+impl QueueConfig {
+    /// The DLQ's name: `<name>-dlq`, keeping the `.fifo` suffix last.
+    pub fn dlq_name(&self) -> String {
+        match self.name.strip_suffix(".fifo") {
+            Some(stem) => format!("{stem}-dlq.fifo"),
+            None => format!("{}-dlq", self.name),
+        }
+    }
+}
+
+/// One DynamoDB table.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// The table's name in DynamoDB.
+    pub name: String,
+    /// Partition key attribute (a string).
+    pub partition_key: String,
+    /// Sort key attribute (a string), if any.
+    pub sort_key: Option<String>,
+    /// Attribute that holds the expiry time (epoch seconds) when the table uses TTL.
+    pub ttl_attribute: Option<String>,
+}
+
+/// One worker role's consumer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// The logical name (key in `[queues]`) of the queue this worker consumes.
+    pub queue: String,
+    /// Concurrent long-poll loops on the queue.
+    #[serde(default = "default_pollers")]
+    pub pollers: NonZeroUsize,
+    /// Hard cap on messages in flight in this process (received and not yet acknowledged).
+    pub max_in_flight: NonZeroUsize,
+    /// Messages asked for per receive (1–10).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Long-poll wait per receive (0–20 s).
+    #[serde(default = "default_receive_wait_secs")]
+    pub receive_wait_secs: u32,
+    /// How often a running job extends its visibility; must be below the visibility timeout.
+    pub heartbeat_interval_secs: u32,
+    /// Attempts (receives) before a transiently failing message is dead-lettered by the worker.
+    /// Must be below the queue's `max_receive_count`, so the worker attributes the failure before
+    /// SQS's redrive policy moves the message without a reason.
+    pub max_attempts: u32,
+    /// First retry delay; each further attempt doubles it, with jitter.
+    #[serde(default = "default_backoff_min_ms")]
+    pub backoff_min_ms: u64,
+    /// Upper bound of the retry delay.
+    #[serde(default = "default_backoff_max_secs")]
+    pub backoff_max_secs: u64,
+    /// How long shutdown waits for in-flight jobs before releasing them to the queue.
+    #[serde(default = "default_shutdown_deadline_secs")]
+    pub shutdown_deadline_secs: u32,
+    /// How long acknowledgements wait to fill a DeleteMessageBatch of 10.
+    #[serde(default = "default_ack_flush_ms")]
+    pub ack_flush_ms: u64,
+    /// Cap on DynamoDB requests per second from this worker (governor); absent = no cap.
+    pub downstream_rate_per_sec: Option<NonZeroU32>,
+}
+
+const fn default_pollers() -> NonZeroUsize {
+    NonZeroUsize::new(2).expect("non-zero")
+}
+const fn default_batch_size() -> u32 {
+    MAX_BATCH
+}
+const fn default_receive_wait_secs() -> u32 {
+    20
+}
+const fn default_backoff_min_ms() -> u64 {
+    1_000
+}
+const fn default_backoff_max_secs() -> u64 {
+    300
+}
+const fn default_shutdown_deadline_secs() -> u32 {
+    25
+}
+const fn default_ack_flush_ms() -> u64 {
+    50
+}
+
+impl WorkerConfig {
+    /// The heartbeat interval.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_interval_secs.into())
+    }
+    /// The shutdown deadline.
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_secs(self.shutdown_deadline_secs.into())
+    }
+}
+
+/// Limits of the untrusted edge.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestionConfig {
+    /// Largest accepted message body, in bytes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// The `source` stamped on messages whose upstream did not name one.
+    #[serde(default = "default_source")]
+    pub default_source: String,
+    /// How long an ingestion dedup record lives (DynamoDB TTL), in hours.
+    #[serde(default = "default_dedup_ttl_hours")]
+    pub dedup_ttl_hours: u32,
+}
+
+impl Default for IngestionConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body_bytes(),
+            default_source: default_source(),
+            dedup_ttl_hours: default_dedup_ttl_hours(),
+        }
+    }
+}
+const fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+fn default_source() -> String {
+    "unknown".to_owned()
+}
+const fn default_dedup_ttl_hours() -> u32 {
+    24 * 7
+}
+
+impl FleetConfig {
+    /// Reads the file, applies `FLEET__…` overrides from the process environment, validates.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] that names the file, variable or key at fault.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_with_env(&text, path, std::env::vars())
+    }
+
+    /// Parses TOML text, applies the given `FLEET__…` variables, validates.
+    ///
+    /// # Errors
+    /// As [`FleetConfig::load`].
+    pub fn from_toml_with_env(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: path.to_owned(),
+                    message: e.message().to_owned(),
+                })?;
+        for (var, raw) in env {
+            if let Some(rest) = var.strip_prefix(ENV_PREFIX) {
+                apply_override(&mut value, &var, rest, &raw)?;
+            }
+        }
+        let config: FleetConfig = serde_path_to_error::deserialize(toml::Value::Table(value))
+            .map_err(|e| ConfigError::invalid(e.path().to_string(), e.inner().message()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The worker config of a role.
+    ///
+    /// # Errors
+    /// When the role has no `[workers.<role>]` section.
+    pub fn worker(&self, role: &str) -> Result<&WorkerConfig, ConfigError> {
+        self.workers
+            .get(role)
+            .ok_or_else(|| ConfigError::invalid(format!("workers.{role}"), "missing section"))
+    }
+
+    /// The queue config by logical name.
+    ///
+    /// # Errors
+    /// When there is no `[queues.<name>]` section.
+    pub fn queue(&self, name: &str) -> Result<&QueueConfig, ConfigError> {
+        self.queues
+            .get(name)
+            .ok_or_else(|| ConfigError::invalid(format!("queues.{name}"), "missing section"))
+    }
+
+    /// The table config by logical name.
+    ///
+    /// # Errors
+    /// When there is no `[tables.<name>]` section.
+    pub fn table(&self, name: &str) -> Result<&TableConfig, ConfigError> {
+        self.tables
+            .get(name)
+            .ok_or_else(|| ConfigError::invalid(format!("tables.{name}"), "missing section"))
+    }
+
+    /// Checks every cross-field rule the types cannot express.
+    ///
+    /// # Errors
+    /// The first violated rule, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, q) in &self.queues {
+            let at = |f: &str| format!("queues.{key}.{f}");
+            if q.name.is_empty() || q.name.len() > 80 - 4 {
+                return Err(ConfigError::invalid(
+                    at("name"),
+                    "must be 1–76 characters (the DLQ adds `-dlq`)",
+                ));
+            }
+            if !q
+                .name
+                .trim_end_matches(".fifo")
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::invalid(
+                    at("name"),
+                    "may hold only letters, digits, `-` and `_`",
+                ));
+            }
+            if q.fifo != q.name.ends_with(".fifo") {
+                return Err(ConfigError::invalid(
+                    at("name"),
+                    "a FIFO queue's name must end in `.fifo`, and only a FIFO queue's",
+                ));
+            }
+            if q.visibility_timeout_secs > MAX_VISIBILITY_TIMEOUT_SECS {
+                return Err(ConfigError::invalid(
+                    at("visibility_timeout_secs"),
+                    "must be at most 43200 (12 hours)",
+                ));
+            }
+            if q.visibility_timeout_secs == 0 {
+                return Err(ConfigError::invalid(
+                    at("visibility_timeout_secs"),
+                    "must be above 0",
+                ));
+            }
+            if !(1..=1000).contains(&q.max_receive_count) {
+                return Err(ConfigError::invalid(
+                    at("max_receive_count"),
+                    "must be 1–1000",
+                ));
+            }
+            for (field, v) in [
+                ("retention_secs", q.retention_secs),
+                ("dlq_retention_secs", q.dlq_retention_secs),
+            ] {
+                if !(60..=MAX_RETENTION_SECS).contains(&v) {
+                    return Err(ConfigError::invalid(
+                        at(field),
+                        "must be 60–1209600 (14 days)",
+                    ));
+                }
+            }
+            if q.dlq_retention_secs <= q.retention_secs {
+                return Err(ConfigError::invalid(at("dlq_retention_secs"), "must be longer than retention_secs, or messages expire in the DLQ before anyone looks"));
+            }
+        }
+        for (role, w) in &self.workers {
+            let at = |f: &str| format!("workers.{role}.{f}");
+            let q = self.queues.get(&w.queue).ok_or_else(|| {
+                ConfigError::invalid(
+                    at("queue"),
+                    format!("names no queue: there is no [queues.{}]", w.queue),
+                )
+            })?;
+            if !(1..=MAX_BATCH).contains(&w.batch_size) {
+                return Err(ConfigError::invalid(at("batch_size"), "must be 1–10"));
+            }
+            if w.receive_wait_secs > 20 {
+                return Err(ConfigError::invalid(
+                    at("receive_wait_secs"),
+                    "must be 0–20",
+                ));
+            }
+            if w.heartbeat_interval_secs == 0
+                || w.heartbeat_interval_secs >= q.visibility_timeout_secs
+            {
+                return Err(ConfigError::invalid(
+                    at("heartbeat_interval_secs"),
+                    format!("must be above 0 and below the visibility timeout of queue `{}` ({} s), or jobs are redelivered while they run", w.queue, q.visibility_timeout_secs),
+                ));
+            }
+            if w.max_attempts == 0 || w.max_attempts >= q.max_receive_count {
+                return Err(ConfigError::invalid(
+                    at("max_attempts"),
+                    format!("must be at least 1 and below max_receive_count of queue `{}` ({}), so the worker dead-letters with a reason before SQS does without one", w.queue, q.max_receive_count),
+                ));
+            }
+            if w.backoff_min_ms == 0 || w.backoff_min_ms > w.backoff_max_secs.saturating_mul(1000) {
+                return Err(ConfigError::invalid(
+                    at("backoff_min_ms"),
+                    "must be above 0 and at most backoff_max_secs",
+                ));
+            }
+            if w.backoff_max_secs > u64::from(MAX_VISIBILITY_TIMEOUT_SECS) {
+                return Err(ConfigError::invalid(
+                    at("backoff_max_secs"),
+                    "must be at most 43200 (the longest visibility SQS allows)",
+                ));
+            }
+        }
+        for (key, t) in &self.tables {
+            if t.name.len() < 3 || t.name.len() > 255 {
+                return Err(ConfigError::invalid(
+                    format!("tables.{key}.name"),
+                    "must be 3–255 characters",
+                ));
+            }
+        }
+        if self.ingestion.max_body_bytes == 0 || self.ingestion.max_body_bytes > 256 * 1024 {
+            return Err(ConfigError::invalid(
+                "ingestion.max_body_bytes",
+                "must be 1–262144 (SQS's own limit is 256 KiB)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Sets `rest` (`A__B__C`, case-insensitive) in `table` to `raw`.
+fn apply_override(
+    table: &mut toml::Table,
+    var: &str,
+    rest: &str,
+    raw: &str,
+) -> Result<(), ConfigError> {
+    let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+    if path.iter().any(String::is_empty) {
+        return Err(ConfigError::Override {
+            var: var.to_owned(),
+            message: "empty path segment (use `__` between keys)".to_owned(),
+        });
+    }
+    let value = parse_override_value(raw);
+    let (last, parents) = path
+        .split_last()
+        .expect("split yields at least one segment");
+    let mut cursor = table;
+    for segment in parents {
+        let entry = cursor
+            .entry(segment.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cursor = entry.as_table_mut().ok_or_else(|| ConfigError::Override {
+            var: var.to_owned(),
+            message: format!("`{segment}` is a value, not a section"),
+        })?;
+    }
+    cursor.insert(last.clone(), value);
+    Ok(())
+}
+
+fn parse_override_value(raw: &str) -> toml::Value {
+    // Parse `x = <raw>` so numbers, booleans and arrays keep their type.
+    format!("x = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("x"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOCAL: &str = include_str!("../../config/fleet.toml");
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<FleetConfig, ConfigError> {
+        FleetConfig::from_toml_with_env(
+            text,
+            Path::new("test.toml"),
+            env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+    }
+
+    fn error_text(text: &str, env: &[(&str, &str)]) -> String {
+        parse(text, env)
+            .expect_err("config must be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let config = parse(LOCAL, &[]).expect("config/fleet.toml is valid");
+        for role in ["ingestion", "orders", "warehouse", "delivery"] {
+            config.worker(role).expect("every role is configured");
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_path() {
+        let text = LOCAL.replacen("[workers.orders]", "[workers.orders]\nmax_inflight = 3", 1);
+        let message = error_text(&text, &[]);
+        assert!(message.contains("workers.orders"), "{message}");
+        assert!(message.contains("max_inflight"), "{message}");
+    }
+
+    #[test]
+    fn zero_concurrency_is_refused_naming_the_key() {
+        let message = error_text(LOCAL, &[("FLEET__WORKERS__ORDERS__MAX_IN_FLIGHT", "0")]);
+        assert!(
+            message.contains("workers.orders.max_in_flight"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_longer_than_the_visibility_timeout_is_refused() {
+        let message = error_text(
+            LOCAL,
+            &[("FLEET__WORKERS__ORDERS__HEARTBEAT_INTERVAL_SECS", "100000")],
+        );
+        assert!(
+            message.contains("workers.orders.heartbeat_interval_secs"),
+            "{message}"
+        );
+        assert!(message.contains("visibility timeout"), "{message}");
+    }
+
+    #[test]
+    fn max_attempts_must_stay_below_the_redrive_policy() {
+        let message = error_text(LOCAL, &[("FLEET__WORKERS__ORDERS__MAX_ATTEMPTS", "99")]);
+        assert!(message.contains("workers.orders.max_attempts"), "{message}");
+    }
+
+    #[test]
+    fn a_dlq_must_keep_messages_longer_than_its_source() {
+        let message = error_text(
+            LOCAL,
+            &[("FLEET__QUEUES__ORDERS__DLQ_RETENTION_SECS", "60")],
+        );
+        assert!(
+            message.contains("queues.orders.dlq_retention_secs"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn overrides_keep_their_type_and_apply() {
+        let config = parse(
+            LOCAL,
+            &[
+                ("FLEET__WORKERS__ORDERS__MAX_IN_FLIGHT", "7"),
+                ("FLEET__AWS__REGION", "eu-west-1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.worker("orders").unwrap().max_in_flight.get(), 7);
+        assert_eq!(config.aws.region.as_deref(), Some("eu-west-1"));
+    }
+
+    #[test]
+    fn an_override_of_a_wrong_type_names_the_key() {
+        let message = error_text(LOCAL, &[("FLEET__WORKERS__ORDERS__POLLERS", "many")]);
+        assert!(message.contains("workers.orders.pollers"), "{message}");
+    }
+
+    #[test]
+    fn a_worker_on_a_missing_queue_is_refused() {
+        let message = error_text(LOCAL, &[("FLEET__WORKERS__ORDERS__QUEUE", "nope")]);
+        assert!(
+            message.contains("workers.orders.queue") && message.contains("nope"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn dlq_names_keep_the_fifo_suffix_last() {
+        let mut q = parse(LOCAL, &[]).unwrap().queues["orders"].clone();
+        q.name = "a.fifo".into();
+        assert_eq!(q.dlq_name(), "a-dlq.fifo");
+        q.name = "a".into();
+        assert_eq!(q.dlq_name(), "a-dlq");
+    }
+}

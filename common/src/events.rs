@@ -1,0 +1,114 @@
+//! One function per observable event of the runtime: each writes its log line and updates its
+//! metric with the same labels, so logs and metrics never disagree.
+
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use crate::failure::FailureClass;
+
+/// A receive returned `count` messages.
+pub fn received(queue: &str, count: usize) {
+    metrics::counter!("fleet_messages_received_total", "queue" => queue.to_owned())
+        .increment(count as u64);
+    metrics::counter!("fleet_receives_total", "queue" => queue.to_owned(), "empty" => (count == 0).to_string())
+        .increment(1);
+}
+
+/// A receive failed; the poll loop backs off and goes on.
+pub fn receive_failed(queue: &str, error: &str, backoff: Duration) {
+    metrics::counter!("fleet_receive_errors_total", "queue" => queue.to_owned()).increment(1);
+    warn!(
+        queue,
+        error,
+        backoff_ms = backoff.as_millis() as u64,
+        "receive failed; backing off"
+    );
+}
+
+/// The handler took `elapsed` on a message that had waited `age` in the queue.
+pub fn handled(queue: &str, elapsed: Duration, age: Option<Duration>) {
+    metrics::histogram!("fleet_handler_seconds", "queue" => queue.to_owned())
+        .record(elapsed.as_secs_f64());
+    if let Some(age) = age {
+        metrics::histogram!("fleet_message_age_seconds", "queue" => queue.to_owned())
+            .record(age.as_secs_f64());
+    }
+}
+
+/// The message's effect is durable and the message is acknowledged.
+pub fn succeeded(queue: &str, elapsed: Duration) {
+    metrics::counter!("fleet_messages_succeeded_total", "queue" => queue.to_owned()).increment(1);
+    debug!(
+        queue,
+        elapsed_ms = elapsed.as_millis() as u64,
+        "message done"
+    );
+}
+
+/// A transient failure: the message is hidden for `delay`, then retried.
+pub fn retried(queue: &str, reason: &str, attempt: u32, delay: Duration, detail: &str) {
+    metrics::counter!("fleet_messages_retried_total", "queue" => queue.to_owned(), "reason" => reason.to_owned())
+        .increment(1);
+    warn!(
+        queue,
+        reason,
+        attempt,
+        delay_ms = delay.as_millis() as u64,
+        detail,
+        "transient failure; will retry"
+    );
+}
+
+/// The message went to the DLQ with its attribution.
+pub fn dead_lettered(queue: &str, reason: &str, class: FailureClass, attempts: u32, detail: &str) {
+    metrics::counter!(
+        "fleet_messages_dead_lettered_total",
+        "queue" => queue.to_owned(),
+        "reason" => reason.to_owned(),
+        "class" => class.to_string()
+    )
+    .increment(1);
+    warn!(queue, reason, class = %class, attempts, detail, "message dead-lettered");
+}
+
+/// Sending a message to the DLQ failed: the message stays on its queue and is retried.
+pub fn dead_letter_failed(queue: &str, error: &str) {
+    metrics::counter!("fleet_dead_letter_errors_total", "queue" => queue.to_owned()).increment(1);
+    warn!(
+        queue,
+        error, "could not dead-letter; the message stays on its queue"
+    );
+}
+
+/// Some entries of a DeleteMessageBatch failed.
+pub fn delete_partially_failed(queue: &str, code: &str, count: usize, will_retry: bool) {
+    metrics::counter!("fleet_delete_failures_total", "queue" => queue.to_owned(), "code" => code.to_owned())
+        .increment(count as u64);
+    warn!(
+        queue,
+        code, count, will_retry, "DeleteMessageBatch entries failed"
+    );
+}
+
+/// A visibility heartbeat extended a long job.
+pub fn heartbeat(queue: &str, ok: bool) {
+    metrics::counter!("fleet_heartbeats_total", "queue" => queue.to_owned(), "ok" => ok.to_string()).increment(1);
+    if !ok {
+        warn!(
+            queue,
+            "visibility heartbeat failed; the job may be delivered twice"
+        );
+    }
+}
+
+/// Messages in flight in this process.
+pub fn in_flight(queue: &str, count: usize) {
+    metrics::gauge!("fleet_in_flight", "queue" => queue.to_owned()).set(count as f64);
+}
+
+/// Unfinished messages were made visible again at shutdown.
+pub fn released(queue: &str, count: usize) {
+    metrics::counter!("fleet_released_total", "queue" => queue.to_owned()).increment(count as u64);
+    info!(queue, count, "released unfinished messages to the queue");
+}

@@ -1,0 +1,161 @@
+//! The failure taxonomy: what a handler's error tells the runtime to do next.
+//!
+//! - [`HandlerError::Transient`]: retry later. The runtime hides the message for a backoff delay
+//!   (exponential with jitter, via `backon`) by changing its visibility; after the worker's
+//!   `max_attempts` it is dead-lettered as [`FailureClass::AttemptsExhausted`].
+//! - [`HandlerError::Permanent`]: retrying cannot help (bad input, a conflict). Dead-lettered at
+//!   once, on the first attempt.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A stable, machine-readable reason code (`snake_case`), used for grouping and filtering in the
+/// DLQ CLI. The human text goes in the error's `detail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Reason(pub &'static str);
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl Reason {
+    /// The body is not valid JSON or not of the expected shape.
+    pub const MALFORMED_BODY: Reason = Reason("malformed_body");
+    /// The same idempotency key arrived with a different payload.
+    pub const IDEMPOTENCY_CONFLICT: Reason = Reason("idempotency_conflict");
+    /// A downstream service throttled or was unavailable.
+    pub const DOWNSTREAM_UNAVAILABLE: Reason = Reason("downstream_unavailable");
+    /// The handler panicked; treated as transient, since the cause is unknown.
+    pub const HANDLER_PANIC: Reason = Reason("handler_panic");
+    /// Forwarding to the next queue failed.
+    pub const FORWARD_FAILED: Reason = Reason("forward_failed");
+}
+
+/// What went wrong in a handler, and so what the runtime does with the message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// Worth retrying: throttling, a timeout, an unavailable dependency.
+    #[error("transient failure ({reason}): {detail}")]
+    Transient {
+        /// Reason code.
+        reason: Reason,
+        /// What happened, without personal data (it is redacted again before it leaves).
+        detail: String,
+        /// A delay the handler knows better than the backoff (e.g. a Retry-After).
+        retry_after: Option<Duration>,
+    },
+    /// Never worth retrying: the message goes to the DLQ now.
+    #[error("permanent failure ({reason}): {detail}")]
+    Permanent {
+        /// Reason code.
+        reason: Reason,
+        /// What happened, without personal data (it is redacted again before it leaves).
+        detail: String,
+    },
+}
+
+impl HandlerError {
+    /// A transient failure with the backoff's delay.
+    pub fn transient(reason: Reason, detail: impl Into<String>) -> Self {
+        Self::Transient {
+            reason,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A permanent failure.
+    pub fn permanent(reason: Reason, detail: impl Into<String>) -> Self {
+        Self::Permanent {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// The reason code.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Self::Transient { reason, .. } | Self::Permanent { reason, .. } => *reason,
+        }
+    }
+
+    /// The detail text.
+    pub fn detail(&self) -> &str {
+        match self {
+            Self::Transient { detail, .. } | Self::Permanent { detail, .. } => detail,
+        }
+    }
+}
+
+/// Why a message is in a DLQ, as the attribution records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// The handler said retrying cannot help.
+    Permanent,
+    /// Transient failures until the worker's attempts ran out.
+    AttemptsExhausted,
+    /// SQS moved it by its redrive policy: the worker crashed or timed out on it (no attribution).
+    QueueRedrive,
+}
+
+impl fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Permanent => "permanent",
+            Self::AttemptsExhausted => "attempts_exhausted",
+            Self::QueueRedrive => "queue_redrive",
+        })
+    }
+}
+
+/// The delay before retry number `attempt` (1 = the first retry): exponential from `min`,
+/// doubled each time, with jitter, bounded by `max`.
+pub fn retry_delay(attempt: u32, min: Duration, max: Duration) -> Duration {
+    use backon::BackoffBuilder;
+    let nth = attempt.max(1) as usize;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .with_max_times(nth)
+        .build()
+        .nth(nth - 1)
+        .unwrap_or(max)
+        .min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_and_stay_bounded() {
+        let min = Duration::from_secs(1);
+        let max = Duration::from_secs(60);
+        // Jitter adds up to one delay on top, so compare ranges, not values.
+        for attempt in 1..=5u32 {
+            let base = min * 2u32.pow(attempt - 1);
+            let d = retry_delay(attempt, min, max);
+            assert!(
+                d >= base.min(max) && d <= (base * 2).min(max),
+                "attempt {attempt}: {d:?}"
+            );
+        }
+        assert_eq!(retry_delay(30, min, max), max);
+    }
+
+    #[test]
+    fn the_taxonomy_exposes_reason_and_detail() {
+        let e = HandlerError::permanent(Reason::MALFORMED_BODY, "missing field `order_id`");
+        assert_eq!(e.reason(), Reason::MALFORMED_BODY);
+        assert_eq!(e.detail(), "missing field `order_id`");
+        assert!(e.to_string().contains("permanent"));
+    }
+}

@@ -1,0 +1,149 @@
+//! Gathers single requests (acknowledge this message, send that one) into SQS batch calls of up
+//! to ten, waiting at most a short linger for a batch to fill. Each submitter learns the outcome
+//! of its own entry, because a batch call can succeed for some entries and fail for others.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
+
+/// The outcome of one entry; the error is a short code or message for logs.
+pub type EntryResult = Result<(), String>;
+
+type FlushFn<T> =
+    dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = Vec<EntryResult>> + Send>> + Send + Sync;
+
+struct Entry<T> {
+    item: T,
+    done: oneshot::Sender<EntryResult>,
+}
+
+/// A handle to submit entries; cheap to clone.
+pub struct Batcher<T> {
+    tx: mpsc::Sender<Entry<T>>,
+}
+
+impl<T> Clone for Batcher<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static> Batcher<T> {
+    /// Starts the batching task. `flush` sends one batch (at most `max` entries) and returns one
+    /// result per entry, in order. The task ends when every handle is dropped and all flushes
+    /// have finished; await the returned handle to know that.
+    pub fn spawn<F, Fut>(
+        max: usize,
+        linger: Duration,
+        flush: F,
+    ) -> (Self, tokio::task::JoinHandle<()>)
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<EntryResult>> + Send + 'static,
+    {
+        // Bounded: a producer waits rather than buffer without limit.
+        let (tx, rx) = mpsc::channel(max * 8);
+        let flush: Arc<FlushFn<T>> = Arc::new(move |items| Box::pin(flush(items)));
+        let task = tokio::spawn(run(rx, max, linger, flush));
+        (Self { tx }, task)
+    }
+
+    /// Submits one entry and waits for its outcome.
+    ///
+    /// # Errors
+    /// The entry's failure, or `"batcher stopped"` when the batching task is gone.
+    pub async fn submit(&self, item: T) -> EntryResult {
+        let (done, outcome) = oneshot::channel();
+        self.tx
+            .send(Entry { item, done })
+            .await
+            .map_err(|_| "batcher stopped".to_owned())?;
+        outcome
+            .await
+            .unwrap_or_else(|_| Err("batcher stopped".to_owned()))
+    }
+}
+
+async fn run<T: Send + 'static>(
+    mut rx: mpsc::Receiver<Entry<T>>,
+    max: usize,
+    linger: Duration,
+    flush: Arc<FlushFn<T>>,
+) {
+    let flushes = TaskTracker::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(entry)) => batch.push(entry),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let flush = Arc::clone(&flush);
+        // Flushes run concurrently so that gathering the next batch never waits on the network.
+        flushes.spawn(async move {
+            let (items, dones): (Vec<T>, Vec<_>) =
+                batch.into_iter().map(|e| (e.item, e.done)).unzip();
+            let count = items.len();
+            let mut results = flush(items).await;
+            results.resize(count, Err("no result for entry".to_owned()));
+            for (done, result) in dones.into_iter().zip(results) {
+                let _ = done.send(result);
+            }
+        });
+    }
+    flushes.close();
+    flushes.wait().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[tokio::test]
+    async fn entries_are_gathered_into_batches_and_answered_one_by_one() {
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&sizes);
+        let (batcher, task) =
+            Batcher::spawn(10, Duration::from_millis(50), move |items: Vec<u32>| {
+                seen.lock().unwrap().push(items.len());
+                async move {
+                    items
+                        .iter()
+                        .map(|i| {
+                            if i % 7 == 0 {
+                                Err(format!("bad {i}"))
+                            } else {
+                                Ok(())
+                            }
+                        })
+                        .collect()
+                }
+            });
+        let results = futures::future::join_all((1..=25u32).map(|i| {
+            let b = batcher.clone();
+            async move { (i, b.submit(i).await) }
+        }))
+        .await;
+        for (i, r) in results {
+            assert_eq!(r.is_err(), i % 7 == 0, "entry {i}");
+        }
+        drop(batcher);
+        task.await.unwrap();
+        let sizes = sizes.lock().unwrap();
+        assert_eq!(sizes.iter().sum::<usize>(), 25);
+        assert!(sizes.iter().all(|&n| n <= 10));
+        assert!(
+            sizes.len() <= 4,
+            "25 entries submitted at once fit in three or four batches: {sizes:?}"
+        );
+    }
+}

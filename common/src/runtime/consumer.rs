@@ -1,0 +1,980 @@
+//! The consumer: pollers, the in-flight cap, FIFO group ordering, the visibility heartbeat,
+//! batched acknowledgements and forwards, retry/DLQ decisions, and graceful shutdown.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageAttributeValue, MessageSystemAttributeName, SendMessageBatchRequestEntry,
+};
+use backon::{ExponentialBuilder, Retryable};
+use futures::FutureExt;
+use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::batcher::{Batcher, EntryResult};
+use super::message::{Handler, Message, Outcome, Outgoing};
+use crate::attribution::{self, Attribution, CORRELATION_ID, RECEIVED_AT, REQUEST_ID, SOURCE};
+use crate::config::WorkerConfig;
+use crate::events;
+use crate::failure::{retry_delay, FailureClass, HandlerError, Reason};
+use crate::health::Health;
+use crate::redact::redact;
+use crate::topology::{QueuePair, QueueRef, Topology};
+
+/// Entries per SQS batch call.
+const SQS_BATCH: usize = 10;
+/// SQS's limit on a batch's total payload.
+const SQS_BATCH_BYTES: usize = 256 * 1024;
+/// The longest visibility SQS accepts.
+const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
+/// How long a poller waits for enough free capacity to ask for a full batch.
+const BATCH_FILL_WAIT: Duration = Duration::from_millis(100);
+
+/// Counters of one consumer's run, for reports and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Messages received.
+    pub received: AtomicU64,
+    /// Messages whose effect is done and that were acknowledged.
+    pub succeeded: AtomicU64,
+    /// Transient failures sent back for a retry.
+    pub retried: AtomicU64,
+    /// Messages the worker dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Messages released (made visible) at shutdown.
+    pub released: AtomicU64,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Everything a consumer needs besides its handler.
+pub struct ConsumerSettings {
+    /// The worker role (for logs, metrics and attribution).
+    pub role: String,
+    /// The role's settings.
+    pub worker: WorkerConfig,
+    /// The queues: the consumed one is `worker.queue`; forwards may target any.
+    pub topology: Topology,
+}
+
+/// A running consumer of one queue.
+pub struct Consumer<H> {
+    inner: Arc<Inner<H>>,
+}
+
+struct Inner<H> {
+    /// The business logic.
+    handler: H,
+    sqs: aws_sdk_sqs::Client,
+    role: String,
+    /// The consumed queue and its DLQ.
+    pair: QueuePair,
+    worker: WorkerConfig,
+    /// Forward targets by logical name.
+    topology: Topology,
+    /// The in-flight cap: one permit per message from receive to acknowledgement.
+    capacity: Arc<Semaphore>,
+    /// Receipt handles of messages in flight, to release them at shutdown.
+    in_flight: Mutex<HashMap<String, String>>,
+    acks: Batcher<String>,
+    sends: Batcher<SendEntry>,
+    stats: Arc<Stats>,
+    health: Health,
+}
+
+/// One message to send in a batch.
+#[derive(Debug, Clone)]
+struct SendEntry {
+    queue_url: String,
+    body: String,
+    attributes: HashMap<String, MessageAttributeValue>,
+    group_id: Option<String>,
+    deduplication_id: Option<String>,
+}
+
+impl<H: Handler> Consumer<H> {
+    /// Creates a consumer of `settings.worker.queue`.
+    ///
+    /// # Errors
+    /// When the worker's queue is not in the topology.
+    pub fn new(
+        sqs: aws_sdk_sqs::Client,
+        handler: H,
+        settings: ConsumerSettings,
+        health: Health,
+    ) -> Result<Self, String> {
+        let ConsumerSettings {
+            role,
+            worker,
+            topology,
+        } = settings;
+        let pair = topology.pair(&worker.queue).cloned().ok_or_else(|| {
+            format!(
+                "queue `{}` of worker `{role}` is not in the topology",
+                worker.queue
+            )
+        })?;
+        let linger = Duration::from_millis(worker.ack_flush_ms);
+        let (acks, _) = {
+            let sqs = sqs.clone();
+            let queue = pair.queue.clone();
+            Batcher::spawn(SQS_BATCH, linger, move |receipts| {
+                delete_batch(sqs.clone(), queue.clone(), receipts)
+            })
+        };
+        let (sends, _) = {
+            let sqs = sqs.clone();
+            Batcher::spawn(SQS_BATCH, linger, move |entries| {
+                send_batch(sqs.clone(), entries)
+            })
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                handler,
+                sqs,
+                capacity: Arc::new(Semaphore::new(worker.max_in_flight.get())),
+                role,
+                pair,
+                worker,
+                topology,
+                in_flight: Mutex::new(HashMap::new()),
+                acks,
+                sends,
+                stats: Arc::new(Stats::default()),
+                health,
+            }),
+        })
+    }
+
+    /// The run's counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.inner.stats)
+    }
+
+    /// Polls until `shutdown` is cancelled, then stops polling, lets in-flight jobs finish
+    /// within the worker's shutdown deadline, releases what is left to the queue at once, and
+    /// returns. Work already accepted is never cancelled mid-handler by this function.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let inner = self.inner;
+        let jobs = TaskTracker::new();
+        let pollers = TaskTracker::new();
+        info!(
+            worker = %inner.role,
+            queue = %inner.pair.queue.name,
+            pollers = inner.worker.pollers.get(),
+            max_in_flight = inner.worker.max_in_flight.get(),
+            "consumer started"
+        );
+        inner.health.set_ready(true);
+        for _ in 0..inner.worker.pollers.get() {
+            pollers.spawn(Arc::clone(&inner).poll_loop(shutdown.clone(), jobs.clone()));
+        }
+        pollers.close();
+
+        shutdown.cancelled().await;
+        inner.health.set_ready(false);
+        let deadline = Instant::now() + inner.worker.shutdown_deadline();
+        info!(worker = %inner.role, deadline_secs = inner.worker.shutdown_deadline_secs, "shutting down: polling stops, in-flight jobs finish");
+        let _ = tokio::time::timeout_at(deadline, pollers.wait()).await;
+        jobs.close();
+        if tokio::time::timeout_at(deadline, jobs.wait())
+            .await
+            .is_err()
+        {
+            let left: Vec<String> = inner
+                .in_flight
+                .lock()
+                .expect("in-flight lock")
+                .values()
+                .cloned()
+                .collect();
+            warn!(worker = %inner.role, unfinished = left.len(), "shutdown deadline reached; releasing unfinished messages");
+            inner.release(left).await;
+        }
+        info!(worker = %inner.role, "consumer stopped");
+    }
+}
+
+impl<H: Handler> Inner<H> {
+    async fn poll_loop(self: Arc<Self>, shutdown: CancellationToken, jobs: TaskTracker) {
+        let mut failures: u32 = 0;
+        loop {
+            let permits = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                permits = self.reserve_batch() => permits,
+            };
+            let receive = self.receive(permits.num_permits());
+            tokio::pin!(receive);
+            let received = tokio::select! {
+                biased;
+                result = &mut receive => result,
+                () = shutdown.cancelled() => {
+                    // A receive already sent may bring messages: let it finish (bounded by the
+                    // deadline) and hand those back at once, instead of leaving them invisible.
+                    let bounded = tokio::time::timeout(self.worker.shutdown_deadline(), receive).await;
+                    if let Ok(Ok(messages)) = bounded {
+                        self.release(messages.into_iter().map(|m| m.receipt_handle).collect()).await;
+                    }
+                    break;
+                }
+            };
+            match received {
+                Ok(messages) => {
+                    failures = 0;
+                    self.health.beat();
+                    self.dispatch(messages, permits, &jobs);
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let backoff = retry_delay(
+                        failures,
+                        Duration::from_millis(200),
+                        Duration::from_secs(20),
+                    );
+                    events::receive_failed(&self.pair.queue.name, &error, backoff);
+                    drop(permits);
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for at least one free slot, then briefly for enough to ask for a full batch.
+    async fn reserve_batch(&self) -> OwnedSemaphorePermit {
+        let want = (self.worker.batch_size as usize).min(self.worker.max_in_flight.get());
+        let mut permits = Arc::clone(&self.capacity)
+            .acquire_owned()
+            .await
+            .expect("capacity is never closed");
+        if want > 1 {
+            let more = Arc::clone(&self.capacity).acquire_many_owned((want - 1) as u32);
+            match tokio::time::timeout(BATCH_FILL_WAIT, more).await {
+                Ok(Ok(more)) => permits.merge(more),
+                _ => {
+                    while permits.num_permits() < want {
+                        match Arc::clone(&self.capacity).try_acquire_owned() {
+                            Ok(one) => permits.merge(one),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+        }
+        permits
+    }
+
+    async fn receive(&self, max: usize) -> Result<Vec<Message>, String> {
+        let out = self
+            .sqs
+            .receive_message()
+            .queue_url(&self.pair.queue.url)
+            .max_number_of_messages(max as i32)
+            .wait_time_seconds(self.worker.receive_wait_secs as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .send()
+            .await
+            .map_err(|e| crate::sdk_error_message(&e))?;
+        let messages: Vec<Message> = out
+            .messages()
+            .iter()
+            .filter_map(Message::from_sqs)
+            .collect();
+        events::received(&self.pair.queue.name, messages.len());
+        Stats::bump(&self.stats.received, messages.len() as u64);
+        Ok(messages)
+    }
+
+    /// Starts a job per message (per FIFO group, in order, on FIFO queues), each holding one
+    /// permit; surplus permits go back.
+    fn dispatch(
+        self: &Arc<Self>,
+        messages: Vec<Message>,
+        mut permits: OwnedSemaphorePermit,
+        jobs: &TaskTracker,
+    ) {
+        let mut take_one = || permits.split(1).expect("one permit per received message");
+        if self.pair.queue.fifo {
+            let mut groups: BTreeMap<String, Vec<(Message, OwnedSemaphorePermit)>> =
+                BTreeMap::new();
+            for m in messages {
+                let group = m.group_id.clone().unwrap_or_default();
+                groups.entry(group).or_default().push((m, take_one()));
+            }
+            for (_, group) in groups {
+                let this = Arc::clone(self);
+                jobs.spawn(async move { this.run_group(group).await });
+            }
+        } else {
+            for m in messages {
+                let permit = take_one();
+                let this = Arc::clone(self);
+                jobs.spawn(async move {
+                    this.process(m).await;
+                    drop(permit);
+                });
+            }
+        }
+        self.report_in_flight();
+    }
+
+    /// A FIFO group's messages of one receive, strictly in order: once one is not done (sent
+    /// back for a retry), the ones after it are released so they cannot overtake it.
+    async fn run_group(self: Arc<Self>, group: Vec<(Message, OwnedSemaphorePermit)>) {
+        let mut rest = group.into_iter();
+        while let Some((m, permit)) = rest.next() {
+            let done = self.process(m).await;
+            drop(permit);
+            if !done {
+                let left: Vec<_> = rest.by_ref().collect();
+                self.release(left.iter().map(|(m, _)| m.receipt_handle.clone()).collect())
+                    .await;
+                break;
+            }
+        }
+        self.report_in_flight();
+    }
+
+    fn report_in_flight(&self) {
+        let in_use = self.worker.max_in_flight.get() - self.capacity.available_permits();
+        events::in_flight(&self.pair.queue.name, in_use);
+    }
+
+    /// Runs the handler with a heartbeat, then acknowledges, retries or dead-letters.
+    /// Returns whether the message left the queue (done or dead-lettered).
+    async fn process(&self, message: Message) -> bool {
+        let correlation_id = message
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| format!("msg-{}", message.message_id));
+        let span = info_span!(
+            "message",
+            correlation_id = %correlation_id,
+            message_id = %message.message_id,
+            worker = %self.role,
+            queue = %self.pair.queue.name,
+            attempt = message.receive_count,
+        );
+        async {
+            self.in_flight
+                .lock()
+                .expect("in-flight lock")
+                .insert(message.message_id.clone(), message.receipt_handle.clone());
+            let started = Instant::now();
+            let work = AssertUnwindSafe(self.handler.handle(&message)).catch_unwind();
+            let result = tokio::select! {
+                result = work => result.unwrap_or_else(|panic| Err(HandlerError::transient(Reason::HANDLER_PANIC, panic_text(&panic)))),
+                never = self.heartbeat(&message.receipt_handle) => match never {},
+            };
+            events::handled(&self.pair.queue.name, started.elapsed(), message.age());
+            let left_queue = match result {
+                Ok(outcome) => match self.forward(&message, outcome).await {
+                    Ok(()) => {
+                        self.acknowledge(&message).await;
+                        Stats::bump(&self.stats.succeeded, 1);
+                        events::succeeded(&self.pair.queue.name, started.elapsed());
+                        true
+                    }
+                    Err(e) => self.fail(&message, HandlerError::transient(Reason::FORWARD_FAILED, e)).await,
+                },
+                Err(error) => self.fail(&message, error).await,
+            };
+            self.in_flight.lock().expect("in-flight lock").remove(&message.message_id);
+            left_queue
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Extends the message's visibility every heartbeat interval, for as long as it is polled.
+    async fn heartbeat(&self, receipt: &str) -> std::convert::Infallible {
+        let every = self.worker.heartbeat_interval();
+        let extend_to = self.pair.settings.visibility_timeout_secs as i32;
+        let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+        loop {
+            ticks.tick().await;
+            let result = self
+                .sqs
+                .change_message_visibility()
+                .queue_url(&self.pair.queue.url)
+                .receipt_handle(receipt)
+                .visibility_timeout(extend_to)
+                .send()
+                .await;
+            events::heartbeat(&self.pair.queue.name, result.is_ok());
+        }
+    }
+
+    /// Sends the handler's outgoing messages, with the correlation id and source metadata of the
+    /// incoming one.
+    async fn forward(&self, incoming: &Message, outcome: Outcome) -> Result<(), String> {
+        let sends = outcome.forward.into_iter().map(|out| {
+            let entry = self.send_entry(incoming, out);
+            async move { self.sends.submit(entry?).await }
+        });
+        futures::future::join_all(sends).await.into_iter().collect()
+    }
+
+    fn send_entry(&self, incoming: &Message, out: Outgoing) -> Result<SendEntry, String> {
+        let target = self
+            .topology
+            .pair(&out.queue)
+            .ok_or_else(|| format!("forward target `{}` is not a configured queue", out.queue))?;
+        let mut attributes = out.attributes;
+        for name in [CORRELATION_ID, SOURCE, REQUEST_ID, RECEIVED_AT] {
+            if let Some(value) = incoming.attributes.get(name) {
+                attributes
+                    .entry(name.to_owned())
+                    .or_insert_with(|| value.clone());
+            }
+        }
+        let mut attributes: HashMap<String, MessageAttributeValue> = attributes
+            .into_iter()
+            .map(|(k, v)| (k, string_attribute(v)))
+            .collect();
+        attribution::fit_attributes(&mut attributes);
+        let fifo = target.queue.fifo;
+        Ok(SendEntry {
+            queue_url: target.queue.url.clone(),
+            group_id: if fifo {
+                out.group_id
+                    .or_else(|| incoming.group_id.clone())
+                    .or_else(|| Some("default".to_owned()))
+            } else {
+                None
+            },
+            deduplication_id: if fifo { out.deduplication_id } else { None },
+            body: out.body,
+            attributes,
+        })
+    }
+
+    async fn acknowledge(&self, message: &Message) {
+        // A failed delete is not a lost message: SQS delivers it again and the handler's
+        // idempotency absorbs it. The batcher has already logged and counted the failure.
+        let _ = self.acks.submit(message.receipt_handle.clone()).await;
+    }
+
+    /// Retry later, or dead-letter. Returns whether the message left the queue.
+    async fn fail(&self, message: &Message, error: HandlerError) -> bool {
+        let queue = &self.pair.queue.name;
+        let detail = redact(error.detail());
+        let class = match &error {
+            HandlerError::Transient {
+                retry_after,
+                reason,
+                ..
+            } if message.receive_count < self.worker.max_attempts => {
+                let delay = retry_after.unwrap_or_else(|| {
+                    retry_delay(
+                        message.receive_count,
+                        Duration::from_millis(self.worker.backoff_min_ms),
+                        Duration::from_secs(self.worker.backoff_max_secs),
+                    )
+                });
+                self.set_visibility(&message.receipt_handle, delay.min(MAX_VISIBILITY))
+                    .await;
+                Stats::bump(&self.stats.retried, 1);
+                events::retried(queue, reason.0, message.receive_count, delay, &detail);
+                return false;
+            }
+            HandlerError::Transient { .. } => FailureClass::AttemptsExhausted,
+            HandlerError::Permanent { .. } => FailureClass::Permanent,
+        };
+        let now = OffsetDateTime::now_utc();
+        let attribution = Attribution {
+            reason: error.reason().0.to_owned(),
+            class,
+            detail,
+            worker: self.role.clone(),
+            source_queue: queue.clone(),
+            attempts: message.receive_count,
+            first_failed_at: message.first_received_at.unwrap_or(now),
+            last_failed_at: now,
+            correlation_id: message.correlation_id.clone(),
+            source_message_id: message.message_id.clone(),
+            origin: message.attributes.get(SOURCE).cloned(),
+        };
+        match self.dead_letter(message, &attribution).await {
+            Ok(()) => {
+                self.acknowledge(message).await;
+                Stats::bump(&self.stats.dead_lettered, 1);
+                events::dead_lettered(
+                    queue,
+                    &attribution.reason,
+                    class,
+                    message.receive_count,
+                    &attribution.detail,
+                );
+                true
+            }
+            Err(e) => {
+                events::dead_letter_failed(queue, &e);
+                let delay = Duration::from_millis(self.worker.backoff_min_ms);
+                self.set_visibility(&message.receipt_handle, delay).await;
+                false
+            }
+        }
+    }
+
+    /// Sends the message, unchanged, with its attribution, to the DLQ.
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        attribution: &Attribution,
+    ) -> Result<(), String> {
+        let mut attributes = message.raw_attributes.clone();
+        attributes.remove(attribution::REDRIVE);
+        let json = serde_json::to_string(attribution).map_err(|e| e.to_string())?;
+        attributes.insert(attribution::ATTRIBUTION.to_owned(), string_attribute(json));
+        let dropped = attribution::fit_attributes(&mut attributes);
+        if !dropped.is_empty() {
+            warn!(
+                ?dropped,
+                "message attributes over the SQS limit were not carried into the DLQ"
+            );
+        }
+        let dlq = &self.pair.dlq;
+        self.sends
+            .submit(SendEntry {
+                queue_url: dlq.url.clone(),
+                body: message.body.clone(),
+                attributes,
+                group_id: dlq.fifo.then(|| {
+                    message
+                        .group_id
+                        .clone()
+                        .unwrap_or_else(|| "default".to_owned())
+                }),
+                deduplication_id: dlq.fifo.then(|| {
+                    message
+                        .deduplication_id
+                        .clone()
+                        .unwrap_or_else(|| message.message_id.clone())
+                }),
+            })
+            .await
+    }
+
+    async fn set_visibility(&self, receipt: &str, visibility: Duration) {
+        let result = self
+            .sqs
+            .change_message_visibility()
+            .queue_url(&self.pair.queue.url)
+            .receipt_handle(receipt)
+            .visibility_timeout(visibility.as_secs() as i32)
+            .send()
+            .await;
+        if let Err(e) = result {
+            warn!(error = %crate::sdk_error_message(&e), "could not change visibility; SQS redelivers after the visibility timeout");
+        }
+    }
+
+    /// Makes messages visible again at once.
+    async fn release(&self, receipts: Vec<String>) {
+        if receipts.is_empty() {
+            return;
+        }
+        let count = receipts.len();
+        for chunk in receipts.chunks(SQS_BATCH) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .visibility_timeout(0)
+                        .build()
+                        .expect("id and receipt handle are set")
+                })
+                .collect();
+            let result = self
+                .sqs
+                .change_message_visibility_batch()
+                .queue_url(&self.pair.queue.url)
+                .set_entries(Some(entries))
+                .send()
+                .await;
+            if let Err(e) = result {
+                warn!(error = %crate::sdk_error_message(&e), "release failed; SQS redelivers after the visibility timeout");
+            }
+        }
+        Stats::bump(&self.stats.released, count as u64);
+        events::released(&self.pair.queue.name, count);
+    }
+}
+
+fn string_attribute(value: String) -> MessageAttributeValue {
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(value)
+        .build()
+        .expect("data type is set")
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_owned());
+    format!("handler panicked: {text}")
+}
+
+fn sdk_retry_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(4)
+        .with_jitter()
+}
+
+/// Whether an SDK error is worth repeating: throttling, a server error, a timeout or a broken
+/// connection.
+fn is_retryable<E>(
+    error: &aws_sdk_sqs::error::SdkError<E, aws_smithy_runtime_api::http::Response>,
+) -> bool
+where
+    E: aws_sdk_sqs::error::ProvideErrorMetadata,
+{
+    use aws_sdk_sqs::error::SdkError;
+    match error {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(e) => {
+            let code = e.err().code().unwrap_or_default();
+            e.raw().status().is_server_error()
+                || matches!(
+                    code,
+                    "ThrottlingException"
+                        | "RequestThrottled"
+                        | "Throttling"
+                        | "ServiceUnavailable"
+                        | "InternalError"
+                        | "KmsThrottled"
+                )
+        }
+        _ => false,
+    }
+}
+
+/// One DeleteMessageBatch, entry by entry: failed entries that SQS marks as its own fault are
+/// tried again; sender faults (a stale receipt handle) are reported and left to redelivery.
+async fn delete_batch(
+    sqs: aws_sdk_sqs::Client,
+    queue: QueueRef,
+    receipts: Vec<String>,
+) -> Vec<EntryResult> {
+    let mut results: Vec<EntryResult> = vec![Err("not attempted".to_owned()); receipts.len()];
+    let mut pending: Vec<usize> = (0..receipts.len()).collect();
+    for round in 0..3 {
+        if pending.is_empty() {
+            break;
+        }
+        let entries: Vec<_> = pending
+            .iter()
+            .map(|&i| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(&receipts[i])
+                    .build()
+                    .expect("id and receipt handle are set")
+            })
+            .collect();
+        let call = || {
+            sqs.delete_message_batch()
+                .queue_url(&queue.url)
+                .set_entries(Some(entries.clone()))
+                .send()
+        };
+        let out = match call.retry(sdk_retry_policy()).when(is_retryable).await {
+            Ok(out) => out,
+            Err(e) => {
+                let text = crate::sdk_error_message(&e);
+                events::delete_partially_failed(
+                    &queue.name,
+                    "request_failed",
+                    pending.len(),
+                    false,
+                );
+                for &i in &pending {
+                    results[i] = Err(text.clone());
+                }
+                return results;
+            }
+        };
+        for ok in out.successful() {
+            if let Ok(i) = ok.id().parse::<usize>() {
+                results[i] = Ok(());
+            }
+        }
+        let mut retry = Vec::new();
+        for failed in out.failed() {
+            let Ok(i) = failed.id().parse::<usize>() else {
+                continue;
+            };
+            let will_retry = !failed.sender_fault() && round < 2;
+            events::delete_partially_failed(&queue.name, failed.code(), 1, will_retry);
+            results[i] = Err(format!(
+                "{}: {}",
+                failed.code(),
+                failed.message().unwrap_or_default()
+            ));
+            if will_retry {
+                retry.push(i);
+            }
+        }
+        pending = retry;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50 << round)).await;
+        }
+    }
+    results
+}
+
+/// SendMessageBatch calls, one per destination queue and size-bounded chunk; each entry learns
+/// its own outcome.
+async fn send_batch(sqs: aws_sdk_sqs::Client, entries: Vec<SendEntry>) -> Vec<EntryResult> {
+    let mut results: Vec<EntryResult> = vec![Err("not attempted".to_owned()); entries.len()];
+    let mut by_queue: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        by_queue.entry(e.queue_url.as_str()).or_default().push(i);
+    }
+    for (url, indices) in by_queue {
+        for chunk in chunk_by_size(&indices, |i| entries[i].body.len() + 512, SQS_BATCH_BYTES) {
+            let request: Vec<_> = chunk
+                .iter()
+                .map(|&i| {
+                    let e = &entries[i];
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(&e.body)
+                        .set_message_attributes(
+                            Some(e.attributes.clone()).filter(|a| !a.is_empty()),
+                        )
+                        .set_message_group_id(e.group_id.clone())
+                        .set_message_deduplication_id(e.deduplication_id.clone())
+                        .build()
+                        .expect("id and body are set")
+                })
+                .collect();
+            let call = || {
+                sqs.send_message_batch()
+                    .queue_url(url)
+                    .set_entries(Some(request.clone()))
+                    .send()
+            };
+            match call.retry(sdk_retry_policy()).when(is_retryable).await {
+                Ok(out) => {
+                    for ok in out.successful() {
+                        if let Ok(i) = ok.id().parse::<usize>() {
+                            results[i] = Ok(());
+                        }
+                    }
+                    for failed in out.failed() {
+                        if let Ok(i) = failed.id().parse::<usize>() {
+                            results[i] = Err(format!(
+                                "{}: {}",
+                                failed.code(),
+                                failed.message().unwrap_or_default()
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let text = crate::sdk_error_message(&e);
+                    for &i in &chunk {
+                        results[i] = Err(text.clone());
+                    }
+                }
+            }
+        }
+    }
+    results
+}
+
+/// Splits `items` into runs of at most ten whose summed `size` stays within `limit`.
+fn chunk_by_size(items: &[usize], size: impl Fn(usize) -> usize, limit: usize) -> Vec<Vec<usize>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0;
+    for &i in items {
+        let s = size(i);
+        if !current.is_empty() && (current.len() == SQS_BATCH || bytes + s > limit) {
+            chunks.push(std::mem::take(&mut current));
+            bytes = 0;
+        }
+        current.push(i);
+        bytes += s;
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_sqs::operation::delete_message_batch::DeleteMessageBatchOutput;
+    use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchOutput;
+    use aws_sdk_sqs::types::{
+        BatchResultErrorEntry, DeleteMessageBatchResultEntry, SendMessageBatchResultEntry,
+    };
+    use aws_smithy_mocks::{mock, mock_client, RuleMode};
+
+    fn queue() -> QueueRef {
+        QueueRef {
+            key: "orders".into(),
+            name: "fleet-orders".into(),
+            url: "http://sqs.local/000/fleet-orders".into(),
+            fifo: false,
+        }
+    }
+
+    fn ok_entry(id: &str) -> DeleteMessageBatchResultEntry {
+        DeleteMessageBatchResultEntry::builder()
+            .id(id)
+            .build()
+            .unwrap()
+    }
+
+    fn failed_entry(id: &str, code: &str, sender_fault: bool) -> BatchResultErrorEntry {
+        BatchResultErrorEntry::builder()
+            .id(id)
+            .code(code)
+            .sender_fault(sender_fault)
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_partly_failed_delete_batch_retries_only_the_server_side_failures() {
+        let first = mock!(aws_sdk_sqs::Client::delete_message_batch).then_output(|| {
+            DeleteMessageBatchOutput::builder()
+                .successful(ok_entry("0"))
+                .failed(failed_entry("1", "InternalError", false))
+                .failed(failed_entry("2", "ReceiptHandleIsInvalid", true))
+                .build()
+                .unwrap()
+        });
+        // The retry carries only entry 1.
+        let second = mock!(aws_sdk_sqs::Client::delete_message_batch)
+            .match_requests(|r| r.entries().len() == 1 && r.entries()[0].id() == "1")
+            .then_output(|| {
+                DeleteMessageBatchOutput::builder()
+                    .successful(ok_entry("1"))
+                    .set_failed(Some(vec![]))
+                    .build()
+                    .unwrap()
+            });
+        let sqs = mock_client!(aws_sdk_sqs, RuleMode::Sequential, [&first, &second]);
+        let results = delete_batch(sqs, queue(), vec!["r0".into(), "r1".into(), "r2".into()]).await;
+        assert_eq!(results[0], Ok(()));
+        assert_eq!(results[1], Ok(()), "a server-side failure is retried");
+        assert!(results[2]
+            .as_ref()
+            .unwrap_err()
+            .contains("ReceiptHandleIsInvalid"));
+        assert_eq!(second.num_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_throttled_delete_batch_is_retried_with_backoff() {
+        let throttled = mock!(aws_sdk_sqs::Client::delete_message_batch).then_http_response(|| {
+            aws_smithy_runtime_api::http::Response::new(
+                aws_smithy_runtime_api::http::StatusCode::try_from(400).unwrap(),
+                aws_smithy_types::body::SdkBody::from(
+                    r#"{"__type":"com.amazonaws.sqs#RequestThrottled","message":"Rate exceeded"}"#,
+                ),
+            )
+        });
+        let ok = mock!(aws_sdk_sqs::Client::delete_message_batch).then_output(|| {
+            DeleteMessageBatchOutput::builder()
+                .successful(ok_entry("0"))
+                .set_failed(Some(vec![]))
+                .build()
+                .unwrap()
+        });
+        let sqs = mock_client!(aws_sdk_sqs, RuleMode::Sequential, [&throttled, &ok]);
+        let results = delete_batch(sqs, queue(), vec!["r0".into()]).await;
+        assert_eq!(results, vec![Ok(())]);
+        assert!(throttled.num_calls() >= 1);
+    }
+
+    #[tokio::test]
+    async fn a_delete_batch_that_keeps_failing_reports_every_entry() {
+        let down = mock!(aws_sdk_sqs::Client::delete_message_batch).then_http_response(|| {
+            aws_smithy_runtime_api::http::Response::new(
+                aws_smithy_runtime_api::http::StatusCode::try_from(500).unwrap(),
+                aws_smithy_types::body::SdkBody::from(
+                    r#"{"__type":"com.amazonaws.sqs#InternalError"}"#,
+                ),
+            )
+        });
+        let sqs = mock_client!(aws_sdk_sqs, RuleMode::MatchAny, [&down]);
+        let results = delete_batch(sqs, queue(), vec!["r0".into(), "r1".into()]).await;
+        assert!(results.iter().all(Result::is_err));
+    }
+
+    #[tokio::test]
+    async fn send_batches_report_each_entry_and_split_by_queue() {
+        let send = mock!(aws_sdk_sqs::Client::send_message_batch).then_output(|| {
+            SendMessageBatchOutput::builder()
+                .successful(
+                    SendMessageBatchResultEntry::builder()
+                        .id("0")
+                        .message_id("m")
+                        .md5_of_message_body("x")
+                        .build()
+                        .unwrap(),
+                )
+                .failed(failed_entry("1", "InvalidMessageContents", true))
+                .build()
+                .unwrap()
+        });
+        let sqs = mock_client!(aws_sdk_sqs, RuleMode::MatchAny, [&send]);
+        let entry = |url: &str| SendEntry {
+            queue_url: url.into(),
+            body: "{}".into(),
+            attributes: HashMap::new(),
+            group_id: None,
+            deduplication_id: None,
+        };
+        let results = send_batch(sqs, vec![entry("a"), entry("a"), entry("b")]).await;
+        assert_eq!(results[0], Ok(()));
+        assert!(results[1].is_err());
+        assert_eq!(send.num_calls(), 2, "one call per destination queue");
+    }
+
+    #[test]
+    fn chunks_respect_count_and_size() {
+        let items: Vec<usize> = (0..25).collect();
+        let chunks = chunk_by_size(&items, |_| 1, usize::MAX);
+        assert_eq!(
+            chunks.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
+        let chunks = chunk_by_size(&items[..4], |_| 100_000, 256 * 1024);
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2]);
+    }
+}

@@ -1,0 +1,9 @@
+//! The consumer runtime every worker gets. See [`Consumer`].
+
+mod batcher;
+mod consumer;
+mod message;
+
+pub use batcher::{Batcher, EntryResult};
+pub use consumer::{Consumer, ConsumerSettings, Stats};
+pub use message::{describe_json_error, Handler, Json, Message, Outcome, Outgoing, TypedHandler};
