@@ -1,1 +1,201 @@
+//! Fixtures for the end-to-end tests: a fresh set of queues and tables per test (random
+//! suffix) on the local emulators started by `scripts/local-aws up`, and helpers to read them.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
+use fleet_common::aws::Clients;
+use fleet_common::config::FleetConfig;
+use fleet_common::topology::Topology;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The local config, as shipped.
+pub fn local_config() -> FleetConfig {
+    let path = workspace_root().join("config/fleet.toml");
+    FleetConfig::load(&path).expect("config/fleet.toml loads")
+}
+
+/// One test's private queues and tables.
+pub struct TestEnv {
+    /// The config, with every queue and table renamed for this test.
+    pub config: FleetConfig,
+    /// Clients on the emulators.
+    pub clients: Clients,
+    /// The resolved queues.
+    pub topology: Topology,
+    /// The suffix of this test's resource names.
+    pub suffix: String,
+}
+
+impl TestEnv {
+    /// Renames every queue and table with a random suffix, lets `tweak` adjust the config,
+    /// validates and provisions it.
+    pub async fn new(tweak: impl FnOnce(&mut FleetConfig)) -> Self {
+        let mut config = local_config();
+        let suffix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        for q in config.queues.values_mut() {
+            q.name = match q.name.strip_suffix(".fifo") {
+                Some(stem) => format!("{stem}-{suffix}.fifo"),
+                None => format!("{}-{suffix}", q.name),
+            };
+        }
+        for t in config.tables.values_mut() {
+            t.name = format!("{}-{suffix}", t.name);
+        }
+        tweak(&mut config);
+        config.validate().expect("the test's config is valid");
+        let clients = Clients::from_config(&config.aws).await;
+        fleet_common::provision::provision(&clients.sqs, &clients.dynamodb, &config)
+            .await
+            .expect("provisioning on the local emulators (is `scripts/local-aws up` running?)");
+        let topology = Topology::resolve(&clients.sqs, &config)
+            .await
+            .expect("queues resolve");
+        Self {
+            config,
+            clients,
+            topology,
+            suffix,
+        }
+    }
+
+    /// URL of a work queue by logical name.
+    pub fn url(&self, key: &str) -> String {
+        self.topology
+            .pair(key)
+            .expect("queue in config")
+            .queue
+            .url
+            .clone()
+    }
+
+    /// URL of a DLQ by the logical name of its work queue.
+    pub fn dlq_url(&self, key: &str) -> String {
+        self.topology
+            .pair(key)
+            .expect("queue in config")
+            .dlq
+            .url
+            .clone()
+    }
+
+    /// Sends `bodies` to a queue in batches of ten, each with a correlation id attribute.
+    pub async fn send_all(&self, url: &str, bodies: impl IntoIterator<Item = String>) {
+        let bodies: Vec<String> = bodies.into_iter().collect();
+        let fifo = url.ends_with(".fifo");
+        for (n, chunk) in bodies.chunks(10).enumerate() {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, body)| {
+                    let mut e = SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(body)
+                        .message_attributes(
+                            "correlation-id",
+                            MessageAttributeValue::builder()
+                                .data_type("String")
+                                .string_value(format!("corr-{n}-{i}"))
+                                .build()
+                                .unwrap(),
+                        );
+                    if fifo {
+                        e = e.message_group_id("g").message_deduplication_id(
+                            format!("{n}-{i}-{body}")
+                                .chars()
+                                .take(128)
+                                .collect::<String>(),
+                        );
+                    }
+                    e.build().unwrap()
+                })
+                .collect();
+            let out = self
+                .clients
+                .sqs
+                .send_message_batch()
+                .queue_url(url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .expect("send batch");
+            assert!(out.failed().is_empty(), "send failures: {:?}", out.failed());
+        }
+    }
+
+    /// (visible, in flight, delayed) messages of a queue.
+    pub async fn depth(&self, url: &str) -> (u64, u64, u64) {
+        let out = self
+            .clients
+            .sqs
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::All)
+            .send()
+            .await
+            .expect("queue attributes");
+        let attrs = out.attributes().cloned().unwrap_or_default();
+        let get = |k: QueueAttributeName| attrs.get(&k).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (
+            get(QueueAttributeName::ApproximateNumberOfMessages),
+            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+            get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
+        )
+    }
+
+    /// Receives everything visible on a queue (deleting nothing), waiting up to `wait` for
+    /// `expected` messages. The messages stay invisible for `hold`.
+    pub async fn receive_all(
+        &self,
+        url: &str,
+        expected: usize,
+        wait: Duration,
+        hold: Duration,
+    ) -> Vec<aws_sdk_sqs::types::Message> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut seen: HashMap<String, aws_sdk_sqs::types::Message> = HashMap::new();
+        while seen.len() < expected && tokio::time::Instant::now() < deadline {
+            let out = self
+                .clients
+                .sqs
+                .receive_message()
+                .queue_url(url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .visibility_timeout(hold.as_secs().max(1) as i32)
+                .message_attribute_names("All")
+                .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+                .send()
+                .await
+                .expect("receive");
+            for m in out.messages() {
+                seen.insert(m.message_id().unwrap_or_default().to_owned(), m.clone());
+            }
+        }
+        seen.into_values().collect()
+    }
+}
+
+/// Waits until `check` is true, polling every 100 ms, for at most `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

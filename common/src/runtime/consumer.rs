@@ -460,7 +460,16 @@ impl<H: Handler> Inner<H> {
             } else {
                 None
             },
-            deduplication_id: if fifo { out.deduplication_id } else { None },
+            // Deterministic, so a retried forward is deduplicated by a FIFO target.
+            deduplication_id: fifo.then(|| {
+                out.deduplication_id.unwrap_or_else(|| {
+                    format!(
+                        "{}-{:016x}",
+                        incoming.message_id,
+                        fnv1a(out.body.as_bytes())
+                    )
+                })
+            }),
             body: out.body,
             attributes,
         })
@@ -620,6 +629,13 @@ impl<H: Handler> Inner<H> {
         Stats::bump(&self.stats.released, count as u64);
         events::released(&self.pair.queue.name, count);
     }
+}
+
+/// FNV-1a, 64 bit: a stable fingerprint for deduplication ids.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn string_attribute(value: String) -> MessageAttributeValue {

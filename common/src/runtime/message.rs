@@ -173,6 +173,16 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send;
 }
 
+/// A shared handler is a handler (tests keep a clone to look at what it did).
+impl<H: Handler> Handler for std::sync::Arc<H> {
+    fn handle(
+        &self,
+        message: &Message,
+    ) -> impl Future<Output = Result<Outcome, HandlerError>> + Send {
+        (**self).handle(message)
+    }
+}
+
 /// A handler of a typed (serde) body. Wrap it in [`Json`] to run it on a queue.
 pub trait TypedHandler: Send + Sync + 'static {
     /// The body's type.
