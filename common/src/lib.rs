@@ -5,6 +5,7 @@
 pub mod attribution;
 pub mod aws;
 pub mod config;
+pub mod contract;
 pub mod events;
 pub mod failure;
 pub mod health;
