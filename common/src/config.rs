@@ -338,6 +338,22 @@ impl FleetConfig {
         Ok(config)
     }
 
+    /// The same fleet with every queue and table name suffixed by `-<suffix>` (before `.fifo`):
+    /// an isolated copy for a test or a demo run on shared emulators.
+    #[must_use]
+    pub fn with_suffix(mut self, suffix: &str) -> Self {
+        for q in self.queues.values_mut() {
+            q.name = match q.name.strip_suffix(".fifo") {
+                Some(stem) => format!("{stem}-{suffix}.fifo"),
+                None => format!("{}-{suffix}", q.name),
+            };
+        }
+        for t in self.tables.values_mut() {
+            t.name = format!("{}-{suffix}", t.name);
+        }
+        self
+    }
+
     /// The worker config of a role.
     ///
     /// # Errors

@@ -283,6 +283,15 @@ pub fn schema_for_type(kind: &str) -> Option<Schema> {
     Some(schema)
 }
 
+/// A stable fingerprint (SHA-256, hex) of a value's JSON form: equal payloads, equal
+/// fingerprints. Used to tell a redelivery from a conflicting reuse of an event id.
+pub fn fingerprint<T: Serialize>(value: &T) -> String {
+    use sha2::Digest;
+    // serde_json maps are ordered by key, so the text is canonical for our types.
+    let canonical = serde_json::to_value(value).map(|v| v.to_string()).unwrap_or_default();
+    sha2::Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The published schema file of a type.
 pub fn schema_file_name(kind: &str) -> String {
     format!("{kind}.v{SCHEMA_VERSION}.schema.json")

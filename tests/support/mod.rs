@@ -37,17 +37,8 @@ impl TestEnv {
     /// Renames every queue and table with a random suffix, lets `tweak` adjust the config,
     /// validates and provisions it.
     pub async fn new(tweak: impl FnOnce(&mut FleetConfig)) -> Self {
-        let mut config = local_config();
         let suffix = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        for q in config.queues.values_mut() {
-            q.name = match q.name.strip_suffix(".fifo") {
-                Some(stem) => format!("{stem}-{suffix}.fifo"),
-                None => format!("{}-{suffix}", q.name),
-            };
-        }
-        for t in config.tables.values_mut() {
-            t.name = format!("{}-{suffix}", t.name);
-        }
+        let mut config = local_config().with_suffix(&suffix);
         tweak(&mut config);
         config.validate().expect("the test's config is valid");
         let clients = Clients::from_config(&config.aws).await;

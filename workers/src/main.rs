@@ -1,1 +1,182 @@
-fn main() {}
+//! `worker`: runs worker roles, provisions local queues and tables, seeds the catalog, runs the
+//! demo. All logic lives in the `workers` and `fleet-common` libraries.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fleet_common::aws::Clients;
+use fleet_common::config::{FleetConfig, CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH};
+use fleet_common::health::{self, Health};
+use fleet_common::telemetry;
+use tokio_util::sync::CancellationToken;
+use workers::catalog::CatalogFile;
+
+#[derive(Parser)]
+#[command(name = "worker", version, about = "The order fleet's SQS workers")]
+struct Cli {
+    /// The fleet config file.
+    #[arg(long, global = true, env = CONFIG_PATH_ENV, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Role {
+    Ingestion,
+    Orders,
+    Warehouse,
+    Delivery,
+    All,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ingestion => "ingestion",
+            Self::Orders => "orders",
+            Self::Warehouse => "warehouse",
+            Self::Delivery => "delivery",
+            Self::All => "all",
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume queues until SIGTERM or SIGINT (a second signal exits at once).
+    Run {
+        /// The role to run; `all` runs the four in one process.
+        #[arg(long, value_enum)]
+        role: Role,
+    },
+    /// Create or update every queue (with its DLQ and redrive policy) and table of the config.
+    /// For the local emulators; production is provisioned by deploy/.
+    Provision {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Load a catalog file (products, prices, stock, substitutes) into the catalog table.
+    SeedCatalog {
+        #[arg(long, default_value = "config/catalog.json")]
+        file: PathBuf,
+    },
+    /// Run the four workers on the emulators under a generated load; print one JSON summary line.
+    Demo {
+        /// Order submissions to generate (plus duplicates, malformed bodies and carrier events).
+        #[arg(long, default_value_t = 300)]
+        orders: usize,
+        /// Seed of the load generator.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value = "config/catalog.json")]
+        catalog: PathBuf,
+        /// Longest wait for each phase, in seconds.
+        #[arg(long, default_value_t = 600)]
+        phase_timeout_secs: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match FleetConfig::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_tracing(config.observability.log_format);
+    match run(cli.command, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: FleetConfig) -> anyhow::Result<()> {
+    match command {
+        Command::Run { role } => run_roles(config, role).await,
+        Command::Provision { output } => {
+            let clients = Clients::from_config(&config.aws).await;
+            let report = fleet_common::provision::provision(&clients.sqs, &clients.dynamodb, &config).await?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                for line in &report {
+                    println!("{:<6} {:<40} {}", line.kind, line.name, line.action);
+                }
+            }
+            Ok(())
+        }
+        Command::SeedCatalog { file } => {
+            let clients = Clients::from_config(&config.aws).await;
+            let catalog = CatalogFile::load(&file)?;
+            let table = &config.table("catalog")?.name;
+            let n = workers::catalog::seed(&clients.dynamodb, table, &catalog).await?;
+            println!("seeded {n} products into {table}");
+            Ok(())
+        }
+        Command::Demo {
+            orders,
+            seed,
+            catalog,
+            phase_timeout_secs,
+        } => {
+            let options = workers::demo::Options {
+                orders,
+                seed,
+                catalog,
+                phase_timeout: Duration::from_secs(phase_timeout_secs),
+            };
+            let summary = workers::demo::run(config, &options).await?;
+            println!("{}", serde_json::to_string(&summary)?);
+            anyhow::ensure!(
+                summary.lost == 0 && summary.duplicate_effects == 0 && summary.unexpected_dead_letters == 0,
+                "the demo's audit failed (see the summary and the log)"
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn run_roles(config: FleetConfig, role: Role) -> anyhow::Result<()> {
+    let metrics = telemetry::init_metrics();
+    telemetry::spawn_exporters(&metrics, &config.observability, role.name());
+    let clients = Clients::from_config(&config.aws).await;
+    let shutdown = CancellationToken::new();
+    let health = Health::default();
+    let addr = health::serve(config.observability.listen_addr, health.clone(), Some(metrics.prometheus.clone()), shutdown.child_token()).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(signals(shutdown.clone()));
+    let roles = workers::fleet::expand_roles(role.name());
+    workers::fleet::run(&config, &clients, &roles, health, shutdown).await?;
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once (messages
+/// then come back after their visibility timeout: delayed, never lost).
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("signal received: shutting down gracefully (send again to exit at once)");
+    shutdown.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(130);
+}
