@@ -190,3 +190,47 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+impl TestEnv {
+    /// Seeds the shipped catalog into this test's catalog table.
+    pub async fn seed_catalog(&self) -> workers::catalog::CatalogFile {
+        let catalog = workers::catalog::CatalogFile::load(&workspace_root().join("config/catalog.json")).expect("catalog loads");
+        let table = &self.config.table("catalog").unwrap().name;
+        workers::catalog::seed(&self.clients.dynamodb, table, &catalog).await.expect("catalog seeds");
+        catalog
+    }
+
+    /// The table names of this test.
+    pub fn tables(&self) -> workers::store::Tables {
+        workers::store::Tables::from_config(&self.config).unwrap()
+    }
+
+    /// `FLEET__…` variables that point the `worker` binary at this test's queues and tables.
+    pub fn env_overrides(&self) -> Vec<(String, String)> {
+        let mut vars = Vec::new();
+        for (key, q) in &self.config.queues {
+            vars.push((format!("FLEET__QUEUES__{}__NAME", key.to_uppercase()), q.name.clone()));
+            vars.push((format!("FLEET__QUEUES__{}__VISIBILITY_TIMEOUT_SECS", key.to_uppercase()), q.visibility_timeout_secs.to_string()));
+        }
+        for (key, t) in &self.config.tables {
+            vars.push((format!("FLEET__TABLES__{}__NAME", key.to_uppercase()), t.name.clone()));
+        }
+        for (role, w) in &self.config.workers {
+            let role = role.to_uppercase();
+            vars.push((format!("FLEET__WORKERS__{role}__HEARTBEAT_INTERVAL_SECS"), w.heartbeat_interval_secs.to_string()));
+            vars.push((format!("FLEET__WORKERS__{role}__RECEIVE_WAIT_SECS"), w.receive_wait_secs.to_string()));
+            vars.push((format!("FLEET__WORKERS__{role}__SHUTDOWN_DEADLINE_SECS"), w.shutdown_deadline_secs.to_string()));
+        }
+        vars.push(("FLEET__OBSERVABILITY__LISTEN_ADDR".into(), "127.0.0.1:0".into()));
+        vars
+    }
+}
+
+/// The `worker` binary built next to this test (`cargo build --bins` first).
+pub fn worker_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let path = dir.join("worker");
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` before the end-to-end tests", path.display());
+    path
+}

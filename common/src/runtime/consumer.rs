@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error_span, info, warn, Instrument};
 
 use super::batcher::{Batcher, EntryResult};
 use super::message::{Handler, Message, Outcome, Outgoing};
@@ -364,7 +364,9 @@ impl<H: Handler> Inner<H> {
             .correlation_id
             .clone()
             .unwrap_or_else(|| format!("msg-{}", message.message_id));
-        let span = info_span!(
+        // ERROR level so that the span, and with it the correlation id on every line logged
+        // inside it, survives any log filter (a span disabled by the filter carries no fields).
+        let span = error_span!(
             "message",
             correlation_id = %correlation_id,
             message_id = %message.message_id,

@@ -1,0 +1,190 @@
+//! The whole pipeline against the emulators: a mixed load of 500 orders ends in the expected
+//! states with the right dead letters; feeding it all again changes nothing; a SIGKILL mid-run
+//! ends in the same state; logs carry correlation ids and no personal data.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use fleet_common::health::Health;
+use fleet_e2e::{worker_binary, TestEnv};
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+use workers::demo::{dead_letter_mismatches, dead_letters, send_all, wait_idle};
+use workers::scenario::{audit, scan, Mix, Scenario};
+
+const PHASE: Duration = Duration::from_secs(300);
+
+fn quick(c: &mut fleet_common::config::FleetConfig) {
+    for w in c.workers.values_mut() {
+        w.receive_wait_secs = 1;
+    }
+}
+
+/// Orders and products, as comparable snapshots (history included).
+async fn snapshot(env: &TestEnv) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let tables = env.tables();
+    let dump = |items: Vec<HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>| {
+        items
+            .into_iter()
+            .map(|i| {
+                let pk = i["pk"].as_s().unwrap().clone();
+                let sorted: BTreeMap<_, _> = i.into_iter().map(|(k, v)| (k, format!("{v:?}"))).collect();
+                (pk, format!("{sorted:?}"))
+            })
+            .collect()
+    };
+    (
+        dump(scan(&env.clients.dynamodb, &tables.orders).await.unwrap()),
+        dump(scan(&env.clients.dynamodb, &tables.catalog).await.unwrap()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_mixed_orders_end_as_expected_and_a_second_feed_changes_nothing() {
+    let env = TestEnv::new(quick).await;
+    let catalog = env.seed_catalog().await;
+    let scenario = Scenario::generate(500, Mix::default(), &catalog, 11, &env.suffix);
+    let shutdown = CancellationToken::new();
+    let fleet = {
+        let (config, clients, shutdown) = (env.config.clone(), env.clients.clone(), shutdown.clone());
+        tokio::spawn(async move { workers::fleet::run(&config, &clients, &workers::fleet::expand_roles("all"), Health::default(), shutdown).await })
+    };
+    let ingest = env.url("ingest");
+    send_all(&env.clients.sqs, &ingest, &scenario.submissions).await.unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
+    send_all(&env.clients.sqs, &ingest, &scenario.carrier_events).await.unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
+
+    let first = audit(&env.clients.dynamodb, &env.tables(), &scenario, &catalog, true).await.unwrap();
+    assert_eq!(first.lost, 0, "{:?}", first.offenders);
+    assert_eq!(first.duplicate_effects, 0, "{:?}", first.offenders);
+    assert_eq!(first.unexpected_orders, 0);
+    assert_eq!(first.orders_completed, scenario.expected.len() as u64);
+    assert!(first.orders_rejected > 0);
+    let dead = dead_letters(&env.clients.sqs, &env.topology).await.unwrap();
+    assert_eq!(dead, scenario.expected_dead_letters, "every rejected input in a DLQ with its reason, nothing else");
+    let before = snapshot(&env).await;
+
+    // A redrive of everything, after the edge's dedup records expired (so every later stage's
+    // own idempotency is what holds).
+    let events = &env.config.table("events").unwrap().name;
+    for item in scan(&env.clients.dynamodb, events).await.unwrap() {
+        env.clients.dynamodb.delete_item().table_name(events).key("pk", item["pk"].clone()).send().await.unwrap();
+    }
+    send_all(&env.clients.sqs, &ingest, &scenario.submissions).await.unwrap();
+    send_all(&env.clients.sqs, &ingest, &scenario.carrier_events).await.unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
+    shutdown.cancel();
+    fleet.await.unwrap().unwrap();
+
+    let after = snapshot(&env).await;
+    assert_eq!(before.1, after.1, "no stock level or reservation changed");
+    assert_eq!(before.0.len(), after.0.len(), "no order appeared");
+    for (pk, order) in &before.0 {
+        assert_eq!(Some(order), after.0.get(pk), "order {pk} changed on the second feed");
+    }
+    let second = audit(&env.clients.dynamodb, &env.tables(), &scenario, &catalog, true).await.unwrap();
+    assert_eq!(second.duplicate_effects, 0, "{:?}", second.offenders);
+}
+
+async fn spawn_worker(env: &TestEnv) -> tokio::process::Child {
+    tokio::process::Command::new(worker_binary())
+        .args(["run", "--role", "all"])
+        .current_dir(fleet_e2e::workspace_root())
+        .envs(env.env_overrides())
+        .env("RUST_LOG", "info,fleet_common=debug,workers=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker starts")
+}
+
+async fn logs_of(child: &mut tokio::process::Child) -> String {
+    let mut text = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut text).await.unwrap();
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_run_ends_in_the_same_state_and_logs_hold_no_personal_data() {
+    let env = TestEnv::new(|c| {
+        quick(c);
+        for q in c.queues.values_mut() {
+            q.visibility_timeout_secs = 4;
+        }
+        for w in c.workers.values_mut() {
+            w.heartbeat_interval_secs = 2;
+            w.shutdown_deadline_secs = 5;
+        }
+    })
+    .await;
+    let catalog = env.seed_catalog().await;
+    let scenario = Scenario::generate(300, Mix::default(), &catalog, 23, &env.suffix);
+    let ingest = env.url("ingest");
+    send_all(&env.clients.sqs, &ingest, &scenario.submissions).await.unwrap();
+
+    let mut first = spawn_worker(&env).await;
+    let orders_table = env.tables().orders;
+    let started = Instant::now();
+    loop {
+        let done = scan(&env.clients.dynamodb, &orders_table).await.unwrap().len();
+        if done >= 60 {
+            break;
+        }
+        assert!(started.elapsed() < PHASE, "the worker made no progress");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    first.start_kill().unwrap();
+    first.wait().await.unwrap();
+    let mut logs = logs_of(&mut first).await;
+
+    let mut second = spawn_worker(&env).await;
+    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
+    send_all(&env.clients.sqs, &ingest, &scenario.carrier_events).await.unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
+
+    // SIGTERM: the process exits cleanly within its deadline.
+    let asked = Instant::now();
+    let pid = second.id().unwrap();
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(8), second.wait()).await.expect("exits within its deadline").unwrap();
+    assert!(status.success(), "a graceful stop exits 0: {status}");
+    assert!(asked.elapsed() < Duration::from_secs(8));
+    logs.push_str(&logs_of(&mut second).await);
+
+    let result = audit(&env.clients.dynamodb, &env.tables(), &scenario, &catalog, true).await.unwrap();
+    assert_eq!(result.lost, 0, "{:?}", result.offenders);
+    assert_eq!(result.duplicate_effects, 0, "{:?}", result.offenders);
+    assert_eq!(result.orders_completed, scenario.expected.len() as u64, "the same final state as an undisturbed run");
+    let dead = dead_letters(&env.clients.sqs, &env.topology).await.unwrap();
+    assert_eq!(dead_letter_mismatches(&dead, &scenario.expected_dead_letters), 0, "{dead:?}");
+
+    // No personal data in any log line; every line about a message carries its correlation id.
+    let mut secrets = Vec::new();
+    for input in &scenario.submissions {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&input.body) else { continue };
+        let p = &v["payload"];
+        for field in [&p["email"], &p["payment_reference"], &p["delivery_address"]["name"], &p["delivery_address"]["line1"], &p["delivery_address"]["phone"]] {
+            if let Some(s) = field.as_str() {
+                secrets.push(s.to_owned());
+            }
+        }
+    }
+    assert!(secrets.len() > 500);
+    let lines: Vec<&str> = logs.lines().collect();
+    assert!(lines.len() > 100, "the workers logged");
+    for secret in &secrets {
+        assert!(!logs.contains(secret.as_str()), "personal data in the logs: {secret}");
+    }
+    let mut message_lines = 0;
+    for line in &lines {
+        let json: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("log lines are JSON: {line}"));
+        if json["span"]["name"] == "message" {
+            message_lines += 1;
+            assert!(json["span"]["correlation_id"].is_string(), "{line}");
+        }
+    }
+    assert!(message_lines > 100, "message lines carry their span");
+}
