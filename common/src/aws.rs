@@ -31,23 +31,7 @@ impl Clients {
     /// An endpoint override on loopback is an emulator: the clients then sign with fixed
     /// placeholder credentials, so real credentials are never sent to a local process.
     pub async fn from_config(aws: &AwsConfig) -> Self {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest());
-        if let Some(region) = &aws.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        let all_local = [&aws.sqs_endpoint_url, &aws.dynamodb_endpoint_url]
-            .iter()
-            .all(|url| url.as_deref().is_some_and(is_loopback_url));
-        if all_local {
-            loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                "local-emulator",
-                "local-emulator",
-                None,
-                None,
-                "fleet-local-emulator",
-            ));
-        }
-        let shared = loader.load().await;
+        let shared = load_sdk_config(aws).await;
         Self::from_sdk_config(&shared, aws, RequestCounter::default())
     }
 
@@ -69,6 +53,29 @@ impl Clients {
             requests,
         }
     }
+}
+
+/// Loads the shared SDK config: the standard AWS chain, the config's region, and — when every
+/// endpoint override is on loopback (the emulators) — fixed placeholder credentials, so real
+/// credentials are never sent to a local process.
+pub async fn load_sdk_config(aws: &AwsConfig) -> SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(region) = &aws.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    let all_local = [&aws.sqs_endpoint_url, &aws.dynamodb_endpoint_url]
+        .iter()
+        .all(|url| url.as_deref().is_some_and(is_loopback_url));
+    if all_local {
+        loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            "local-emulator",
+            "local-emulator",
+            None,
+            None,
+            "fleet-local-emulator",
+        ));
+    }
+    loader.load().await
 }
 
 /// Whether an endpoint URL points at this machine.

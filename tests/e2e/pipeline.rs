@@ -21,7 +21,7 @@ fn quick(c: &mut fleet_common::config::FleetConfig) {
     }
 }
 
-/// Orders and products, as comparable snapshots (history included).
+/// Orders and products, as comparable snapshots (history included): each item as canonical JSON.
 async fn snapshot(env: &TestEnv) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let tables = env.tables();
     let dump = |items: Vec<HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>| {
@@ -29,8 +29,8 @@ async fn snapshot(env: &TestEnv) -> (BTreeMap<String, String>, BTreeMap<String, 
             .into_iter()
             .map(|i| {
                 let pk = i["pk"].as_s().unwrap().clone();
-                let sorted: BTreeMap<_, _> = i.into_iter().map(|(k, v)| (k, format!("{v:?}"))).collect();
-                (pk, format!("{sorted:?}"))
+                let json: serde_json::Value = serde_dynamo::from_item(i).unwrap();
+                (pk, json.to_string())
             })
             .collect()
     };
@@ -38,6 +38,15 @@ async fn snapshot(env: &TestEnv) -> (BTreeMap<String, String>, BTreeMap<String, 
         dump(scan(&env.clients.dynamodb, &tables.orders).await.unwrap()),
         dump(scan(&env.clients.dynamodb, &tables.catalog).await.unwrap()),
     )
+}
+
+/// Compares snapshots item by item, naming the first item that differs.
+fn assert_same(what: &str, before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) {
+    assert_eq!(before.len(), after.len(), "{what}: items appeared or vanished");
+    for (pk, item) in before {
+        let later = after.get(pk).map(String::as_str).unwrap_or("(missing)");
+        assert!(later == item, "{what} {pk} changed on the second feed:\nbefore {item}\nafter  {later}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,17 +88,21 @@ async fn five_hundred_mixed_orders_end_as_expected_and_a_second_feed_changes_not
     fleet.await.unwrap().unwrap();
 
     let after = snapshot(&env).await;
-    assert_eq!(before.1, after.1, "no stock level or reservation changed");
-    assert_eq!(before.0.len(), after.0.len(), "no order appeared");
-    for (pk, order) in &before.0 {
-        assert_eq!(Some(order), after.0.get(pk), "order {pk} changed on the second feed");
-    }
+    assert_same("product (stock, reservations)", &before.1, &after.1);
+    assert_same("order", &before.0, &after.0);
     let second = audit(&env.clients.dynamodb, &env.tables(), &scenario, &catalog, true).await.unwrap();
     assert_eq!(second.duplicate_effects, 0, "{:?}", second.offenders);
 }
 
-async fn spawn_worker(env: &TestEnv) -> tokio::process::Child {
-    tokio::process::Command::new(worker_binary())
+/// A worker process and the task that drains its log (stderr) as it runs: an undrained pipe
+/// would fill and block the worker's logging.
+struct Worker {
+    child: tokio::process::Child,
+    logs: tokio::task::JoinHandle<String>,
+}
+
+async fn spawn_worker(env: &TestEnv) -> Worker {
+    let mut child = tokio::process::Command::new(worker_binary())
         .args(["run", "--role", "all"])
         .current_dir(fleet_e2e::workspace_root())
         .envs(env.env_overrides())
@@ -98,13 +111,14 @@ async fn spawn_worker(env: &TestEnv) -> tokio::process::Child {
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("worker starts")
-}
-
-async fn logs_of(child: &mut tokio::process::Child) -> String {
-    let mut text = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut text).await.unwrap();
-    text
+        .expect("worker starts");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let logs = tokio::spawn(async move {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).await.expect("log is UTF-8");
+        text
+    });
+    Worker { child, logs }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,9 +150,9 @@ async fn a_sigkill_mid_run_ends_in_the_same_state_and_logs_hold_no_personal_data
         assert!(started.elapsed() < PHASE, "the worker made no progress");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    first.start_kill().unwrap();
-    first.wait().await.unwrap();
-    let mut logs = logs_of(&mut first).await;
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+    let mut logs = first.logs.await.unwrap();
 
     let mut second = spawn_worker(&env).await;
     wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
@@ -147,12 +161,12 @@ async fn a_sigkill_mid_run_ends_in_the_same_state_and_logs_hold_no_personal_data
 
     // SIGTERM: the process exits cleanly within its deadline.
     let asked = Instant::now();
-    let pid = second.id().unwrap();
+    let pid = second.child.id().unwrap();
     std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(8), second.wait()).await.expect("exits within its deadline").unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(8), second.child.wait()).await.expect("exits within its deadline").unwrap();
     assert!(status.success(), "a graceful stop exits 0: {status}");
     assert!(asked.elapsed() < Duration::from_secs(8));
-    logs.push_str(&logs_of(&mut second).await);
+    logs.push_str(&second.logs.await.unwrap());
 
     let result = audit(&env.clients.dynamodb, &env.tables(), &scenario, &catalog, true).await.unwrap();
     assert_eq!(result.lost, 0, "{:?}", result.offenders);

@@ -1,0 +1,265 @@
+//! `export`, `import` and `purge`.
+//!
+//! Export writes JSON Lines (one [`DlqMessage`] per line: body, message attributes, system
+//! attributes) to a temporary file, fsyncs it, renames it into place and fsyncs the directory;
+//! only then, with `--delete`, does it delete what it wrote. Import sends every line's body and
+//! attributes exactly as they are (FIFO: with its group and deduplication ids).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::Duration;
+
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use governor::{Quota, RateLimiter};
+use serde::Serialize;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::commands::inspect::guard_reads;
+use crate::error::{CliError, Exit, Result};
+use crate::filter::Filter;
+use crate::output::{self, Output};
+use crate::queues::{self, Ctx, Queue};
+use crate::record::DlqMessage;
+use crate::scan::{read_all, Reader};
+
+/// What `export` did.
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    /// The queue.
+    pub queue: String,
+    /// The file written.
+    pub file: String,
+    /// Messages read.
+    pub read: u64,
+    /// Messages written (those matching the filters).
+    pub exported: u64,
+    /// Deleted from the queue after the file was synced (`--delete`).
+    pub deleted: u64,
+    /// Exported but not deleted (still in the queue).
+    pub not_deleted: u64,
+}
+
+/// `dlq export`.
+///
+/// # Errors
+/// AWS and file errors; an existing file without `--force`.
+#[allow(clippy::too_many_arguments)]
+pub async fn export(ctx: &Ctx, queue: &Queue, file: &Path, filter: &Filter, max: Option<usize>, delete: bool, overwrite: bool, output: Output) -> Result<Exit> {
+    if file.exists() && !overwrite {
+        return Err(CliError::Usage(format!("{} exists: pick another file or pass --force to replace it", file.display())));
+    }
+    let info = guard_reads(ctx, queue, false).await?;
+    let bar = output::progress(output, Some(max.map_or(info.visible, |m| (m as u64).min(info.visible))), "exporting");
+    let mut reader = Reader::new(ctx, queue, Duration::from_secs(120));
+    let stop = CancellationToken::new();
+    let read = read_all(ctx, &mut reader, max, &stop, |_| bar.inc(1)).await;
+    let messages = match read {
+        Ok(m) => m,
+        Err(e) => {
+            reader.finish().await;
+            return Err(e);
+        }
+    };
+    let now = OffsetDateTime::now_utc();
+    let chosen: Vec<&DlqMessage> = messages.iter().filter(|m| filter.matches(m, now)).collect();
+    if let Err(e) = write_synced(file, &chosen) {
+        reader.finish().await;
+        return Err(e);
+    }
+    let mut report = ExportReport { queue: queue.name.clone(), file: file.display().to_string(), read: messages.len() as u64, exported: chosen.len() as u64, deleted: 0, not_deleted: 0 };
+    if delete {
+        let failed = reader.delete(&chosen).await;
+        match failed {
+            Ok(failed) => {
+                report.not_deleted = failed.len() as u64;
+                report.deleted = report.exported - report.not_deleted;
+            }
+            Err(e) => {
+                reader.finish().await;
+                return Err(e);
+            }
+        }
+    }
+    reader.finish().await;
+    bar.finish_and_clear();
+    match output {
+        Output::Json => output::json(&report),
+        Output::Table => {
+            println!("exported {} of {} messages from {} to {}", report.exported, report.read, report.queue, report.file);
+            if delete {
+                println!("deleted {} from the queue after the file was synced{}", report.deleted, if report.not_deleted > 0 { format!("; {} could not be deleted and are still there", report.not_deleted) } else { String::new() });
+            }
+        }
+    }
+    Ok(if report.not_deleted > 0 { Exit::Partial } else { Exit::Ok })
+}
+
+/// Writes the lines to `<file>.tmp`, fsyncs, renames into place, fsyncs the directory.
+fn write_synced(file: &Path, messages: &[&DlqMessage]) -> Result<()> {
+    let io = |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", file.display()));
+    let tmp = file.with_extension("jsonl.tmp");
+    let handle = File::create(&tmp).map_err(|e| io("cannot create a temporary file next to", e))?;
+    let mut w = BufWriter::new(handle);
+    for m in messages {
+        serde_json::to_writer(&mut w, m).map_err(|e| CliError::Io(e.to_string()))?;
+        w.write_all(b"\n").map_err(|e| io("cannot write", e))?;
+    }
+    let handle = w.into_inner().map_err(|e| io("cannot write", e.into_error()))?;
+    handle.sync_all().map_err(|e| io("cannot sync", e))?;
+    std::fs::rename(&tmp, file).map_err(|e| io("cannot rename into", e))?;
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("cannot sync the directory of", e))?;
+    Ok(())
+}
+
+/// Reads an export file; every line must parse (the error names the line).
+///
+/// # Errors
+/// File errors and lines that are not messages.
+pub fn read_file(file: &Path) -> Result<Vec<DlqMessage>> {
+    let f = File::open(file).map_err(|e| CliError::Io(format!("cannot open {}: {e}", file.display())))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| CliError::Io(format!("cannot read {}: {e}", file.display())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let m: DlqMessage = serde_json::from_str(&line).map_err(|e| CliError::Usage(format!("{} line {}: not an exported message: {e}", file.display(), i + 1)))?;
+        m.sdk_attributes().map_err(|e| CliError::Usage(format!("{} line {}: {e}", file.display(), i + 1)))?;
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// What `import` did.
+#[derive(Debug, Serialize)]
+pub struct ImportReport {
+    /// The file read.
+    pub file: String,
+    /// The destination queue.
+    pub queue: String,
+    /// Lines in the file.
+    pub lines: u64,
+    /// Messages sent.
+    pub sent: u64,
+    /// Messages SQS refused.
+    pub failed: u64,
+}
+
+/// `dlq import`.
+///
+/// # Errors
+/// AWS and file errors.
+pub async fn import(ctx: &Ctx, file: &Path, to: &Queue, rate: Option<NonZeroU32>, output: Output, stop: &CancellationToken) -> Result<Exit> {
+    let messages = read_file(file)?;
+    let burst = rate.map_or(10, |r| r.get().min(10));
+    let limiter = rate.map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::new(burst).expect("non-zero"))));
+    let bar = output::progress(output, Some(messages.len() as u64), "importing");
+    let mut report = ImportReport { file: file.display().to_string(), queue: to.name.clone(), lines: messages.len() as u64, sent: 0, failed: 0 };
+    for chunk in messages.chunks(burst as usize) {
+        if stop.is_cancelled() {
+            break;
+        }
+        if let Some(l) = &limiter {
+            l.until_n_ready(NonZeroU32::new(chunk.len() as u32).expect("non-empty")).await.expect("within burst");
+        }
+        let mut entries = Vec::with_capacity(chunk.len());
+        for (i, m) in chunk.iter().enumerate() {
+            let mut e = SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(&m.body).set_message_attributes(Some(m.sdk_attributes().map_err(CliError::Usage)?));
+            if to.fifo() {
+                e = e.message_group_id(m.group_id().unwrap_or("default")).message_deduplication_id(m.deduplication_id().unwrap_or(&m.message_id));
+            }
+            entries.push(e.build().map_err(|e| CliError::Usage(e.to_string()))?);
+        }
+        let out = ctx.sqs.send_message_batch().queue_url(&to.url).set_entries(Some(entries)).send().await.map_err(|e| CliError::aws(format!("sending to `{}`", to.name), &e))?;
+        report.sent += out.successful().len() as u64;
+        report.failed += out.failed().len() as u64;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    match output {
+        Output::Json => output::json(&report),
+        Output::Table => println!("sent {} of {} messages from {} to {}{}", report.sent, report.lines, report.file, report.queue, if report.failed > 0 { format!("; {} refused", report.failed) } else { String::new() }),
+    }
+    Ok(if stop.is_cancelled() {
+        Exit::Interrupted
+    } else if report.failed > 0 {
+        Exit::Partial
+    } else {
+        Exit::Ok
+    })
+}
+
+/// `dlq purge`: deletes every message of the queue, after a confirmation, and counts them.
+///
+/// # Errors
+/// AWS errors; no confirmation.
+pub async fn purge(ctx: &Ctx, queue: &Queue, yes: bool, output: Output) -> Result<Exit> {
+    let info = queues::info(ctx, queue).await?;
+    if !yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(CliError::Usage("purge deletes messages for good: confirm with --yes when not at a terminal".into()));
+        }
+        eprint!("This deletes about {} messages from {} for good. Type the queue name to confirm: ", info.visible + info.in_flight, queue.name);
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer).map_err(|e| CliError::Io(e.to_string()))?;
+        if answer.trim() != queue.name {
+            return Err(CliError::Usage("not confirmed: nothing was deleted".into()));
+        }
+    }
+    let bar = output::progress(output, Some(info.visible), "purging");
+    let mut reader = Reader::new(ctx, queue, Duration::from_secs(60));
+    let mut deleted = 0u64;
+    let result: Result<()> = async {
+        loop {
+            let batch = reader.next(10).await?;
+            if batch.is_empty() {
+                if reader.exhausted(ctx).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let refs: Vec<&DlqMessage> = batch.iter().collect();
+            let failed = reader.delete(&refs).await?;
+            deleted += (batch.len() - failed.len()) as u64;
+            bar.inc(batch.len() as u64);
+        }
+    }
+    .await;
+    reader.finish().await;
+    bar.finish_and_clear();
+    result?;
+    match output {
+        Output::Json => output::json(&serde_json::json!({ "queue": queue.name, "deleted": deleted })),
+        Output::Table => println!("deleted {deleted} messages from {}", queue.name),
+    }
+    Ok(Exit::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::tests::message;
+
+    #[test]
+    fn an_export_file_is_written_whole_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("dlq-export-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("out.jsonl");
+        let a = message("a", "first\nline", None);
+        let b = message("b", "{\"x\":\"é\"}", None);
+        write_synced(&file, &[&a, &b]).unwrap();
+        assert!(!file.with_extension("jsonl.tmp").exists());
+        let back = read_file(&file).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].body, a.body);
+        assert_eq!(back[1].body, b.body);
+        std::fs::write(&file, "{\"message_id\":\"x\",\"body\":\"y\"}\nnot json\n").unwrap();
+        let err = read_file(&file).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,264 @@
+//! A dead-lettered message as the CLI sees it: body, message attributes and system attributes,
+//! with the fleet's metadata (correlation id, attribution, redrive record) read out of them.
+//! The same type is the line format of `export` and `import` (JSON Lines), so a round trip keeps
+//! every byte of the body and of every attribute.
+
+use std::collections::BTreeMap;
+
+use aws_sdk_sqs::primitives::Blob;
+use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
+use fleet_common::attribution::{self, Attribution, RedriveRecord};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// One message attribute, as SQS types it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttributeValue {
+    /// `String`, `Number`, `Binary`, or one of those with a custom suffix (`String.json`).
+    pub data_type: String,
+    /// The value of a String or Number attribute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub string_value: Option<String>,
+    /// The value of a Binary attribute, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary_value: Option<String>,
+}
+
+impl AttributeValue {
+    /// A String attribute.
+    pub fn string(value: impl Into<String>) -> Self {
+        Self {
+            data_type: "String".into(),
+            string_value: Some(value.into()),
+            binary_value: None,
+        }
+    }
+
+    fn from_sdk(v: &MessageAttributeValue) -> Self {
+        Self {
+            data_type: v.data_type().to_owned(),
+            string_value: v.string_value().map(str::to_owned),
+            binary_value: v
+                .binary_value()
+                .map(|b| aws_smithy_types::base64::encode(b.as_ref())),
+        }
+    }
+
+    /// The SDK form, for sending.
+    ///
+    /// # Errors
+    /// A binary value that is not base64.
+    pub fn to_sdk(&self) -> Result<MessageAttributeValue, String> {
+        let mut builder = MessageAttributeValue::builder().data_type(&self.data_type);
+        if let Some(s) = &self.string_value {
+            builder = builder.string_value(s);
+        }
+        if let Some(b) = &self.binary_value {
+            let bytes = aws_smithy_types::base64::decode(b)
+                .map_err(|e| format!("binary value is not base64: {e}"))?;
+            builder = builder.binary_value(Blob::new(bytes));
+        }
+        builder.build().map_err(|e| e.to_string())
+    }
+}
+
+/// A message read from a queue (or from an export file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DlqMessage {
+    /// The SQS message id in the queue it was read from.
+    pub message_id: String,
+    /// The body, exactly as SQS holds it.
+    pub body: String,
+    /// MD5 of the body, as SQS computed it (a check for the export file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md5_of_body: Option<String>,
+    /// Message attributes, by name.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, AttributeValue>,
+    /// System attributes (SentTimestamp, ApproximateReceiveCount, MessageGroupId, …), by name.
+    #[serde(default)]
+    pub system_attributes: BTreeMap<String, String>,
+    /// The receipt of this receive; never exported.
+    #[serde(skip)]
+    pub receipt_handle: String,
+}
+
+impl DlqMessage {
+    /// Reads an SDK message; `None` when SQS left out the id or the receipt.
+    pub fn from_sdk(m: &aws_sdk_sqs::types::Message) -> Option<Self> {
+        Some(Self {
+            message_id: m.message_id()?.to_owned(),
+            receipt_handle: m.receipt_handle()?.to_owned(),
+            body: m.body().unwrap_or_default().to_owned(),
+            md5_of_body: m.md5_of_body().map(str::to_owned),
+            attributes: m
+                .message_attributes()
+                .map(|a| {
+                    a.iter()
+                        .map(|(k, v)| (k.clone(), AttributeValue::from_sdk(v)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            system_attributes: m
+                .attributes()
+                .map(|a| {
+                    a.iter()
+                        .map(|(k, v)| (k.as_str().to_owned(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    fn string_attribute(&self, name: &str) -> Option<&str> {
+        self.attributes.get(name)?.string_value.as_deref()
+    }
+
+    /// The correlation id: the message attribute, else the attribution's.
+    pub fn correlation_id(&self) -> Option<String> {
+        self.string_attribute(attribution::CORRELATION_ID)
+            .map(str::to_owned)
+            .or_else(|| self.attribution().and_then(|a| a.correlation_id))
+    }
+
+    /// Why the fleet dead-lettered it; `None` when SQS moved it by itself (or the attribute is
+    /// not the fleet's JSON).
+    pub fn attribution(&self) -> Option<Attribution> {
+        serde_json::from_str(self.string_attribute(attribution::ATTRIBUTION)?).ok()
+    }
+
+    /// The last redrive of this message by the CLI, if any.
+    pub fn redrive(&self) -> Option<RedriveRecord> {
+        serde_json::from_str(self.string_attribute(attribution::REDRIVE)?).ok()
+    }
+
+    /// When the message was sent to the queue it was read from.
+    pub fn sent_at(&self) -> Option<OffsetDateTime> {
+        self.system_millis(MessageSystemAttributeName::SentTimestamp)
+    }
+
+    /// When this message failed first: the attribution's time, else when it was sent.
+    pub fn first_failed_at(&self) -> Option<OffsetDateTime> {
+        self.attribution()
+            .map(|a| a.first_failed_at)
+            .or_else(|| self.sent_at())
+    }
+
+    /// How many times it has been received (this receive included).
+    pub fn receive_count(&self) -> Option<u32> {
+        self.system(MessageSystemAttributeName::ApproximateReceiveCount)?
+            .parse()
+            .ok()
+    }
+
+    /// The FIFO message group id.
+    pub fn group_id(&self) -> Option<&str> {
+        self.system(MessageSystemAttributeName::MessageGroupId)
+    }
+
+    /// The FIFO deduplication id.
+    pub fn deduplication_id(&self) -> Option<&str> {
+        self.system(MessageSystemAttributeName::MessageDeduplicationId)
+    }
+
+    /// The queue SQS moved it from (real AWS stamps this; the emulator does not).
+    pub fn dead_letter_source_arn(&self) -> Option<&str> {
+        self.system(MessageSystemAttributeName::DeadLetterQueueSourceArn)
+    }
+
+    fn system(&self, name: MessageSystemAttributeName) -> Option<&str> {
+        self.system_attributes.get(name.as_str()).map(String::as_str)
+    }
+
+    fn system_millis(&self, name: MessageSystemAttributeName) -> Option<OffsetDateTime> {
+        let ms: i128 = self.system(name)?.parse().ok()?;
+        OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok()
+    }
+
+    /// The message attributes in SDK form, for sending.
+    ///
+    /// # Errors
+    /// An attribute that cannot be rebuilt (a binary value that is not base64).
+    pub fn sdk_attributes(&self) -> Result<std::collections::HashMap<String, MessageAttributeValue>, String> {
+        self.attributes
+            .iter()
+            .map(|(k, v)| v.to_sdk().map(|v| (k.clone(), v)).map_err(|e| format!("attribute {k}: {e}")))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use fleet_common::failure::FailureClass;
+
+    pub fn attribution(reason: &str, worker: &str, class: FailureClass) -> Attribution {
+        Attribution {
+            reason: reason.into(),
+            class,
+            detail: "detail".into(),
+            worker: worker.into(),
+            source_queue: format!("fleet-{worker}"),
+            attempts: 1,
+            first_failed_at: time::macros::datetime!(2026-11-20 10:15 UTC),
+            last_failed_at: time::macros::datetime!(2026-11-20 10:16 UTC),
+            correlation_id: Some("corr-1".into()),
+            source_message_id: "src-1".into(),
+            origin: Some("storefront".into()),
+        }
+    }
+
+    pub fn message(id: &str, body: &str, attribution: Option<&Attribution>) -> DlqMessage {
+        let mut attributes = BTreeMap::new();
+        if let Some(a) = attribution {
+            attributes.insert(
+                fleet_common::attribution::ATTRIBUTION.to_owned(),
+                AttributeValue::string(serde_json::to_string(a).unwrap()),
+            );
+        }
+        DlqMessage {
+            message_id: id.into(),
+            body: body.into(),
+            md5_of_body: None,
+            attributes,
+            system_attributes: BTreeMap::from([
+                ("SentTimestamp".to_owned(), "1763633700000".to_owned()),
+                ("ApproximateReceiveCount".to_owned(), "2".to_owned()),
+            ]),
+            receipt_handle: format!("rh-{id}"),
+        }
+    }
+
+    #[test]
+    fn the_fleets_metadata_is_read_from_the_attributes() {
+        let a = attribution("malformed_body", "ingestion", FailureClass::Permanent);
+        let m = message("m1", "{}", Some(&a));
+        assert_eq!(m.attribution(), Some(a));
+        assert_eq!(m.correlation_id().as_deref(), Some("corr-1"));
+        assert_eq!(m.receive_count(), Some(2));
+        assert_eq!(m.sent_at().unwrap().unix_timestamp(), 1_763_633_700);
+        let bare = message("m2", "{}", None);
+        assert_eq!(bare.attribution(), None);
+        assert_eq!(bare.first_failed_at(), bare.sent_at());
+    }
+
+    #[test]
+    fn a_line_of_the_export_format_round_trips_with_binary_attributes() {
+        let mut m = message("m1", "body \u{1F4E6} with \"quotes\"\n", None);
+        m.attributes.insert(
+            "blob".into(),
+            AttributeValue {
+                data_type: "Binary.gz".into(),
+                string_value: None,
+                binary_value: Some(aws_smithy_types::base64::encode([0u8, 255, 7])),
+            },
+        );
+        let line = serde_json::to_string(&m).unwrap();
+        assert!(!line.contains("rh-m1"), "receipts are not exported");
+        let back: DlqMessage = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.body, m.body);
+        assert_eq!(back.attributes, m.attributes);
+        let sdk = back.sdk_attributes().unwrap();
+        assert_eq!(sdk["blob"].binary_value().unwrap().as_ref(), &[0u8, 255, 7]);
+    }
+}
