@@ -17,9 +17,18 @@ pub enum Output {
     Json,
 }
 
+/// Writes a line to stdout; a closed pipe (`dlq … | head`) is not an error.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Prints a value as one JSON document.
 pub fn json<T: Serialize>(value: &T) {
-    println!("{}", serde_json::to_string_pretty(value).expect("output serializes"));
+    crate::outln!("{}", serde_json::to_string_pretty(value).expect("output serializes"));
 }
 
 /// A table with a header row.

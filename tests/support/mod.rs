@@ -228,9 +228,18 @@ impl TestEnv {
 
 /// The `worker` binary built next to this test (`cargo build --bins` first).
 pub fn worker_binary() -> PathBuf {
+    binary("worker")
+}
+
+/// The `dlq` binary built next to this test (`cargo build --bins` first).
+pub fn dlq_binary() -> PathBuf {
+    binary("dlq")
+}
+
+fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
-    let path = dir.join("worker");
+    let path = dir.join(name);
     assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` before the end-to-end tests", path.display());
     path
 }

@@ -159,7 +159,7 @@ pub async fn run(ctx: &Ctx, queue: &Queue, by: &[Dimension], window: Duration, e
                 row.push(g.examples.iter().map(|e| format!("{} / {}", clip(&e.message_id, 12), e.correlation_id.as_deref().unwrap_or("-"))).collect::<Vec<_>>().join("\n"));
                 row
             });
-            println!("{}", output::table(&header, rows));
+            crate::outln!("{}", output::table(&header, rows));
             eprintln!("{} messages in {} groups; every message read is visible again.", messages.len(), groups.len());
         }
     }

@@ -17,11 +17,13 @@ use crate::scan::{read_all, Reader};
 /// One DLQ in `list`.
 #[derive(Debug, Serialize)]
 pub struct DlqRow {
-    /// The queue, with depths.
-    #[serde(flatten)]
-    pub info: Option<QueueInfo>,
     /// Its name (also when it is missing).
     pub name: String,
+    /// Whether it exists.
+    pub exists: bool,
+    /// Its URL, ARN and depths, when it exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueInfo>,
     /// Age of the oldest message in seconds, when known.
     pub oldest_age_secs: Option<f64>,
     /// Where that age comes from: `cloudwatch`, `sample` (the oldest of up to ten messages
@@ -59,7 +61,8 @@ pub async fn list(ctx: &Ctx, prefix: Option<&str>, output: Output) -> Result<Exi
             sources: info.as_ref().and_then(|i| sources.get(&i.arn)).cloned().unwrap_or_default(),
             configured: configured.contains(&name),
             name,
-            info,
+            exists: info.is_some(),
+            queue: info,
             oldest_age_secs,
             age_source,
         });
@@ -69,7 +72,7 @@ pub async fn list(ctx: &Ctx, prefix: Option<&str>, output: Output) -> Result<Exi
         Output::Table => {
             let table = output::table(
                 &["DLQ", "depth", "in flight", "oldest", "sources"],
-                rows.iter().map(|r| match &r.info {
+                rows.iter().map(|r| match &r.queue {
                     Some(i) => vec![
                         r.name.clone(),
                         i.visible.to_string(),
@@ -80,7 +83,7 @@ pub async fn list(ctx: &Ctx, prefix: Option<&str>, output: Output) -> Result<Exi
                     None => vec![r.name.clone(), "missing".into(), "-".into(), "-".into(), "configured but not found: run `worker provision` (local) or deploy".into()],
                 }),
             );
-            println!("{table}");
+            crate::outln!("{table}");
         }
     }
     Ok(Exit::Ok)
@@ -207,7 +210,7 @@ pub async fn peek(ctx: &Ctx, queue: &Queue, max: usize, filter: &Filter, reveal:
                     clip(&if reveal { m.body.clone() } else { redact_body(&m.body) }, 80),
                 ]
             });
-            println!("{}", output::table(&["message id", "sent", "receives", "correlation id", "reason / worker", "body"], rows));
+            crate::outln!("{}", output::table(&["message id", "sent", "receives", "correlation id", "reason / worker", "body"], rows));
             eprintln!(
                 "{} of {} read shown; every message read is visible again.{}",
                 matched.len(),
@@ -258,7 +261,7 @@ pub async fn show(ctx: &Ctx, queue: &Queue, message_id: &str, reveal: bool, forc
             }
             let body = serde_json::from_str::<serde_json::Value>(&s.message.body).map_or(s.message.body.clone(), |v| serde_json::to_string_pretty(&v).unwrap_or_default());
             rows.push(vec![if reveal { "body".into() } else { "body (redacted)".into() }, body]);
-            println!("{}", output::table(&["field", "value"], rows));
+            crate::outln!("{}", output::table(&["field", "value"], rows));
         }
     }
     Ok(Exit::Ok)

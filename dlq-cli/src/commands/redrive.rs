@@ -412,32 +412,32 @@ pub fn print(report: &Report) {
         "dry-run" => "dry run: nothing moved".to_owned(),
         _ => format!("path: receive, send, then delete ({})", report.path_reason),
     };
-    println!("{path}");
+    crate::outln!("{path}");
     let rows = report.destinations.iter().map(|(d, n)| vec![d.clone(), n.to_string()]);
-    println!("{}", output::table(&[if report.path == "dry-run" { "would go to" } else { "sent to" }, "messages"], rows));
+    crate::outln!("{}", output::table(&[if report.path == "dry-run" { "would go to" } else { "sent to" }, "messages"], rows));
     if !report.reasons.is_empty() {
         let rows = report.reasons.iter().map(|(r, n)| vec![r.clone(), n.to_string()]);
-        println!("{}", output::table(&["reason", "messages"], rows));
+        crate::outln!("{}", output::table(&["reason", "messages"], rows));
     }
     if report.path == "dry-run" {
-        println!("{} of {} messages read would move; every message read is visible again.", report.matched, report.read);
+        crate::outln!("{} of {} messages read would move; every message read is visible again.", report.matched, report.read);
         return;
     }
-    println!("moved {} of {} matching ({} read) in {:.1}s, {:.1} msg/s", report.moved, report.matched, report.read, report.elapsed_ms as f64 / 1000.0, report.rate_per_sec);
+    crate::outln!("moved {} of {} matching ({} read) in {:.1}s, {:.1} msg/s", report.moved, report.matched, report.read, report.elapsed_ms as f64 / 1000.0, report.rate_per_sec);
     if report.failed > 0 {
-        println!("{} could not be sent and are still in the DLQ: run again", report.failed);
+        crate::outln!("{} could not be sent and are still in the DLQ: run again", report.failed);
     }
     if report.not_deleted > 0 {
-        println!("{} were sent but not deleted from the DLQ: a re-run sends them again (the fleet ignores the duplicate)", report.not_deleted);
+        crate::outln!("{} were sent but not deleted from the DLQ: a re-run sends them again (the fleet ignores the duplicate)", report.not_deleted);
     }
     if report.no_destination > 0 {
-        println!("{} have no known source queue: pass --to", report.no_destination);
+        crate::outln!("{} have no known source queue: pass --to", report.no_destination);
     }
     if report.in_flight_elsewhere > 0 {
-        println!("{} are in flight elsewhere (an interrupted run holds them until their visibility ends): run again later", report.in_flight_elsewhere);
+        crate::outln!("{} are in flight elsewhere (an interrupted run holds them until their visibility ends): run again later", report.in_flight_elsewhere);
     }
     if report.interrupted {
-        println!("interrupted: what was read and not moved is visible again; run again to finish");
+        crate::outln!("interrupted: what was read and not moved is visible again; run again to finish");
     }
 }
 

@@ -88,9 +88,9 @@ pub async fn export(ctx: &Ctx, queue: &Queue, file: &Path, filter: &Filter, max:
     match output {
         Output::Json => output::json(&report),
         Output::Table => {
-            println!("exported {} of {} messages from {} to {}", report.exported, report.read, report.queue, report.file);
+            crate::outln!("exported {} of {} messages from {} to {}", report.exported, report.read, report.queue, report.file);
             if delete {
-                println!("deleted {} from the queue after the file was synced{}", report.deleted, if report.not_deleted > 0 { format!("; {} could not be deleted and are still there", report.not_deleted) } else { String::new() });
+                crate::outln!("deleted {} from the queue after the file was synced{}", report.deleted, if report.not_deleted > 0 { format!("; {} could not be deleted and are still there", report.not_deleted) } else { String::new() });
             }
         }
     }
@@ -182,7 +182,7 @@ pub async fn import(ctx: &Ctx, file: &Path, to: &Queue, rate: Option<NonZeroU32>
     bar.finish_and_clear();
     match output {
         Output::Json => output::json(&report),
-        Output::Table => println!("sent {} of {} messages from {} to {}{}", report.sent, report.lines, report.file, report.queue, if report.failed > 0 { format!("; {} refused", report.failed) } else { String::new() }),
+        Output::Table => crate::outln!("sent {} of {} messages from {} to {}{}", report.sent, report.lines, report.file, report.queue, if report.failed > 0 { format!("; {} refused", report.failed) } else { String::new() }),
     }
     Ok(if stop.is_cancelled() {
         Exit::Interrupted
@@ -234,7 +234,7 @@ pub async fn purge(ctx: &Ctx, queue: &Queue, yes: bool, output: Output) -> Resul
     result?;
     match output {
         Output::Json => output::json(&serde_json::json!({ "queue": queue.name, "deleted": deleted })),
-        Output::Table => println!("deleted {deleted} messages from {}", queue.name),
+        Output::Table => crate::outln!("deleted {deleted} messages from {}", queue.name),
     }
     Ok(Exit::Ok)
 }
