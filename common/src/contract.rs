@@ -26,10 +26,16 @@ pub const ORDER_PACKED: &str = "order.packed";
 /// Types the edge accepts from upstream.
 pub const EXTERNAL_TYPES: [&str; 2] = [ORDER_SUBMITTED, DELIVERY_STATUS_REPORTED];
 /// Every type, with its schema file name.
-pub const ALL_TYPES: [&str; 4] = [ORDER_SUBMITTED, DELIVERY_STATUS_REPORTED, ORDER_ACCEPTED, ORDER_PACKED];
+pub const ALL_TYPES: [&str; 4] = [
+    ORDER_SUBMITTED,
+    DELIVERY_STATUS_REPORTED,
+    ORDER_ACCEPTED,
+    ORDER_PACKED,
+];
 
 const ID_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$";
-const TIME_PATTERN: &str = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$";
+const TIME_PATTERN: &str =
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?Z$";
 
 /// The envelope around every message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -189,7 +195,9 @@ pub struct OrderSubmitted {
 }
 
 /// A carrier's view of a shipment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, PartialOrd, Ord,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryStatus {
     /// Packed, waiting for the carrier (set by the fleet, not carriers).
@@ -272,14 +280,20 @@ pub fn schema_for_type(kind: &str) -> Option<Schema> {
         _ => return None,
     };
     let object = schema.ensure_object();
-    object.insert("$id".into(), format!("https://schemas.fleet.local/{kind}.v{SCHEMA_VERSION}.json").into());
+    object.insert(
+        "$id".into(),
+        format!("https://schemas.fleet.local/{kind}.v{SCHEMA_VERSION}.json").into(),
+    );
     object.insert("title".into(), kind.into());
     let props = object
         .get_mut("properties")
         .and_then(|p| p.as_object_mut())
         .expect("an envelope has properties");
     props.insert("type".into(), serde_json::json!({"const": kind}));
-    props.insert("schema_version".into(), serde_json::json!({"const": SCHEMA_VERSION}));
+    props.insert(
+        "schema_version".into(),
+        serde_json::json!({"const": SCHEMA_VERSION}),
+    );
     Some(schema)
 }
 
@@ -288,8 +302,13 @@ pub fn schema_for_type(kind: &str) -> Option<Schema> {
 pub fn fingerprint<T: Serialize>(value: &T) -> String {
     use sha2::Digest;
     // serde_json maps are ordered by key, so the text is canonical for our types.
-    let canonical = serde_json::to_value(value).map(|v| v.to_string()).unwrap_or_default();
-    sha2::Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    let canonical = serde_json::to_value(value)
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    sha2::Sha256::digest(canonical.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The published schema file of a type.
@@ -302,7 +321,8 @@ static VALIDATORS: LazyLock<Vec<(&'static str, jsonschema::Validator)>> = LazyLo
         .iter()
         .map(|kind| {
             let schema = schema_for_type(kind).expect("every type has a schema");
-            let validator = jsonschema::validator_for(schema.as_value()).expect("generated schemas compile");
+            let validator =
+                jsonschema::validator_for(schema.as_value()).expect("generated schemas compile");
             (*kind, validator)
         })
         .collect()
@@ -328,15 +348,28 @@ impl std::fmt::Display for ContractViolation {
 ///
 /// # Errors
 /// The violation, with field-level reasons.
-pub fn validate(body: &serde_json::Value, accepted: &[&str]) -> Result<&'static str, ContractViolation> {
-    let kind = body.get("type").and_then(|t| t.as_str()).unwrap_or_default();
-    let Some((kind, validator)) = VALIDATORS.iter().find(|(k, _)| *k == kind && accepted.contains(k)) else {
+pub fn validate(
+    body: &serde_json::Value,
+    accepted: &[&str],
+) -> Result<&'static str, ContractViolation> {
+    let kind = body
+        .get("type")
+        .and_then(|t| t.as_str())
+        .unwrap_or_default();
+    let Some((kind, validator)) = VALIDATORS
+        .iter()
+        .find(|(k, _)| *k == kind && accepted.contains(k))
+    else {
         return Err(ContractViolation {
             reason: "unknown_type",
             fields: vec![format!("type: not one of {}", accepted.join(", "))],
         });
     };
-    if body.get("schema_version").and_then(serde_json::Value::as_u64) != Some(u64::from(SCHEMA_VERSION)) {
+    if body
+        .get("schema_version")
+        .and_then(serde_json::Value::as_u64)
+        != Some(u64::from(SCHEMA_VERSION))
+    {
         return Err(ContractViolation {
             reason: "unsupported_schema_version",
             fields: vec![format!("schema_version: must be {SCHEMA_VERSION}")],
@@ -346,12 +379,28 @@ pub fn validate(body: &serde_json::Value, accepted: &[&str]) -> Result<&'static 
         .iter_errors(body)
         .take(20)
         .map(|e| {
-            let rule = e.schema_path().as_str().rsplit('/').next().unwrap_or("invalid").to_owned();
-            let at = e.instance_path().as_str().trim_start_matches('/').replace('/', ".");
-            let at = if at.is_empty() { "(root)".to_owned() } else { at };
+            let rule = e
+                .schema_path()
+                .as_str()
+                .rsplit('/')
+                .next()
+                .unwrap_or("invalid")
+                .to_owned();
+            let at = e
+                .instance_path()
+                .as_str()
+                .trim_start_matches('/')
+                .replace('/', ".");
+            let at = if at.is_empty() {
+                "(root)".to_owned()
+            } else {
+                at
+            };
             // For missing or unexpected properties, the rule alone does not say which field.
             match rule.as_str() {
-                "required" | "additionalProperties" => format!("{at}: {rule} ({})", property_names(&e.to_string())),
+                "required" | "additionalProperties" => {
+                    format!("{at}: {rule} ({})", property_names(&e.to_string()))
+                }
                 _ => format!("{at}: {rule}"),
             }
         })
@@ -373,7 +422,12 @@ fn property_names(message: &str) -> String {
         .split(['"', '\''])
         .skip(1)
         .step_by(2)
-        .map(|name| name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').take(40).collect::<String>())
+        .map(|name| {
+            name.chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(40)
+                .collect::<String>()
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -392,14 +446,22 @@ mod tests {
     #[test]
     fn published_schemas_match_the_rust_types() {
         for kind in ALL_TYPES {
-            let generated = serde_json::to_string_pretty(&schema_for_type(kind).unwrap()).unwrap() + "\n";
+            let generated =
+                serde_json::to_string_pretty(&schema_for_type(kind).unwrap()).unwrap() + "\n";
             let path = schemas_dir().join(schema_file_name(kind));
             if std::env::var_os("UPDATE_SCHEMAS").is_some() {
                 std::fs::create_dir_all(schemas_dir()).unwrap();
                 std::fs::write(&path, &generated).unwrap();
             }
-            let published = std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("{} is missing; run with UPDATE_SCHEMAS=1", path.display()));
-            assert_eq!(published, generated, "{} drifted from the Rust types; run with UPDATE_SCHEMAS=1", path.display());
+            let published = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+                panic!("{} is missing; run with UPDATE_SCHEMAS=1", path.display())
+            });
+            assert_eq!(
+                published,
+                generated,
+                "{} drifted from the Rust types; run with UPDATE_SCHEMAS=1",
+                path.display()
+            );
         }
     }
 
@@ -420,7 +482,8 @@ mod tests {
     fn schema_and_serde_agree_on_valid_and_invalid_bodies() {
         let valid = sample_order();
         assert_eq!(validate(&valid, &EXTERNAL_TYPES), Ok(ORDER_SUBMITTED));
-        serde_json::from_value::<Envelope<OrderSubmitted>>(valid.clone()).expect("serde reads what the schema accepts");
+        serde_json::from_value::<Envelope<OrderSubmitted>>(valid.clone())
+            .expect("serde reads what the schema accepts");
 
         let mut cases = Vec::new();
         let mut v = valid.clone();
@@ -430,14 +493,23 @@ mod tests {
         v["payload"]["card_number"] = serde_json::json!("4111111111111111");
         cases.push(("an unknown field", v));
         let mut v = valid.clone();
-        v["payload"].as_object_mut().unwrap().remove("payment_reference");
+        v["payload"]
+            .as_object_mut()
+            .unwrap()
+            .remove("payment_reference");
         cases.push(("a missing field", v));
         let mut v = valid.clone();
         v["payload"]["lines"][0]["unit_price"]["currency"] = serde_json::json!("euro");
         cases.push(("a bad currency", v));
         for (what, body) in cases {
-            assert!(validate(&body, &EXTERNAL_TYPES).is_err(), "the schema refuses {what}");
-            assert!(serde_json::from_value::<Envelope<OrderSubmitted>>(body).is_err(), "serde refuses {what}");
+            assert!(
+                validate(&body, &EXTERNAL_TYPES).is_err(),
+                "the schema refuses {what}"
+            );
+            assert!(
+                serde_json::from_value::<Envelope<OrderSubmitted>>(body).is_err(),
+                "serde refuses {what}"
+            );
         }
     }
 
@@ -451,21 +523,39 @@ mod tests {
         assert_eq!(err.reason, "schema_violation");
         let text = err.to_string();
         assert!(text.contains("payload.lines.0.quantity: minimum"), "{text}");
-        assert!(text.contains("payload.delivery_address.country: pattern"), "{text}");
-        assert!(text.contains("additionalProperties (card_number)"), "{text}");
-        assert!(!text.contains("jane@example.com") && !text.contains("4111"), "{text}");
+        assert!(
+            text.contains("payload.delivery_address.country: pattern"),
+            "{text}"
+        );
+        assert!(
+            text.contains("additionalProperties (card_number)"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("jane@example.com") && !text.contains("4111"),
+            "{text}"
+        );
     }
 
     #[test]
     fn unknown_and_internal_types_are_refused_at_the_edge() {
         let mut v = sample_order();
         v["type"] = serde_json::json!("order.accepted");
-        assert_eq!(validate(&v, &EXTERNAL_TYPES).unwrap_err().reason, "unknown_type");
+        assert_eq!(
+            validate(&v, &EXTERNAL_TYPES).unwrap_err().reason,
+            "unknown_type"
+        );
         v["type"] = serde_json::json!("refund.requested");
-        assert_eq!(validate(&v, &EXTERNAL_TYPES).unwrap_err().reason, "unknown_type");
+        assert_eq!(
+            validate(&v, &EXTERNAL_TYPES).unwrap_err().reason,
+            "unknown_type"
+        );
         let mut v = sample_order();
         v["schema_version"] = serde_json::json!(2);
-        assert_eq!(validate(&v, &EXTERNAL_TYPES).unwrap_err().reason, "unsupported_schema_version");
+        assert_eq!(
+            validate(&v, &EXTERNAL_TYPES).unwrap_err().reason,
+            "unsupported_schema_version"
+        );
     }
 
     #[test]

@@ -93,7 +93,12 @@ pub enum Command {
         /// The queue.
         queue: String,
         /// Group by these (comma-separated).
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "reason,worker,source,class,window")]
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "reason,worker,source,class,window"
+        )]
         by: Vec<Dimension>,
         /// Width of the first-failure time window.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]

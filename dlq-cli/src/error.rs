@@ -77,12 +77,27 @@ impl CliError {
     {
         let doing = doing.into();
         let detail = fleet_common::sdk_error_message(e);
-        if detail.contains("no credentials") || detail.contains("CredentialsNotLoaded") || detail.contains("failed to load credentials") {
+        if detail.contains("no credentials")
+            || detail.contains("CredentialsNotLoaded")
+            || detail.contains("failed to load credentials")
+        {
             return Self::NoCredentials;
         }
         let code = e.code().unwrap_or_default();
-        if matches!(code, "AccessDenied" | "AccessDeniedException" | "InvalidClientTokenId" | "SignatureDoesNotMatch" | "ExpiredToken" | "UnrecognizedClientException") {
-            return Self::Denied { doing, code: code.to_owned(), message: e.message().unwrap_or_default().to_owned() };
+        if matches!(
+            code,
+            "AccessDenied"
+                | "AccessDeniedException"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch"
+                | "ExpiredToken"
+                | "UnrecognizedClientException"
+        ) {
+            return Self::Denied {
+                doing,
+                code: code.to_owned(),
+                message: e.message().unwrap_or_default().to_owned(),
+            };
         }
         Self::Aws { doing, detail }
     }
@@ -90,7 +105,8 @@ impl CliError {
 
 /// Whether an SDK error says the queue does not exist.
 pub fn is_missing_queue<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
-    e.code().is_some_and(|c| c.contains("NonExistentQueue") || c == "QueueDoesNotExist")
+    e.code()
+        .is_some_and(|c| c.contains("NonExistentQueue") || c == "QueueDoesNotExist")
 }
 
 /// Result of the CLI.

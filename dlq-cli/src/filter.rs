@@ -74,13 +74,19 @@ impl Filter {
             }
         }
         if !self.correlation_ids.is_empty() {
-            let Some(id) = m.correlation_id() else { return false };
+            let Some(id) = m.correlation_id() else {
+                return false;
+            };
             if !self.correlation_ids.contains(&id) {
                 return false;
             }
         }
         if self.older_than.is_some() || self.newer_than.is_some() {
-            let Some(at) = attribution.as_ref().map(|a| a.first_failed_at).or_else(|| m.sent_at()) else {
+            let Some(at) = attribution
+                .as_ref()
+                .map(|a| a.first_failed_at)
+                .or_else(|| m.sent_at())
+            else {
                 return false;
             };
             let age = now - at;
@@ -92,7 +98,11 @@ impl Filter {
             }
         }
         for (name, value) in &self.attributes {
-            if m.attributes.get(name).and_then(|v| v.string_value.as_deref()) != Some(value.as_str()) {
+            if m.attributes
+                .get(name)
+                .and_then(|v| v.string_value.as_deref())
+                != Some(value.as_str())
+            {
                 return false;
             }
         }
@@ -124,9 +134,24 @@ mod tests {
 
     #[test]
     fn reasons_are_alternatives_and_none_means_moved_by_sqs() {
-        let f = Filter { reasons: vec!["malformed_body".into(), "none".into()], ..Filter::default() };
-        let malformed = message("a", "{}", Some(&attribution("malformed_body", "ingestion", FailureClass::Permanent)));
-        let conflict = message("b", "{}", Some(&attribution("conflict", "orders", FailureClass::Permanent)));
+        let f = Filter {
+            reasons: vec!["malformed_body".into(), "none".into()],
+            ..Filter::default()
+        };
+        let malformed = message(
+            "a",
+            "{}",
+            Some(&attribution(
+                "malformed_body",
+                "ingestion",
+                FailureClass::Permanent,
+            )),
+        );
+        let conflict = message(
+            "b",
+            "{}",
+            Some(&attribution("conflict", "orders", FailureClass::Permanent)),
+        );
         assert!(f.matches(&malformed, NOW));
         assert!(!f.matches(&conflict, NOW));
         assert!(f.matches(&message("c", "{}", None), NOW));
@@ -134,9 +159,14 @@ mod tests {
 
     #[test]
     fn every_kind_of_criterion_must_hold() {
-        let a = attribution("dependency_unavailable", "orders", FailureClass::AttemptsExhausted);
+        let a = attribution(
+            "dependency_unavailable",
+            "orders",
+            FailureClass::AttemptsExhausted,
+        );
         let mut m = message("a", r#"{"order_id":"o-7"}"#, Some(&a));
-        m.attributes.insert("fleet-source".into(), AttributeValue::string("storefront"));
+        m.attributes
+            .insert("fleet-source".into(), AttributeValue::string("storefront"));
         let all = Filter {
             reasons: vec!["dependency_unavailable".into()],
             workers: vec!["orders".into()],
@@ -148,12 +178,30 @@ mod tests {
         };
         assert!(all.matches(&m, NOW));
         let wrong = [
-            Filter { workers: vec!["delivery".into()], ..all.clone() },
-            Filter { correlation_ids: vec!["other".into()], ..all.clone() },
-            Filter { older_than: Some(Duration::from_secs(3 * 3600)), ..all.clone() },
-            Filter { newer_than: Some(Duration::from_secs(60)), ..all.clone() },
-            Filter { attributes: vec![("fleet-source".into(), "carrier".into())], ..all.clone() },
-            Filter { body_match: Some(Regex::new("o-8").unwrap()), ..all.clone() },
+            Filter {
+                workers: vec!["delivery".into()],
+                ..all.clone()
+            },
+            Filter {
+                correlation_ids: vec!["other".into()],
+                ..all.clone()
+            },
+            Filter {
+                older_than: Some(Duration::from_secs(3 * 3600)),
+                ..all.clone()
+            },
+            Filter {
+                newer_than: Some(Duration::from_secs(60)),
+                ..all.clone()
+            },
+            Filter {
+                attributes: vec![("fleet-source".into(), "carrier".into())],
+                ..all.clone()
+            },
+            Filter {
+                body_match: Some(Regex::new("o-8").unwrap()),
+                ..all.clone()
+            },
         ];
         for f in wrong {
             assert!(!f.matches(&m, NOW), "{f:?}");
@@ -162,7 +210,10 @@ mod tests {
 
     #[test]
     fn attribute_flags_must_be_name_equals_value() {
-        assert_eq!(parse_attribute("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert_eq!(
+            parse_attribute("a=b=c").unwrap(),
+            ("a".into(), "b=c".into())
+        );
         assert!(parse_attribute("novalue").is_err());
         assert!(parse_attribute("=x").is_err());
     }

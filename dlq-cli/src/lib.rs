@@ -31,16 +31,30 @@ pub async fn context(cli: &Cli) -> Result<Ctx> {
         Some(path) => Some(FleetConfig::load(path).map_err(|e| CliError::Usage(e.to_string()))?),
         None => None,
     };
-    let mut aws = config.as_ref().map(|c| c.aws.clone()).unwrap_or_else(AwsConfig::default);
+    let mut aws = config
+        .as_ref()
+        .map(|c| c.aws.clone())
+        .unwrap_or_else(AwsConfig::default);
     if let Some(region) = &cli.region {
         aws.region = Some(region.clone());
     }
-    let env_endpoint = std::env::var("AWS_ENDPOINT_URL_SQS").or_else(|_| std::env::var("AWS_ENDPOINT_URL")).ok();
-    let local = aws.sqs_endpoint_url.as_deref().or(env_endpoint.as_deref()).is_some_and(is_loopback_url);
+    let env_endpoint = std::env::var("AWS_ENDPOINT_URL_SQS")
+        .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+        .ok();
+    let local = aws
+        .sqs_endpoint_url
+        .as_deref()
+        .or(env_endpoint.as_deref())
+        .is_some_and(is_loopback_url);
     let shared = load_sdk_config(&aws).await;
     let clients = Clients::from_sdk_config(&shared, &aws, RequestCounter::default());
     let cloudwatch = (!local).then(|| aws_sdk_cloudwatch::Client::new(&shared));
-    Ok(Ctx { sqs: clients.sqs, cloudwatch, local, config })
+    Ok(Ctx {
+        sqs: clients.sqs,
+        cloudwatch,
+        local,
+        config,
+    })
 }
 
 /// Runs a parsed command line. Ctrl-C (or SIGTERM) cancels `stop`: long commands finish the
@@ -57,24 +71,63 @@ pub async fn run(cli: Cli, stop: CancellationToken) -> Result<Exit> {
     let output = cli.output;
     match cli.command {
         Command::List { prefix } => inspect::list(&ctx, prefix.as_deref(), output).await,
-        Command::Peek { queue, max, reveal, force, filter } => {
+        Command::Peek {
+            queue,
+            max,
+            reveal,
+            force,
+            filter,
+        } => {
             let q = queues::resolve(&ctx, &queue).await?;
             inspect::peek(&ctx, &q, max, &filter, reveal, force, output).await
         }
-        Command::Show { queue, message_id, reveal, force } => {
+        Command::Show {
+            queue,
+            message_id,
+            reveal,
+            force,
+        } => {
             let q = queues::resolve(&ctx, &queue).await?;
             inspect::show(&ctx, &q, &message_id, reveal, force, output).await
         }
-        Command::Attribute { queue, by, window, examples, max, force } => {
+        Command::Attribute {
+            queue,
+            by,
+            window,
+            examples,
+            max,
+            force,
+        } => {
             let q = queues::resolve(&ctx, &queue).await?;
             attribute::run(&ctx, &q, &by, window, examples, max, force, output).await
         }
-        Command::Redrive { queue, to, filter, max, rate, dry_run, no_move_task, hold, wait_in_flight } => {
-            if hold < std::time::Duration::from_secs(2) || hold > std::time::Duration::from_secs(43_200) {
+        Command::Redrive {
+            queue,
+            to,
+            filter,
+            max,
+            rate,
+            dry_run,
+            no_move_task,
+            hold,
+            wait_in_flight,
+        } => {
+            if hold < std::time::Duration::from_secs(2)
+                || hold > std::time::Duration::from_secs(43_200)
+            {
                 return Err(CliError::Usage("--hold must be between 2s and 12h".into()));
             }
             let q = queues::resolve(&ctx, &queue).await?;
-            let opts = redrive::Options { to, filter, max, rate, dry_run, no_move_task, hold, wait_in_flight };
+            let opts = redrive::Options {
+                to,
+                filter,
+                max,
+                rate,
+                dry_run,
+                no_move_task,
+                hold,
+                wait_in_flight,
+            };
             let report = redrive::run(&ctx, &q, &opts, output, &stop).await?;
             match output {
                 Output::Json => output::json(&report),
@@ -82,13 +135,28 @@ pub async fn run(cli: Cli, stop: CancellationToken) -> Result<Exit> {
             }
             Ok(report.exit())
         }
-        Command::Export { queue, file, delete, max, force, filter } => {
+        Command::Export {
+            queue,
+            file,
+            delete,
+            max,
+            force,
+            filter,
+        } => {
             let q = queues::resolve(&ctx, &queue).await?;
             transfer::export(&ctx, &q, &file, &filter, max, delete, force, output).await
         }
         Command::Import { file, to, rate } => {
-            let name = ctx.config.as_ref().and_then(|c| c.queues.get(&to)).map_or_else(|| to.clone(), |q| q.name.clone());
-            let q = if to.starts_with("http") { queues::resolve(&ctx, &to).await? } else { queues::resolve_name(&ctx, &name).await? };
+            let name = ctx
+                .config
+                .as_ref()
+                .and_then(|c| c.queues.get(&to))
+                .map_or_else(|| to.clone(), |q| q.name.clone());
+            let q = if to.starts_with("http") {
+                queues::resolve(&ctx, &to).await?
+            } else {
+                queues::resolve_name(&ctx, &name).await?
+            };
             transfer::import(&ctx, &file, &q, rate, output, &stop).await
         }
         Command::Purge { queue, yes } => {

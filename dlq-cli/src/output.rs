@@ -28,7 +28,10 @@ macro_rules! outln {
 
 /// Prints a value as one JSON document.
 pub fn json<T: Serialize>(value: &T) {
-    crate::outln!("{}", serde_json::to_string_pretty(value).expect("output serializes"));
+    crate::outln!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("output serializes")
+    );
 }
 
 /// A table with a header row.
@@ -39,7 +42,9 @@ where
     C: Into<comfy_table::Cell>,
 {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic).set_header(header.iter().copied());
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.iter().copied());
     for row in rows {
         t.add_row(row);
     }
@@ -71,7 +76,19 @@ pub fn progress(output: Output, len: Option<u64>, what: &str) -> ProgressBar {
 /// Body fields shown as they are: ids, codes and times that identify a message without saying
 /// anything about a person. Every other string is masked.
 const SAFE_FIELDS: &[&str] = &[
-    "type", "schema_version", "event_id", "occurred_at", "correlation_id", "order_id", "sku", "status", "currency", "reported_at", "carrier", "reason", "source",
+    "type",
+    "schema_version",
+    "event_id",
+    "occurred_at",
+    "correlation_id",
+    "order_id",
+    "sku",
+    "status",
+    "currency",
+    "reported_at",
+    "carrier",
+    "reason",
+    "source",
 ];
 
 /// A body for display without `--reveal`: JSON keeps its shape, numbers and identifying fields,
@@ -102,7 +119,10 @@ pub fn clip(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_owned()
     } else {
-        format!("{}…", s.chars().take(max.saturating_sub(1)).collect::<String>())
+        format!(
+            "{}…",
+            s.chars().take(max.saturating_sub(1)).collect::<String>()
+        )
     }
 }
 
@@ -124,6 +144,9 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_json_shows_only_its_size() {
-        assert_eq!(redact_body("call 555-0100"), "‹13 bytes, not JSON: --reveal shows it›");
+        assert_eq!(
+            redact_body("call 555-0100"),
+            "‹13 bytes, not JSON: --reveal shows it›"
+        );
     }
 }

@@ -91,7 +91,10 @@ pub struct QueueInfo {
 pub async fn resolve(ctx: &Ctx, arg: &str) -> Result<Queue> {
     if arg.starts_with("http://") || arg.starts_with("https://") {
         let name = arg.rsplit('/').next().unwrap_or(arg).to_owned();
-        return Ok(Queue { name, url: arg.to_owned() });
+        return Ok(Queue {
+            name,
+            url: arg.to_owned(),
+        });
     }
     let name = ctx
         .config
@@ -107,7 +110,10 @@ pub async fn resolve(ctx: &Ctx, arg: &str) -> Result<Queue> {
 /// A queue that does not exist, or AWS errors.
 pub async fn resolve_name(ctx: &Ctx, name: &str) -> Result<Queue> {
     match ctx.sqs.get_queue_url().queue_name(name).send().await {
-        Ok(out) => Ok(Queue { name: name.to_owned(), url: out.queue_url().unwrap_or_default().to_owned() }),
+        Ok(out) => Ok(Queue {
+            name: name.to_owned(),
+            url: out.queue_url().unwrap_or_default().to_owned(),
+        }),
         Err(e) if is_missing_queue(&e) => Err(CliError::QueueNotFound(name.to_owned())),
         Err(e) => Err(CliError::aws(format!("looking up queue `{name}`"), &e)),
     }
@@ -128,7 +134,12 @@ pub async fn info(ctx: &Ctx, queue: &Queue) -> Result<QueueInfo> {
     let out = match out {
         Ok(out) => out,
         Err(e) if is_missing_queue(&e) => return Err(CliError::QueueNotFound(queue.name.clone())),
-        Err(e) => return Err(CliError::aws(format!("reading the attributes of `{}`", queue.name), &e)),
+        Err(e) => {
+            return Err(CliError::aws(
+                format!("reading the attributes of `{}`", queue.name),
+                &e,
+            ))
+        }
     };
     let attrs = out.attributes().cloned().unwrap_or_default();
     let get = |name: QueueAttributeName| attrs.get(&name).cloned();
@@ -139,7 +150,8 @@ pub async fn info(ctx: &Ctx, queue: &Queue) -> Result<QueueInfo> {
         visible: count(QueueAttributeName::ApproximateNumberOfMessages),
         in_flight: count(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
         delayed: count(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
-        redrive_policy: get(QueueAttributeName::RedrivePolicy).and_then(|p| serde_json::from_str(&p).ok()),
+        redrive_policy: get(QueueAttributeName::RedrivePolicy)
+            .and_then(|p| serde_json::from_str(&p).ok()),
     })
 }
 
@@ -184,7 +196,9 @@ pub fn sources_by_dlq(queues: &[QueueInfo]) -> BTreeMap<String, Vec<String>> {
     let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for q in queues {
         if let Some(p) = &q.redrive_policy {
-            map.entry(p.dead_letter_target_arn.clone()).or_default().push(q.queue.name.clone());
+            map.entry(p.dead_letter_target_arn.clone())
+                .or_default()
+                .push(q.queue.name.clone());
         }
     }
     for v in map.values_mut() {
@@ -198,7 +212,11 @@ pub fn sources_by_dlq(queues: &[QueueInfo]) -> BTreeMap<String, Vec<String>> {
 ///
 /// # Errors
 /// CloudWatch errors.
-pub async fn oldest_age_from_cloudwatch(cw: &aws_sdk_cloudwatch::Client, queue: &str, now: OffsetDateTime) -> Result<Option<f64>> {
+pub async fn oldest_age_from_cloudwatch(
+    cw: &aws_sdk_cloudwatch::Client,
+    queue: &str,
+    now: OffsetDateTime,
+) -> Result<Option<f64>> {
     use aws_sdk_cloudwatch::primitives::DateTime;
     use aws_sdk_cloudwatch::types::{Dimension, Statistic};
     let out = cw
@@ -206,13 +224,20 @@ pub async fn oldest_age_from_cloudwatch(cw: &aws_sdk_cloudwatch::Client, queue: 
         .namespace("AWS/SQS")
         .metric_name("ApproximateAgeOfOldestMessage")
         .dimensions(Dimension::builder().name("QueueName").value(queue).build())
-        .start_time(DateTime::from_secs((now - time::Duration::minutes(15)).unix_timestamp()))
+        .start_time(DateTime::from_secs(
+            (now - time::Duration::minutes(15)).unix_timestamp(),
+        ))
         .end_time(DateTime::from_secs(now.unix_timestamp()))
         .period(60)
         .statistics(Statistic::Maximum)
         .send()
         .await
-        .map_err(|e| CliError::aws(format!("reading the age of the oldest message of `{queue}` from CloudWatch"), &e))?;
+        .map_err(|e| {
+            CliError::aws(
+                format!("reading the age of the oldest message of `{queue}` from CloudWatch"),
+                &e,
+            )
+        })?;
     Ok(out
         .datapoints()
         .iter()
@@ -227,28 +252,45 @@ mod tests {
 
     fn q(name: &str, dlq: Option<&str>) -> QueueInfo {
         QueueInfo {
-            queue: Queue { name: name.into(), url: format!("http://q/{name}") },
+            queue: Queue {
+                name: name.into(),
+                url: format!("http://q/{name}"),
+            },
             arn: format!("arn:aws:sqs:us-east-1:000000000000:{name}"),
             visible: 0,
             in_flight: 0,
             delayed: 0,
-            redrive_policy: dlq.map(|d| RedrivePolicy { dead_letter_target_arn: format!("arn:aws:sqs:us-east-1:000000000000:{d}"), max_receive_count: 5 }),
+            redrive_policy: dlq.map(|d| RedrivePolicy {
+                dead_letter_target_arn: format!("arn:aws:sqs:us-east-1:000000000000:{d}"),
+                max_receive_count: 5,
+            }),
         }
     }
 
     #[test]
     fn sources_are_found_from_redrive_policies() {
-        let queues = [q("a", Some("shared-dlq")), q("b", Some("shared-dlq")), q("c", Some("c-dlq")), q("shared-dlq", None)];
+        let queues = [
+            q("a", Some("shared-dlq")),
+            q("b", Some("shared-dlq")),
+            q("c", Some("c-dlq")),
+            q("shared-dlq", None),
+        ];
         let map = sources_by_dlq(&queues);
-        assert_eq!(map["arn:aws:sqs:us-east-1:000000000000:shared-dlq"], vec!["a", "b"]);
+        assert_eq!(
+            map["arn:aws:sqs:us-east-1:000000000000:shared-dlq"],
+            vec!["a", "b"]
+        );
         assert_eq!(map["arn:aws:sqs:us-east-1:000000000000:c-dlq"], vec!["c"]);
     }
 
     #[test]
     fn redrive_policies_parse_with_either_number_form() {
-        let p: RedrivePolicy = serde_json::from_str(r#"{"deadLetterTargetArn":"arn:x","maxReceiveCount":"5"}"#).unwrap();
+        let p: RedrivePolicy =
+            serde_json::from_str(r#"{"deadLetterTargetArn":"arn:x","maxReceiveCount":"5"}"#)
+                .unwrap();
         assert_eq!(p.max_receive_count, 5);
-        let p: RedrivePolicy = serde_json::from_str(r#"{"deadLetterTargetArn":"arn:x","maxReceiveCount":7}"#).unwrap();
+        let p: RedrivePolicy =
+            serde_json::from_str(r#"{"deadLetterTargetArn":"arn:x","maxReceiveCount":7}"#).unwrap();
         assert_eq!(p.max_receive_count, 7);
     }
 }

@@ -167,7 +167,9 @@ impl DlqMessage {
     }
 
     fn system(&self, name: MessageSystemAttributeName) -> Option<&str> {
-        self.system_attributes.get(name.as_str()).map(String::as_str)
+        self.system_attributes
+            .get(name.as_str())
+            .map(String::as_str)
     }
 
     fn system_millis(&self, name: MessageSystemAttributeName) -> Option<OffsetDateTime> {
@@ -179,10 +181,16 @@ impl DlqMessage {
     ///
     /// # Errors
     /// An attribute that cannot be rebuilt (a binary value that is not base64).
-    pub fn sdk_attributes(&self) -> Result<std::collections::HashMap<String, MessageAttributeValue>, String> {
+    pub fn sdk_attributes(
+        &self,
+    ) -> Result<std::collections::HashMap<String, MessageAttributeValue>, String> {
         self.attributes
             .iter()
-            .map(|(k, v)| v.to_sdk().map(|v| (k.clone(), v)).map_err(|e| format!("attribute {k}: {e}")))
+            .map(|(k, v)| {
+                v.to_sdk()
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| format!("attribute {k}: {e}"))
+            })
             .collect()
     }
 }

@@ -10,7 +10,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageSystemAttributeName,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{CliError, Result};
@@ -37,7 +40,12 @@ impl Reader {
         let held: Arc<Mutex<HashMap<String, String>>> = Arc::default();
         let stop_heartbeat = CancellationToken::new();
         {
-            let (sqs, url, held, stop) = (ctx.sqs.clone(), queue.url.clone(), held.clone(), stop_heartbeat.clone());
+            let (sqs, url, held, stop) = (
+                ctx.sqs.clone(),
+                queue.url.clone(),
+                held.clone(),
+                stop_heartbeat.clone(),
+            );
             tokio::spawn(async move {
                 let every = (hold / 3).max(Duration::from_secs(1));
                 loop {
@@ -45,14 +53,23 @@ impl Reader {
                         () = stop.cancelled() => return,
                         () = tokio::time::sleep(every) => {}
                     }
-                    let receipts: Vec<String> = held.lock().expect("held lock").values().cloned().collect();
+                    let receipts: Vec<String> =
+                        held.lock().expect("held lock").values().cloned().collect();
                     for chunk in receipts.chunks(BATCH) {
                         let _ = change_visibility(&sqs, &url, chunk, hold.as_secs() as i32).await;
                     }
                 }
             });
         }
-        Self { sqs: ctx.sqs.clone(), queue: queue.clone(), hold, held, seen: HashSet::new(), empty_receives: 0, stop_heartbeat }
+        Self {
+            sqs: ctx.sqs.clone(),
+            queue: queue.clone(),
+            hold,
+            held,
+            seen: HashSet::new(),
+            empty_receives: 0,
+            stop_heartbeat,
+        }
     }
 
     /// Resets the count of empty polls (after waiting for messages that
@@ -99,7 +116,11 @@ impl Reader {
                 }
             }
         }
-        self.empty_receives = if fresh.is_empty() { self.empty_receives + 1 } else { 0 };
+        self.empty_receives = if fresh.is_empty() {
+            self.empty_receives + 1
+        } else {
+            0
+        };
         Ok(fresh)
     }
 
@@ -137,7 +158,13 @@ impl Reader {
             let entries: Vec<_> = chunk
                 .iter()
                 .enumerate()
-                .map(|(i, m)| DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(&m.receipt_handle).build().expect("id and receipt set"))
+                .map(|(i, m)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(&m.receipt_handle)
+                        .build()
+                        .expect("id and receipt set")
+                })
                 .collect();
             let out = self
                 .sqs
@@ -147,8 +174,16 @@ impl Reader {
                 .send()
                 .await
                 .map_err(|e| CliError::aws(format!("deleting from `{}`", self.queue.name), &e))?;
-            let bad: HashSet<usize> = out.failed().iter().filter_map(|f| f.id().parse().ok()).collect();
-            let ok = chunk.iter().enumerate().filter(|(i, _)| !bad.contains(i)).map(|(_, m)| m.message_id.as_str());
+            let bad: HashSet<usize> = out
+                .failed()
+                .iter()
+                .filter_map(|f| f.id().parse().ok())
+                .collect();
+            let ok = chunk
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !bad.contains(i))
+                .map(|(_, m)| m.message_id.as_str());
             self.take(ok);
             failed.extend(bad.iter().map(|i| chunk[*i].message_id.clone()));
         }
@@ -158,7 +193,13 @@ impl Reader {
     /// Releases everything still held and stops the heartbeat.
     pub async fn finish(self) {
         self.stop_heartbeat.cancel();
-        let receipts: Vec<String> = self.held.lock().expect("held lock").drain().map(|(_, r)| r).collect();
+        let receipts: Vec<String> = self
+            .held
+            .lock()
+            .expect("held lock")
+            .drain()
+            .map(|(_, r)| r)
+            .collect();
         for chunk in receipts.chunks(BATCH) {
             let _ = change_visibility(&self.sqs, &self.queue.url, chunk, 0).await;
         }
@@ -176,11 +217,23 @@ impl Drop for Reader {
     }
 }
 
-async fn change_visibility(sqs: &aws_sdk_sqs::Client, url: &str, receipts: &[String], secs: i32) -> std::result::Result<(), String> {
+async fn change_visibility(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    receipts: &[String],
+    secs: i32,
+) -> std::result::Result<(), String> {
     let entries: Vec<_> = receipts
         .iter()
         .enumerate()
-        .map(|(i, r)| ChangeMessageVisibilityBatchRequestEntry::builder().id(i.to_string()).receipt_handle(r).visibility_timeout(secs).build().expect("id and receipt set"))
+        .map(|(i, r)| {
+            ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(r)
+                .visibility_timeout(secs)
+                .build()
+                .expect("id and receipt set")
+        })
         .collect();
     sqs.change_message_visibility_batch()
         .queue_url(url)
@@ -196,7 +249,13 @@ async fn change_visibility(sqs: &aws_sdk_sqs::Client, url: &str, receipts: &[Str
 ///
 /// # Errors
 /// AWS errors.
-pub async fn read_all(ctx: &Ctx, reader: &mut Reader, max: Option<usize>, stop: &CancellationToken, mut each: impl FnMut(&DlqMessage)) -> Result<Vec<DlqMessage>> {
+pub async fn read_all(
+    ctx: &Ctx,
+    reader: &mut Reader,
+    max: Option<usize>,
+    stop: &CancellationToken,
+    mut each: impl FnMut(&DlqMessage),
+) -> Result<Vec<DlqMessage>> {
     let mut all = Vec::new();
     while max.is_none_or(|m| all.len() < m) && !stop.is_cancelled() {
         let want = max.map_or(BATCH, |m| (m - all.len()).min(BATCH));

@@ -29,11 +29,23 @@ fn dlq(env: &TestEnv, args: &[&str]) -> Output {
 }
 
 fn json_of(out: &Output) -> Value {
-    assert!(out.status.success(), "dlq failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(
+        out.status.success(),
+        "dlq failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn attribution(reason: &str, worker: &str, class: FailureClass, source_queue: &str, n: usize) -> String {
+fn attribution(
+    reason: &str,
+    worker: &str,
+    class: FailureClass,
+    source_queue: &str,
+    n: usize,
+) -> String {
     let now = time::OffsetDateTime::now_utc();
     serde_json::to_string(&Attribution {
         reason: reason.into(),
@@ -52,7 +64,11 @@ fn attribution(reason: &str, worker: &str, class: FailureClass, source_queue: &s
 }
 
 fn string(v: impl Into<String>) -> MessageAttributeValue {
-    MessageAttributeValue::builder().data_type("String").string_value(v).build().unwrap()
+    MessageAttributeValue::builder()
+        .data_type("String")
+        .string_value(v)
+        .build()
+        .unwrap()
 }
 
 /// Sends (body, attribution JSON or none) pairs to a queue in batches of ten.
@@ -62,14 +78,25 @@ async fn dead_letter(env: &TestEnv, url: &str, messages: &[(String, Option<Strin
             .iter()
             .enumerate()
             .map(|(i, (body, attribution))| {
-                let mut e = SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(body).message_attributes(CORRELATION_ID, string(format!("corr-{k}-{i}")));
+                let mut e = SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(body)
+                    .message_attributes(CORRELATION_ID, string(format!("corr-{k}-{i}")));
                 if let Some(a) = attribution {
                     e = e.message_attributes(ATTRIBUTION, string(a));
                 }
                 e.build().unwrap()
             })
             .collect();
-        let out = env.clients.sqs.send_message_batch().queue_url(url).set_entries(Some(entries)).send().await.unwrap();
+        let out = env
+            .clients
+            .sqs
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .unwrap();
         assert!(out.failed().is_empty());
     }
 }
@@ -81,34 +108,97 @@ async fn peek_leaves_the_depth_unchanged_and_attribute_reports_three_groups() {
     let source = env.config.queues["ingest"].name.clone();
     let mut messages = Vec::new();
     for n in 0..7 {
-        messages.push((format!("{{\"bad\":{n}"), Some(attribution("malformed_json", "ingestion", FailureClass::Permanent, &source, n))));
+        messages.push((
+            format!("{{\"bad\":{n}"),
+            Some(attribution(
+                "malformed_json",
+                "ingestion",
+                FailureClass::Permanent,
+                &source,
+                n,
+            )),
+        ));
     }
     for n in 0..5 {
-        messages.push((format!("{{\"n\":{n}}}"), Some(attribution("dependency_unavailable", "orders", FailureClass::AttemptsExhausted, &source, n))));
+        messages.push((
+            format!("{{\"n\":{n}}}"),
+            Some(attribution(
+                "dependency_unavailable",
+                "orders",
+                FailureClass::AttemptsExhausted,
+                &source,
+                n,
+            )),
+        ));
     }
     for n in 0..3 {
         messages.push((format!("{{\"crashed\":{n}}}"), None));
     }
     dead_letter(&env, &dlq_url, &messages).await;
 
-    let peek = json_of(&dlq(&env, &["peek", &dlq_url, "--max", "20", "--output", "json"]));
+    let peek = json_of(&dlq(
+        &env,
+        &["peek", &dlq_url, "--max", "20", "--output", "json"],
+    ));
     assert_eq!(peek["messages"].as_array().unwrap().len(), 15);
-    assert_eq!(env.depth(&dlq_url).await, (15, 0, 0), "every message visible again right after a peek");
+    assert_eq!(
+        env.depth(&dlq_url).await,
+        (15, 0, 0),
+        "every message visible again right after a peek"
+    );
 
-    let filtered = json_of(&dlq(&env, &["peek", &dlq_url, "--reason", "none", "--output", "json"]));
+    let filtered = json_of(&dlq(
+        &env,
+        &["peek", &dlq_url, "--reason", "none", "--output", "json"],
+    ));
     assert_eq!(filtered["messages"].as_array().unwrap().len(), 3);
 
-    let report = json_of(&dlq(&env, &["attribute", &dlq_url, "--by", "reason,worker,class,source", "--output", "json"]));
+    let report = json_of(&dlq(
+        &env,
+        &[
+            "attribute",
+            &dlq_url,
+            "--by",
+            "reason,worker,class,source",
+            "--output",
+            "json",
+        ],
+    ));
     let groups: BTreeMap<String, (u64, String, String, String)> = report["groups"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|g| (g["reason"].as_str().unwrap().to_owned(), (g["count"].as_u64().unwrap(), g["worker"].as_str().unwrap().to_owned(), g["class"].as_str().unwrap().to_owned(), g["source_queue"].as_str().unwrap().to_owned())))
+        .map(|g| {
+            (
+                g["reason"].as_str().unwrap().to_owned(),
+                (
+                    g["count"].as_u64().unwrap(),
+                    g["worker"].as_str().unwrap().to_owned(),
+                    g["class"].as_str().unwrap().to_owned(),
+                    g["source_queue"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
         .collect();
     assert_eq!(groups.len(), 3, "{groups:?}");
-    assert_eq!(groups["malformed_json"], (7, "ingestion".into(), "permanent".into(), source.clone()));
-    assert_eq!(groups["dependency_unavailable"], (5, "orders".into(), "attempts_exhausted".into(), source.clone()));
-    assert_eq!(groups["(none: moved by SQS)"], (3, "-".into(), "queue_redrive".into(), source.clone()), "sources of unattributed messages come from the redrive policies");
+    assert_eq!(
+        groups["malformed_json"],
+        (7, "ingestion".into(), "permanent".into(), source.clone())
+    );
+    assert_eq!(
+        groups["dependency_unavailable"],
+        (
+            5,
+            "orders".into(),
+            "attempts_exhausted".into(),
+            source.clone()
+        )
+    );
+    assert_eq!(
+        groups["(none: moved by SQS)"],
+        (3, "-".into(), "queue_redrive".into(), source.clone()),
+        "sources of unattributed messages come from the redrive policies"
+    );
     assert_eq!(env.depth(&dlq_url).await.0, 15);
 
     // A work queue (it has a redrive policy) is refused without --force; a missing queue is named.
@@ -121,7 +211,8 @@ async fn peek_leaves_the_depth_unchanged_and_attribute_reports_three_groups() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_filtered_redrive_of_a_thousand_moves_exactly_the_matching_at_the_rate_and_the_fleet_applies_them_once() {
+async fn a_filtered_redrive_of_a_thousand_moves_exactly_the_matching_at_the_rate_and_the_fleet_applies_them_once(
+) {
     let env = TestEnv::new(|c| {
         for w in c.workers.values_mut() {
             w.receive_wait_secs = 1;
@@ -129,55 +220,136 @@ async fn a_filtered_redrive_of_a_thousand_moves_exactly_the_matching_at_the_rate
     })
     .await;
     let catalog = env.seed_catalog().await;
-    let valid_only = Mix { valid: 1, duplicate: 0, malformed: 0, unknown_sku: 0, wrong_price: 0, out_of_stock: 0 };
+    let valid_only = Mix {
+        valid: 1,
+        duplicate: 0,
+        malformed: 0,
+        unknown_sku: 0,
+        wrong_price: 0,
+        out_of_stock: 0,
+    };
     let scenario = Scenario::generate(150, valid_only, &catalog, 5, &env.suffix);
     assert_eq!(scenario.submissions.len(), 150);
     let source = env.config.queues["ingest"].name.clone();
     let mut messages: Vec<(String, Option<String>)> = Vec::new();
     for (n, input) in scenario.submissions.iter().enumerate() {
-        messages.push((input.body.clone(), Some(attribution("dependency_unavailable", "ingestion", FailureClass::AttemptsExhausted, &source, n))));
+        messages.push((
+            input.body.clone(),
+            Some(attribution(
+                "dependency_unavailable",
+                "ingestion",
+                FailureClass::AttemptsExhausted,
+                &source,
+                n,
+            )),
+        ));
     }
     for n in 0..850 {
-        messages.push((format!("not json {n}"), Some(attribution("malformed_json", "ingestion", FailureClass::Permanent, &source, n))));
+        messages.push((
+            format!("not json {n}"),
+            Some(attribution(
+                "malformed_json",
+                "ingestion",
+                FailureClass::Permanent,
+                &source,
+                n,
+            )),
+        ));
     }
     // Interleave the two kinds.
     messages.sort_by_key(|(b, _)| format!("{:x}", md5ish(b)));
     let dlq_url = env.dlq_url("ingest");
     dead_letter(&env, &dlq_url, &messages).await;
 
-    let dry = json_of(&dlq(&env, &["redrive", &dlq_url, "--reason", "dependency_unavailable", "--dry-run", "--output", "json"]));
+    let dry = json_of(&dlq(
+        &env,
+        &[
+            "redrive",
+            &dlq_url,
+            "--reason",
+            "dependency_unavailable",
+            "--dry-run",
+            "--output",
+            "json",
+        ],
+    ));
     assert_eq!(dry["matched"], 150);
     assert_eq!(dry["moved"], 0);
     assert_eq!(env.depth(&dlq_url).await.0, 1000, "a dry run moves nothing");
 
-    let out = dlq(&env, &["redrive", &dlq_url, "--reason", "dependency_unavailable", "--rate", "40", "--output", "json"]);
+    let out = dlq(
+        &env,
+        &[
+            "redrive",
+            &dlq_url,
+            "--reason",
+            "dependency_unavailable",
+            "--rate",
+            "40",
+            "--output",
+            "json",
+        ],
+    );
     let report = json_of(&out);
     assert_eq!(report["path"], "receive-send-delete");
     assert_eq!(report["matched"], 150);
     assert_eq!(report["moved"], 150);
     assert_eq!(report["destinations"][&source], 150);
     let rate = report["rate_per_sec"].as_f64().unwrap();
-    assert!((36.0..=44.0).contains(&rate), "rate {rate}/s, asked for 40/s (±10%)");
-    assert_eq!(env.depth(&dlq_url).await, (850, 0, 0), "exactly the non-matching messages stay");
+    assert!(
+        (36.0..=44.0).contains(&rate),
+        "rate {rate}/s, asked for 40/s (±10%)"
+    );
+    assert_eq!(
+        env.depth(&dlq_url).await,
+        (850, 0, 0),
+        "exactly the non-matching messages stay"
+    );
     assert_eq!(env.depth(&env.url("ingest")).await.0, 150);
 
     let shutdown = CancellationToken::new();
     let fleet = {
-        let (config, clients, shutdown) = (env.config.clone(), env.clients.clone(), shutdown.clone());
-        tokio::spawn(async move { workers::fleet::run(&config, &clients, &workers::fleet::expand_roles("all"), Health::default(), shutdown).await })
+        let (config, clients, shutdown) =
+            (env.config.clone(), env.clients.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            workers::fleet::run(
+                &config,
+                &clients,
+                &workers::fleet::expand_roles("all"),
+                Health::default(),
+                shutdown,
+            )
+            .await
+        })
     };
-    wait_idle(&env.clients.sqs, &env.topology, Duration::from_secs(300)).await.unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, Duration::from_secs(300))
+        .await
+        .unwrap();
     shutdown.cancel();
     fleet.await.unwrap().unwrap();
-    let result = audit(&env.clients.dynamodb, &env.tables(), &scenario, &catalog, false).await.unwrap();
+    let result = audit(
+        &env.clients.dynamodb,
+        &env.tables(),
+        &scenario,
+        &catalog,
+        false,
+    )
+    .await
+    .unwrap();
     assert_eq!(result.orders_completed, 150, "{:?}", result.offenders);
     assert_eq!(result.duplicate_effects, 0, "{:?}", result.offenders);
-    assert_eq!(env.depth(&dlq_url).await.0, 850, "nothing redriven came back");
+    assert_eq!(
+        env.depth(&dlq_url).await.0,
+        850,
+        "nothing redriven came back"
+    );
 }
 
 /// A cheap stable shuffle key.
 fn md5ish(s: &str) -> u64 {
-    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3))
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,11 +358,37 @@ async fn a_redrive_killed_half_way_and_run_again_moves_every_message() {
     let dlq_url = env.dlq_url("delivery");
     let destination = env.dlq_url("warehouse"); // a queue no worker reads in this test
     let source = env.config.queues["delivery"].name.clone();
-    let messages: Vec<(String, Option<String>)> = (0..300).map(|n| (format!("{{\"n\":{n}}}"), Some(attribution("unknown_order", "delivery", FailureClass::Permanent, &source, n)))).collect();
+    let messages: Vec<(String, Option<String>)> = (0..300)
+        .map(|n| {
+            (
+                format!("{{\"n\":{n}}}"),
+                Some(attribution(
+                    "unknown_order",
+                    "delivery",
+                    FailureClass::Permanent,
+                    &source,
+                    n,
+                )),
+            )
+        })
+        .collect();
     dead_letter(&env, &dlq_url, &messages).await;
 
     let mut first = Command::new(dlq_binary())
-        .args(["--config", "config/fleet.toml", "redrive", &dlq_url, "--to", &destination, "--rate", "50", "--hold", "3s", "--output", "json"])
+        .args([
+            "--config",
+            "config/fleet.toml",
+            "redrive",
+            &dlq_url,
+            "--to",
+            &destination,
+            "--rate",
+            "50",
+            "--hold",
+            "3s",
+            "--output",
+            "json",
+        ])
         .current_dir(workspace_root())
         .envs(env.env_overrides())
         .stdout(Stdio::null())
@@ -199,7 +397,10 @@ async fn a_redrive_killed_half_way_and_run_again_moves_every_message() {
         .unwrap();
     let started = std::time::Instant::now();
     while env.depth(&destination).await.0 < 100 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the first run made no progress");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the first run made no progress"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     first.kill().unwrap(); // SIGKILL: no clean-up at all
@@ -207,18 +408,46 @@ async fn a_redrive_killed_half_way_and_run_again_moves_every_message() {
     let moved_before = env.depth(&destination).await.0;
     assert!(moved_before < 300, "killed half-way");
 
-    let report = json_of(&dlq(&env, &["redrive", &dlq_url, "--to", &destination, "--output", "json"]));
+    let report = json_of(&dlq(
+        &env,
+        &[
+            "redrive",
+            &dlq_url,
+            "--to",
+            &destination,
+            "--output",
+            "json",
+        ],
+    ));
     assert_eq!(report["in_flight_elsewhere"], 0);
     assert_eq!(env.depth(&dlq_url).await, (0, 0, 0), "the DLQ is empty");
-    let landed = env.receive_all(&destination, 300, Duration::from_secs(30), Duration::from_secs(60)).await;
-    let bodies: HashSet<String> = landed.iter().map(|m| m.body().unwrap().to_owned()).collect();
+    let landed = env
+        .receive_all(
+            &destination,
+            300,
+            Duration::from_secs(30),
+            Duration::from_secs(60),
+        )
+        .await;
+    let bodies: HashSet<String> = landed
+        .iter()
+        .map(|m| m.body().unwrap().to_owned())
+        .collect();
     let expected: HashSet<String> = messages.iter().map(|(b, _)| b.clone()).collect();
-    assert_eq!(bodies, expected, "every message arrived (duplicates allowed, none lost)");
-    assert!(landed.len() <= 300 + 10, "at most the batch in flight at the kill is duplicated: {}", landed.len());
+    assert_eq!(
+        bodies, expected,
+        "every message arrived (duplicates allowed, none lost)"
+    );
+    assert!(
+        landed.len() <= 300 + 10,
+        "at most the batch in flight at the kill is duplicated: {}",
+        landed.len()
+    );
     for m in &landed {
         let attrs = m.message_attributes().unwrap();
         assert!(!attrs.contains_key(ATTRIBUTION));
-        let record: Value = serde_json::from_str(attrs["fleet-redrive"].string_value().unwrap()).unwrap();
+        let record: Value =
+            serde_json::from_str(attrs["fleet-redrive"].string_value().unwrap()).unwrap();
         assert_eq!(record["previous_reason"], "unknown_order");
         assert_eq!(record["count"], 1);
     }
@@ -234,7 +463,7 @@ async fn export_then_import_round_trips_every_byte() {
         let entries = (0..10)
             .map(|i| {
                 let n = chunk * 10 + i;
-                let body = format!("{{\"n\":{n},\"text\":\"caf\u{e9} \u{1F4E6} \\\"quoted\\\"\\n\"}}  trailing spaces  ");
+                let body = format!("{{\"n\":{n},\"text\":\"caf\u{e9} \u{2713} \u{20ac} \\\"quoted\\\"\\n\"}}  trailing spaces  ");
                 originals.insert(n, body.clone());
                 SendMessageBatchRequestEntry::builder()
                     .id(i.to_string())
@@ -246,23 +475,50 @@ async fn export_then_import_round_trips_every_byte() {
                     .unwrap()
             })
             .collect();
-        env.clients.sqs.send_message_batch().queue_url(&from).set_entries(Some(entries)).send().await.unwrap();
+        let out = env
+            .clients
+            .sqs
+            .send_message_batch()
+            .queue_url(&from)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .unwrap();
+        assert!(out.failed().is_empty(), "{:?}", out.failed());
     }
     let dir = std::env::temp_dir().join(format!("dlq-e2e-{}", env.suffix));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("orders-dlq.jsonl");
     let file_arg = file.to_str().unwrap();
-    let export = json_of(&dlq(&env, &["export", &from, "--file", file_arg, "--delete", "--output", "json"]));
+    let export = json_of(&dlq(
+        &env,
+        &[
+            "export", &from, "--file", file_arg, "--delete", "--output", "json",
+        ],
+    ));
     assert_eq!(export["exported"], 30);
     assert_eq!(export["deleted"], 30);
-    assert_eq!(env.depth(&from).await, (0, 0, 0), "exported messages were deleted after the file was synced");
+    assert_eq!(
+        env.depth(&from).await,
+        (0, 0, 0),
+        "exported messages were deleted after the file was synced"
+    );
     assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 30);
     let again = dlq(&env, &["export", &from, "--file", file_arg]);
-    assert_eq!(again.status.code(), Some(2), "an existing file is not overwritten without --force");
+    assert_eq!(
+        again.status.code(),
+        Some(2),
+        "an existing file is not overwritten without --force"
+    );
 
-    let import = json_of(&dlq(&env, &["import", file_arg, "--to", &to, "--output", "json"]));
+    let import = json_of(&dlq(
+        &env,
+        &["import", file_arg, "--to", &to, "--output", "json"],
+    ));
     assert_eq!(import["sent"], 30);
-    let landed = env.receive_all(&to, 30, Duration::from_secs(20), Duration::from_secs(60)).await;
+    let landed = env
+        .receive_all(&to, 30, Duration::from_secs(20), Duration::from_secs(60))
+        .await;
     assert_eq!(landed.len(), 30);
     for m in &landed {
         let attrs = m.message_attributes().unwrap();
@@ -270,7 +526,10 @@ async fn export_then_import_round_trips_every_byte() {
         assert_eq!(m.body().unwrap(), originals[&n], "body of message {n}");
         assert_eq!(attrs["n"].data_type(), "Number");
         assert_eq!(attrs["blob"].data_type(), "Binary");
-        assert_eq!(attrs["blob"].binary_value().unwrap().as_ref(), &[0, 255, n as u8, 10]);
+        assert_eq!(
+            attrs["blob"].binary_value().unwrap().as_ref(),
+            &[0, 255, n as u8, 10]
+        );
         assert_eq!(attrs["tag"].data_type(), "String.custom");
         assert_eq!(attrs["tag"].string_value(), Some(format!("t-{n}").as_str()));
         assert_eq!(attrs.len(), 3, "no attribute added or lost");

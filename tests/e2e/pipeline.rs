@@ -42,10 +42,17 @@ async fn snapshot(env: &TestEnv) -> (BTreeMap<String, String>, BTreeMap<String, 
 
 /// Compares snapshots item by item, naming the first item that differs.
 fn assert_same(what: &str, before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) {
-    assert_eq!(before.len(), after.len(), "{what}: items appeared or vanished");
+    assert_eq!(
+        before.len(),
+        after.len(),
+        "{what}: items appeared or vanished"
+    );
     for (pk, item) in before {
         let later = after.get(pk).map(String::as_str).unwrap_or("(missing)");
-        assert!(later == item, "{what} {pk} changed on the second feed:\nbefore {item}\nafter  {later}");
+        assert!(
+            later == item,
+            "{what} {pk} changed on the second feed:\nbefore {item}\nafter  {later}"
+        );
     }
 }
 
@@ -56,41 +63,91 @@ async fn five_hundred_mixed_orders_end_as_expected_and_a_second_feed_changes_not
     let scenario = Scenario::generate(500, Mix::default(), &catalog, 11, &env.suffix);
     let shutdown = CancellationToken::new();
     let fleet = {
-        let (config, clients, shutdown) = (env.config.clone(), env.clients.clone(), shutdown.clone());
-        tokio::spawn(async move { workers::fleet::run(&config, &clients, &workers::fleet::expand_roles("all"), Health::default(), shutdown).await })
+        let (config, clients, shutdown) =
+            (env.config.clone(), env.clients.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            workers::fleet::run(
+                &config,
+                &clients,
+                &workers::fleet::expand_roles("all"),
+                Health::default(),
+                shutdown,
+            )
+            .await
+        })
     };
     let ingest = env.url("ingest");
-    send_all(&env.clients.sqs, &ingest, &scenario.submissions).await.unwrap();
-    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
-    send_all(&env.clients.sqs, &ingest, &scenario.carrier_events).await.unwrap();
-    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
+    send_all(&env.clients.sqs, &ingest, &scenario.submissions)
+        .await
+        .unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE)
+        .await
+        .unwrap();
+    send_all(&env.clients.sqs, &ingest, &scenario.carrier_events)
+        .await
+        .unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE)
+        .await
+        .unwrap();
 
-    let first = audit(&env.clients.dynamodb, &env.tables(), &scenario, &catalog, true).await.unwrap();
+    let first = audit(
+        &env.clients.dynamodb,
+        &env.tables(),
+        &scenario,
+        &catalog,
+        true,
+    )
+    .await
+    .unwrap();
     assert_eq!(first.lost, 0, "{:?}", first.offenders);
     assert_eq!(first.duplicate_effects, 0, "{:?}", first.offenders);
     assert_eq!(first.unexpected_orders, 0);
     assert_eq!(first.orders_completed, scenario.expected.len() as u64);
     assert!(first.orders_rejected > 0);
     let dead = dead_letters(&env.clients.sqs, &env.topology).await.unwrap();
-    assert_eq!(dead, scenario.expected_dead_letters, "every rejected input in a DLQ with its reason, nothing else");
+    assert_eq!(
+        dead, scenario.expected_dead_letters,
+        "every rejected input in a DLQ with its reason, nothing else"
+    );
     let before = snapshot(&env).await;
 
     // A redrive of everything, after the edge's dedup records expired (so every later stage's
     // own idempotency is what holds).
     let events = &env.config.table("events").unwrap().name;
     for item in scan(&env.clients.dynamodb, events).await.unwrap() {
-        env.clients.dynamodb.delete_item().table_name(events).key("pk", item["pk"].clone()).send().await.unwrap();
+        env.clients
+            .dynamodb
+            .delete_item()
+            .table_name(events)
+            .key("pk", item["pk"].clone())
+            .send()
+            .await
+            .unwrap();
     }
-    send_all(&env.clients.sqs, &ingest, &scenario.submissions).await.unwrap();
-    send_all(&env.clients.sqs, &ingest, &scenario.carrier_events).await.unwrap();
-    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
+    send_all(&env.clients.sqs, &ingest, &scenario.submissions)
+        .await
+        .unwrap();
+    send_all(&env.clients.sqs, &ingest, &scenario.carrier_events)
+        .await
+        .unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE)
+        .await
+        .unwrap();
     shutdown.cancel();
     fleet.await.unwrap().unwrap();
 
     let after = snapshot(&env).await;
     assert_same("product (stock, reservations)", &before.1, &after.1);
     assert_same("order", &before.0, &after.0);
-    let second = audit(&env.clients.dynamodb, &env.tables(), &scenario, &catalog, true).await.unwrap();
+    let second = audit(
+        &env.clients.dynamodb,
+        &env.tables(),
+        &scenario,
+        &catalog,
+        true,
+    )
+    .await
+    .unwrap();
     assert_eq!(second.duplicate_effects, 0, "{:?}", second.offenders);
 }
 
@@ -115,7 +172,10 @@ async fn spawn_worker(env: &TestEnv) -> Worker {
     let mut stderr = child.stderr.take().expect("piped stderr");
     let logs = tokio::spawn(async move {
         let mut text = String::new();
-        stderr.read_to_string(&mut text).await.expect("log is UTF-8");
+        stderr
+            .read_to_string(&mut text)
+            .await
+            .expect("log is UTF-8");
         text
     });
     Worker { child, logs }
@@ -137,13 +197,18 @@ async fn a_sigkill_mid_run_ends_in_the_same_state_and_logs_hold_no_personal_data
     let catalog = env.seed_catalog().await;
     let scenario = Scenario::generate(300, Mix::default(), &catalog, 23, &env.suffix);
     let ingest = env.url("ingest");
-    send_all(&env.clients.sqs, &ingest, &scenario.submissions).await.unwrap();
+    send_all(&env.clients.sqs, &ingest, &scenario.submissions)
+        .await
+        .unwrap();
 
     let mut first = spawn_worker(&env).await;
     let orders_table = env.tables().orders;
     let started = Instant::now();
     loop {
-        let done = scan(&env.clients.dynamodb, &orders_table).await.unwrap().len();
+        let done = scan(&env.clients.dynamodb, &orders_table)
+            .await
+            .unwrap()
+            .len();
         if done >= 60 {
             break;
         }
@@ -155,32 +220,68 @@ async fn a_sigkill_mid_run_ends_in_the_same_state_and_logs_hold_no_personal_data
     let mut logs = first.logs.await.unwrap();
 
     let mut second = spawn_worker(&env).await;
-    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
-    send_all(&env.clients.sqs, &ingest, &scenario.carrier_events).await.unwrap();
-    wait_idle(&env.clients.sqs, &env.topology, PHASE).await.unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE)
+        .await
+        .unwrap();
+    send_all(&env.clients.sqs, &ingest, &scenario.carrier_events)
+        .await
+        .unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE)
+        .await
+        .unwrap();
 
     // SIGTERM: the process exits cleanly within its deadline.
     let asked = Instant::now();
     let pid = second.child.id().unwrap();
-    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(8), second.child.wait()).await.expect("exits within its deadline").unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(8), second.child.wait())
+        .await
+        .expect("exits within its deadline")
+        .unwrap();
     assert!(status.success(), "a graceful stop exits 0: {status}");
     assert!(asked.elapsed() < Duration::from_secs(8));
     logs.push_str(&second.logs.await.unwrap());
 
-    let result = audit(&env.clients.dynamodb, &env.tables(), &scenario, &catalog, true).await.unwrap();
+    let result = audit(
+        &env.clients.dynamodb,
+        &env.tables(),
+        &scenario,
+        &catalog,
+        true,
+    )
+    .await
+    .unwrap();
     assert_eq!(result.lost, 0, "{:?}", result.offenders);
     assert_eq!(result.duplicate_effects, 0, "{:?}", result.offenders);
-    assert_eq!(result.orders_completed, scenario.expected.len() as u64, "the same final state as an undisturbed run");
+    assert_eq!(
+        result.orders_completed,
+        scenario.expected.len() as u64,
+        "the same final state as an undisturbed run"
+    );
     let dead = dead_letters(&env.clients.sqs, &env.topology).await.unwrap();
-    assert_eq!(dead_letter_mismatches(&dead, &scenario.expected_dead_letters), 0, "{dead:?}");
+    assert_eq!(
+        dead_letter_mismatches(&dead, &scenario.expected_dead_letters),
+        0,
+        "{dead:?}"
+    );
 
     // No personal data in any log line; every line about a message carries its correlation id.
     let mut secrets = Vec::new();
     for input in &scenario.submissions {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&input.body) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&input.body) else {
+            continue;
+        };
         let p = &v["payload"];
-        for field in [&p["email"], &p["payment_reference"], &p["delivery_address"]["name"], &p["delivery_address"]["line1"], &p["delivery_address"]["phone"]] {
+        for field in [
+            &p["email"],
+            &p["payment_reference"],
+            &p["delivery_address"]["name"],
+            &p["delivery_address"]["line1"],
+            &p["delivery_address"]["phone"],
+        ] {
             if let Some(s) = field.as_str() {
                 secrets.push(s.to_owned());
             }
@@ -190,11 +291,15 @@ async fn a_sigkill_mid_run_ends_in_the_same_state_and_logs_hold_no_personal_data
     let lines: Vec<&str> = logs.lines().collect();
     assert!(lines.len() > 100, "the workers logged");
     for secret in &secrets {
-        assert!(!logs.contains(secret.as_str()), "personal data in the logs: {secret}");
+        assert!(
+            !logs.contains(secret.as_str()),
+            "personal data in the logs: {secret}"
+        );
     }
     let mut message_lines = 0;
     for line in &lines {
-        let json: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("log lines are JSON: {line}"));
+        let json: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("log lines are JSON: {line}"));
         if json["span"]["name"] == "message" {
             message_lines += 1;
             assert!(json["span"]["correlation_id"].is_string(), "{line}");

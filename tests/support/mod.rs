@@ -194,9 +194,13 @@ where
 impl TestEnv {
     /// Seeds the shipped catalog into this test's catalog table.
     pub async fn seed_catalog(&self) -> workers::catalog::CatalogFile {
-        let catalog = workers::catalog::CatalogFile::load(&workspace_root().join("config/catalog.json")).expect("catalog loads");
+        let catalog =
+            workers::catalog::CatalogFile::load(&workspace_root().join("config/catalog.json"))
+                .expect("catalog loads");
         let table = &self.config.table("catalog").unwrap().name;
-        workers::catalog::seed(&self.clients.dynamodb, table, &catalog).await.expect("catalog seeds");
+        workers::catalog::seed(&self.clients.dynamodb, table, &catalog)
+            .await
+            .expect("catalog seeds");
         catalog
     }
 
@@ -209,19 +213,43 @@ impl TestEnv {
     pub fn env_overrides(&self) -> Vec<(String, String)> {
         let mut vars = Vec::new();
         for (key, q) in &self.config.queues {
-            vars.push((format!("FLEET__QUEUES__{}__NAME", key.to_uppercase()), q.name.clone()));
-            vars.push((format!("FLEET__QUEUES__{}__VISIBILITY_TIMEOUT_SECS", key.to_uppercase()), q.visibility_timeout_secs.to_string()));
+            vars.push((
+                format!("FLEET__QUEUES__{}__NAME", key.to_uppercase()),
+                q.name.clone(),
+            ));
+            vars.push((
+                format!(
+                    "FLEET__QUEUES__{}__VISIBILITY_TIMEOUT_SECS",
+                    key.to_uppercase()
+                ),
+                q.visibility_timeout_secs.to_string(),
+            ));
         }
         for (key, t) in &self.config.tables {
-            vars.push((format!("FLEET__TABLES__{}__NAME", key.to_uppercase()), t.name.clone()));
+            vars.push((
+                format!("FLEET__TABLES__{}__NAME", key.to_uppercase()),
+                t.name.clone(),
+            ));
         }
         for (role, w) in &self.config.workers {
             let role = role.to_uppercase();
-            vars.push((format!("FLEET__WORKERS__{role}__HEARTBEAT_INTERVAL_SECS"), w.heartbeat_interval_secs.to_string()));
-            vars.push((format!("FLEET__WORKERS__{role}__RECEIVE_WAIT_SECS"), w.receive_wait_secs.to_string()));
-            vars.push((format!("FLEET__WORKERS__{role}__SHUTDOWN_DEADLINE_SECS"), w.shutdown_deadline_secs.to_string()));
+            vars.push((
+                format!("FLEET__WORKERS__{role}__HEARTBEAT_INTERVAL_SECS"),
+                w.heartbeat_interval_secs.to_string(),
+            ));
+            vars.push((
+                format!("FLEET__WORKERS__{role}__RECEIVE_WAIT_SECS"),
+                w.receive_wait_secs.to_string(),
+            ));
+            vars.push((
+                format!("FLEET__WORKERS__{role}__SHUTDOWN_DEADLINE_SECS"),
+                w.shutdown_deadline_secs.to_string(),
+            ));
         }
-        vars.push(("FLEET__OBSERVABILITY__LISTEN_ADDR".into(), "127.0.0.1:0".into()));
+        vars.push((
+            "FLEET__OBSERVABILITY__LISTEN_ADDR".into(),
+            "127.0.0.1:0".into(),
+        ));
         vars
     }
 }
@@ -238,8 +266,15 @@ pub fn dlq_binary() -> PathBuf {
 
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` before the end-to-end tests", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` before the end-to-end tests",
+        path.display()
+    );
     path
 }

@@ -40,15 +40,26 @@ impl CatalogFile {
     /// # Errors
     /// A message naming the file and what is wrong in it.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read catalog {}: {e}", path.display()))?;
-        let file: CatalogFile = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("catalog {} is invalid: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read catalog {}: {e}", path.display()))?;
+        let file: CatalogFile = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("catalog {} is invalid: {e}", path.display()))?;
         let skus: BTreeMap<&str, ()> = file.products.iter().map(|p| (p.sku.as_str(), ())).collect();
         for p in &file.products {
             if let Some(sub) = &p.substitute {
-                anyhow::ensure!(skus.contains_key(sub.as_str()), "catalog {}: substitute {sub} of {} is not in the catalog", path.display(), p.sku);
+                anyhow::ensure!(
+                    skus.contains_key(sub.as_str()),
+                    "catalog {}: substitute {sub} of {} is not in the catalog",
+                    path.display(),
+                    p.sku
+                );
             }
         }
-        anyhow::ensure!(skus.len() == file.products.len(), "catalog {}: a sku appears twice", path.display());
+        anyhow::ensure!(
+            skus.len() == file.products.len(),
+            "catalog {}: a sku appears twice",
+            path.display()
+        );
         Ok(file)
     }
 
@@ -59,7 +70,10 @@ impl CatalogFile {
 
     /// Products by sku.
     pub fn by_sku(&self) -> BTreeMap<String, CatalogEntry> {
-        self.products.iter().map(|p| (p.sku.clone(), p.clone())).collect()
+        self.products
+            .iter()
+            .map(|p| (p.sku.clone(), p.clone()))
+            .collect()
     }
 }
 
@@ -67,7 +81,11 @@ impl CatalogFile {
 ///
 /// # Errors
 /// When DynamoDB refuses the writes.
-pub async fn seed(client: &aws_sdk_dynamodb::Client, table: &str, file: &CatalogFile) -> anyhow::Result<usize> {
+pub async fn seed(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    file: &CatalogFile,
+) -> anyhow::Result<usize> {
     let requests: Vec<WriteRequest> = file
         .products
         .iter()
@@ -81,21 +99,38 @@ pub async fn seed(client: &aws_sdk_dynamodb::Client, table: &str, file: &Catalog
                 reservations: BTreeMap::new(),
             };
             WriteRequest::builder()
-                .put_request(PutRequest::builder().set_item(Some(store::to_item(&product))).build().expect("item is set"))
+                .put_request(
+                    PutRequest::builder()
+                        .set_item(Some(store::to_item(&product)))
+                        .build()
+                        .expect("item is set"),
+                )
                 .build()
         })
         .collect();
     for chunk in requests.chunks(25) {
         let mut pending = chunk.to_vec();
         for attempt in 0..8u32 {
-            let out = client.batch_write_item().request_items(table, pending.clone()).send().await?;
-            pending = out.unprocessed_items().and_then(|u| u.get(table)).cloned().unwrap_or_default();
+            let out = client
+                .batch_write_item()
+                .request_items(table, pending.clone())
+                .send()
+                .await?;
+            pending = out
+                .unprocessed_items()
+                .and_then(|u| u.get(table))
+                .cloned()
+                .unwrap_or_default();
             if pending.is_empty() {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
         }
-        anyhow::ensure!(pending.is_empty(), "DynamoDB left {} catalog writes unprocessed", pending.len());
+        anyhow::ensure!(
+            pending.is_empty(),
+            "DynamoDB left {} catalog writes unprocessed",
+            pending.len()
+        );
     }
     Ok(requests.len())
 }
@@ -108,7 +143,13 @@ mod tests {
     fn the_shipped_catalog_is_valid_and_has_substitutes_and_stockouts() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/catalog.json");
         let file = CatalogFile::load(&path).unwrap();
-        assert!(file.products.iter().any(|p| p.stock == 0 && p.substitute.is_some()));
-        assert!(file.products.iter().any(|p| p.stock == 0 && p.substitute.is_none()));
+        assert!(file
+            .products
+            .iter()
+            .any(|p| p.stock == 0 && p.substitute.is_some()));
+        assert!(file
+            .products
+            .iter()
+            .any(|p| p.stock == 0 && p.substitute.is_none()));
     }
 }

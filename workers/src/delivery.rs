@@ -5,7 +5,10 @@
 //! unknown order is dead-lettered with that reason.
 
 use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
-use fleet_common::contract::{DeliveryStatus, DeliveryStatusReported, Envelope, OrderRef, DELIVERY_STATUS_REPORTED, ORDER_PACKED};
+use fleet_common::contract::{
+    DeliveryStatus, DeliveryStatusReported, Envelope, OrderRef, DELIVERY_STATUS_REPORTED,
+    ORDER_PACKED,
+};
 use fleet_common::failure::{HandlerError, Reason};
 use fleet_common::runtime::{describe_json_error, Message, Outcome, TypedHandler};
 use tracing::info;
@@ -28,7 +31,10 @@ impl Delivery {
 ///
 /// # Errors
 /// A transient error when DynamoDB fails.
-pub async fn read_order(store: &Store, order_id: &str) -> Result<Option<OrderRecord>, HandlerError> {
+pub async fn read_order(
+    store: &Store,
+    order_id: &str,
+) -> Result<Option<OrderRecord>, HandlerError> {
     let get = || {
         store
             .client
@@ -38,7 +44,10 @@ pub async fn read_order(store: &Store, order_id: &str) -> Result<Option<OrderRec
             .consistent_read(true)
             .send()
     };
-    let out = store.call(false, get).await.map_err(|e| store::transient("reading the order", &e))?;
+    let out = store
+        .call(false, get)
+        .await
+        .map_err(|e| store::transient("reading the order", &e))?;
     out.item().cloned().map(store::from_item).transpose()
 }
 
@@ -67,18 +76,31 @@ pub fn transition(order: &OrderRecord, event_id: &str, status: DeliveryStatus) -
 impl TypedHandler for Delivery {
     type Input = serde_json::Value;
 
-    async fn handle(&self, body: serde_json::Value, _message: &Message) -> Result<Outcome, HandlerError> {
-        let malformed = |e: serde_json::Error| HandlerError::permanent(Reason::MALFORMED_BODY, describe_json_error(&e));
+    async fn handle(
+        &self,
+        body: serde_json::Value,
+        _message: &Message,
+    ) -> Result<Outcome, HandlerError> {
+        let malformed = |e: serde_json::Error| {
+            HandlerError::permanent(Reason::MALFORMED_BODY, describe_json_error(&e))
+        };
         match body.get("type").and_then(|t| t.as_str()) {
             Some(ORDER_PACKED) => {
-                let envelope: Envelope<OrderRef> = serde_json::from_value(body).map_err(malformed)?;
+                let envelope: Envelope<OrderRef> =
+                    serde_json::from_value(body).map_err(malformed)?;
                 self.await_carrier(&envelope).await?;
             }
             Some(DELIVERY_STATUS_REPORTED) => {
-                let envelope: Envelope<DeliveryStatusReported> = serde_json::from_value(body).map_err(malformed)?;
+                let envelope: Envelope<DeliveryStatusReported> =
+                    serde_json::from_value(body).map_err(malformed)?;
                 self.apply(&envelope).await?;
             }
-            _ => return Err(HandlerError::permanent(Reason("unknown_type"), "delivery takes order.packed and delivery.status_reported")),
+            _ => {
+                return Err(HandlerError::permanent(
+                    Reason("unknown_type"),
+                    "delivery takes order.packed and delivery.status_reported",
+                ))
+            }
         }
         Ok(Outcome::done())
     }
@@ -111,7 +133,10 @@ impl Delivery {
             Err(e) => match store::condition_failed_item(&e) {
                 Some(old) if old.is_empty() => Err(unknown_order(&envelope.payload.order_id)),
                 Some(_) => Ok(()), // already awaiting or further along
-                None => Err(store::transient("marking the order as awaiting the carrier", &e)),
+                None => Err(store::transient(
+                    "marking the order as awaiting the carrier",
+                    &e,
+                )),
             },
         }
     }
@@ -121,7 +146,9 @@ impl Delivery {
     async fn apply(&self, envelope: &Envelope<DeliveryStatusReported>) -> Result<(), HandlerError> {
         let event = &envelope.payload;
         for _ in 0..5 {
-            let order = read_order(&self.store, &event.order_id).await?.ok_or_else(|| unknown_order(&event.order_id))?;
+            let order = read_order(&self.store, &event.order_id)
+                .await?
+                .ok_or_else(|| unknown_order(&event.order_id))?;
             if order.status != "packed" {
                 return Err(HandlerError::permanent(
                     Reason("order_not_shipped"),
@@ -130,7 +157,8 @@ impl Delivery {
             }
             let decision = transition(&order, &envelope.event_id, event.status);
             if decision == Transition::AlreadyApplied {
-                metrics::counter!("fleet_duplicates_dropped_total", "stage" => "delivery").increment(1);
+                metrics::counter!("fleet_duplicates_dropped_total", "stage" => "delivery")
+                    .increment(1);
                 return Ok(());
             }
             if self.write(&order, envelope, &decision).await? {
@@ -138,14 +166,27 @@ impl Delivery {
                 return Ok(());
             }
         }
-        Err(HandlerError::transient(Reason("contended_order"), format!("order {} kept changing", event.order_id)))
+        Err(HandlerError::transient(
+            Reason("contended_order"),
+            format!("order {} kept changing", event.order_id),
+        ))
     }
 
     /// One conditional update; `false` when the order changed since it was read.
-    async fn write(&self, order: &OrderRecord, envelope: &Envelope<DeliveryStatusReported>, decision: &Transition) -> Result<bool, HandlerError> {
+    async fn write(
+        &self,
+        order: &OrderRecord,
+        envelope: &Envelope<DeliveryStatusReported>,
+        decision: &Transition,
+    ) -> Result<bool, HandlerError> {
         let event = &envelope.payload;
         let advance = *decision == Transition::Advance;
-        let note = (!advance).then(|| format!("late event, status stays {}", order.delivery_status.as_deref().unwrap_or("none")));
+        let note = (!advance).then(|| {
+            format!(
+                "late event, status stays {}",
+                order.delivery_status.as_deref().unwrap_or("none")
+            )
+        });
         let entry = history(&envelope.event_id, event.status.as_str(), note);
         let update = || {
             let mut request = self
@@ -158,7 +199,11 @@ impl Delivery {
                 .expression_attribute_names("#version", "version")
                 .expression_attribute_names("#event", &envelope.event_id)
                 .expression_attribute_values(":event", s(event.status.as_str()))
-                .expression_attribute_values(":h", serde_dynamo::to_attribute_value(vec![entry.clone()]).expect("history serializes"))
+                .expression_attribute_values(
+                    ":h",
+                    serde_dynamo::to_attribute_value(vec![entry.clone()])
+                        .expect("history serializes"),
+                )
                 .expression_attribute_values(":one", n(1))
                 .expression_attribute_values(":v", n(order.version));
             request = if advance {
@@ -170,7 +215,11 @@ impl Delivery {
                 request.update_expression("SET delivery_events.#event = :event, #history = list_append(#history, :h), #version = #version + :one")
             };
             // Guarded by the version read: the decision holds only for the order as read.
-            request.condition_expression("#version = :v AND attribute_not_exists(delivery_events.#event)").send()
+            request
+                .condition_expression(
+                    "#version = :v AND attribute_not_exists(delivery_events.#event)",
+                )
+                .send()
         };
         match self.store.call(true, update).await {
             Ok(_) => Ok(true),
@@ -191,7 +240,10 @@ fn history(event_id: &str, event: &str, note: Option<String>) -> HistoryEntry {
 }
 
 fn unknown_order(order_id: &str) -> HandlerError {
-    HandlerError::permanent(Reason("unknown_order"), format!("order {order_id} does not exist"))
+    HandlerError::permanent(
+        Reason("unknown_order"),
+        format!("order {order_id} does not exist"),
+    )
 }
 
 #[cfg(test)]
@@ -225,7 +277,10 @@ mod tests {
             history: vec![],
             delivery_status: None,
             delivery_rank: rank,
-            delivery_events: events.iter().map(|e| ((*e).to_owned(), "x".to_owned())).collect(),
+            delivery_events: events
+                .iter()
+                .map(|e| ((*e).to_owned(), "x".to_owned()))
+                .collect(),
             version: 1,
         }
     }
@@ -233,17 +288,37 @@ mod tests {
     #[test]
     fn the_state_machine_never_moves_backwards() {
         use DeliveryStatus::*;
-        assert_eq!(transition(&order(None, &[]), "e1", LabelCreated), Transition::Advance);
-        assert_eq!(transition(&order(Some(InTransit.rank()), &[]), "e2", Delivered), Transition::Advance);
-        assert_eq!(transition(&order(Some(Delivered.rank()), &[]), "e3", InTransit), Transition::RecordOnly);
-        assert_eq!(transition(&order(Some(InTransit.rank()), &[]), "e4", InTransit), Transition::RecordOnly);
-        assert_eq!(transition(&order(Some(LabelCreated.rank()), &["e5"]), "e5", Delivered), Transition::AlreadyApplied);
+        assert_eq!(
+            transition(&order(None, &[]), "e1", LabelCreated),
+            Transition::Advance
+        );
+        assert_eq!(
+            transition(&order(Some(InTransit.rank()), &[]), "e2", Delivered),
+            Transition::Advance
+        );
+        assert_eq!(
+            transition(&order(Some(Delivered.rank()), &[]), "e3", InTransit),
+            Transition::RecordOnly
+        );
+        assert_eq!(
+            transition(&order(Some(InTransit.rank()), &[]), "e4", InTransit),
+            Transition::RecordOnly
+        );
+        assert_eq!(
+            transition(&order(Some(LabelCreated.rank()), &["e5"]), "e5", Delivered),
+            Transition::AlreadyApplied
+        );
     }
 
     #[test]
     fn any_arrival_order_ends_at_the_highest_status() {
         use DeliveryStatus::*;
-        let events = [(LabelCreated, "a"), (InTransit, "b"), (OutForDelivery, "c"), (Delivered, "d")];
+        let events = [
+            (LabelCreated, "a"),
+            (InTransit, "b"),
+            (OutForDelivery, "c"),
+            (Delivered, "d"),
+        ];
         // Every permutation of four events.
         let mut idx = [0usize, 1, 2, 3];
         let mut permutations = vec![idx];
@@ -268,12 +343,18 @@ mod tests {
                 }
             }
             assert_eq!(o.delivery_status.as_deref(), Some("delivered"), "{perm:?}");
-            assert_eq!(o.delivery_events.len(), 4, "each event applied once: {perm:?}");
+            assert_eq!(
+                o.delivery_events.len(),
+                4,
+                "each event applied once: {perm:?}"
+            );
         }
     }
 
     fn next_permutation(a: &mut [usize]) -> bool {
-        let Some(i) = (1..a.len()).rev().find(|&i| a[i - 1] < a[i]) else { return false };
+        let Some(i) = (1..a.len()).rev().find(|&i| a[i - 1] < a[i]) else {
+            return false;
+        };
         let j = (i..a.len()).rev().find(|&j| a[j] > a[i - 1]).unwrap();
         a.swap(i - 1, j);
         a[i..].reverse();

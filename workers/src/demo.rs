@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::{
+    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
+};
 use fleet_common::attribution::{Attribution, ATTRIBUTION};
 use fleet_common::aws::Clients;
 use fleet_common::config::FleetConfig;
@@ -86,13 +88,27 @@ pub async fn run(config: FleetConfig, options: &Options) -> anyhow::Result<Summa
     let fleet_task = {
         let (config, fleet, shutdown) = (config.clone(), fleet.clone(), shutdown.clone());
         let roles = crate::fleet::expand_roles("all");
-        tokio::spawn(async move { crate::fleet::run(&config, &fleet, &roles, Health::default(), shutdown).await })
+        tokio::spawn(async move {
+            crate::fleet::run(&config, &fleet, &roles, Health::default(), shutdown).await
+        })
     };
-    let ingest = topology.pair("ingest").expect("the config has an ingest queue").queue.url.clone();
-    info!(orders = options.orders, inputs = scenario.submissions.len(), "sending order submissions");
+    let ingest = topology
+        .pair("ingest")
+        .expect("the config has an ingest queue")
+        .queue
+        .url
+        .clone();
+    info!(
+        orders = options.orders,
+        inputs = scenario.submissions.len(),
+        "sending order submissions"
+    );
     send_all(&producer.sqs, &ingest, &scenario.submissions).await?;
     wait_idle(&producer.sqs, &topology, options.phase_timeout).await?;
-    info!(events = scenario.carrier_events.len(), "sending carrier events");
+    info!(
+        events = scenario.carrier_events.len(),
+        "sending carrier events"
+    );
     send_all(&producer.sqs, &ingest, &scenario.carrier_events).await?;
     wait_idle(&producer.sqs, &topology, options.phase_timeout).await?;
     let elapsed = started.elapsed();
@@ -103,16 +119,38 @@ pub async fn run(config: FleetConfig, options: &Options) -> anyhow::Result<Summa
     let dead = dead_letters(&producer.sqs, &topology).await?;
     let unexpected_dead_letters = dead_letter_mismatches(&dead, &scenario.expected_dead_letters);
     let still_queued = queued(&producer.sqs, &topology).await?;
-    let processed: u64 = stats.iter().map(|s| s.stats.succeeded.load(std::sync::atomic::Ordering::Relaxed)).sum();
-    let dead_lettered: u64 = stats.iter().map(|s| s.stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed)).sum();
+    let processed: u64 = stats
+        .iter()
+        .map(|s| s.stats.succeeded.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    let dead_lettered: u64 = stats
+        .iter()
+        .map(|s| {
+            s.stats
+                .dead_lettered
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
     let requests = fleet.requests.snapshot();
     let count = |op: &str| requests.get(op).copied().unwrap_or(0);
     let sqs_requests = fleet.requests.total("sqs");
-    let per = |n: u64| if processed == 0 { 0.0 } else { round3(n as f64 / processed as f64) };
-    let writes = ["PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"]
-        .iter()
-        .map(|op| count(&format!("dynamodb.{op}")))
-        .sum();
+    let per = |n: u64| {
+        if processed == 0 {
+            0.0
+        } else {
+            round3(n as f64 / processed as f64)
+        }
+    };
+    let writes = [
+        "PutItem",
+        "UpdateItem",
+        "DeleteItem",
+        "BatchWriteItem",
+        "TransactWriteItems",
+    ]
+    .iter()
+    .map(|op| count(&format!("dynamodb.{op}")))
+    .sum();
     if !audit.offenders.is_empty() {
         tracing::warn!(offenders = ?audit.offenders, "audit found problems");
     }
@@ -120,7 +158,9 @@ pub async fn run(config: FleetConfig, options: &Options) -> anyhow::Result<Summa
         processed,
         dead_lettered,
         sqs_requests,
-        receive_delete_requests_per_message: per(count("sqs.ReceiveMessage") + count("sqs.DeleteMessageBatch")),
+        receive_delete_requests_per_message: per(
+            count("sqs.ReceiveMessage") + count("sqs.DeleteMessageBatch")
+        ),
         sqs_requests_per_message: per(sqs_requests),
         dynamodb_writes_per_message: per(writes),
         messages_per_second: round3(processed as f64 / elapsed.as_secs_f64().max(0.001)),
@@ -142,15 +182,33 @@ fn round3(x: f64) -> f64 {
 ///
 /// # Errors
 /// When SQS refuses a send.
-pub async fn send_all(sqs: &aws_sdk_sqs::Client, url: &str, inputs: &[Input]) -> anyhow::Result<()> {
+pub async fn send_all(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    inputs: &[Input],
+) -> anyhow::Result<()> {
     for chunk in inputs.chunks(10) {
         let entries = chunk
             .iter()
             .enumerate()
-            .map(|(i, input)| SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(&input.body).build())
+            .map(|(i, input)| {
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(&input.body)
+                    .build()
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let out = sqs.send_message_batch().queue_url(url).set_entries(Some(entries)).send().await?;
-        anyhow::ensure!(out.failed().is_empty(), "SQS refused {} messages", out.failed().len());
+        let out = sqs
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            out.failed().is_empty(),
+            "SQS refused {} messages",
+            out.failed().len()
+        );
     }
     Ok(())
 }
@@ -174,7 +232,10 @@ pub async fn queued(sqs: &aws_sdk_sqs::Client, topology: &Topology) -> anyhow::R
             QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
             QueueAttributeName::ApproximateNumberOfMessagesDelayed,
         ] {
-            total += attrs.get(&k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            total += attrs
+                .get(&k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
         }
     }
     Ok(total)
@@ -184,13 +245,25 @@ pub async fn queued(sqs: &aws_sdk_sqs::Client, topology: &Topology) -> anyhow::R
 ///
 /// # Errors
 /// When that does not happen within `limit`.
-pub async fn wait_idle(sqs: &aws_sdk_sqs::Client, topology: &Topology, limit: Duration) -> anyhow::Result<()> {
+pub async fn wait_idle(
+    sqs: &aws_sdk_sqs::Client,
+    topology: &Topology,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     let mut quiet = 0;
     while quiet < 3 {
-        anyhow::ensure!(Instant::now() < deadline, "the queues did not drain within {} s", limit.as_secs());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the queues did not drain within {} s",
+            limit.as_secs()
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
-        quiet = if queued(sqs, topology).await? == 0 { quiet + 1 } else { 0 };
+        quiet = if queued(sqs, topology).await? == 0 {
+            quiet + 1
+        } else {
+            0
+        };
     }
     Ok(())
 }
@@ -199,7 +272,10 @@ pub async fn wait_idle(sqs: &aws_sdk_sqs::Client, topology: &Topology, limit: Du
 ///
 /// # Errors
 /// When SQS cannot be read.
-pub async fn dead_letters(sqs: &aws_sdk_sqs::Client, topology: &Topology) -> anyhow::Result<BTreeMap<(String, String), u64>> {
+pub async fn dead_letters(
+    sqs: &aws_sdk_sqs::Client,
+    topology: &Topology,
+) -> anyhow::Result<BTreeMap<(String, String), u64>> {
     let mut counts = BTreeMap::new();
     for (key, pair) in &topology.queues {
         let mut seen = std::collections::BTreeSet::new();
@@ -236,9 +312,18 @@ pub async fn dead_letters(sqs: &aws_sdk_sqs::Client, topology: &Topology) -> any
 }
 
 /// How many dead letters differ from the expected counts (missing ones and extra ones).
-pub fn dead_letter_mismatches(found: &BTreeMap<(String, String), u64>, expected: &BTreeMap<(String, String), u64>) -> u64 {
+pub fn dead_letter_mismatches(
+    found: &BTreeMap<(String, String), u64>,
+    expected: &BTreeMap<(String, String), u64>,
+) -> u64 {
     let keys: std::collections::BTreeSet<_> = found.keys().chain(expected.keys()).collect();
     keys.into_iter()
-        .map(|k| found.get(k).copied().unwrap_or(0).abs_diff(expected.get(k).copied().unwrap_or(0)))
+        .map(|k| {
+            found
+                .get(k)
+                .copied()
+                .unwrap_or(0)
+                .abs_diff(expected.get(k).copied().unwrap_or(0))
+        })
         .sum()
 }

@@ -29,24 +29,59 @@ pub struct RoleStats {
 ///
 /// # Errors
 /// A role that is not configured, or a queue that cannot be resolved.
-pub async fn run(config: &FleetConfig, clients: &Clients, roles: &[String], health: Health, shutdown: CancellationToken) -> anyhow::Result<Vec<RoleStats>> {
+pub async fn run(
+    config: &FleetConfig,
+    clients: &Clients,
+    roles: &[String],
+    health: Health,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Vec<RoleStats>> {
     let topology = Topology::resolve(&clients.sqs, config).await?;
     let tables = Tables::from_config(config)?;
     let mut tasks = Vec::new();
     let mut stats = Vec::new();
     for role in roles {
         let worker = config.worker(role)?.clone();
-        let store = Store::new(clients.dynamodb.clone(), tables.clone(), stage_name(role)?, worker.downstream_rate_per_sec);
+        let store = Store::new(
+            clients.dynamodb.clone(),
+            tables.clone(),
+            stage_name(role)?,
+            worker.downstream_rate_per_sec,
+        );
         let settings = ConsumerSettings {
             role: role.clone(),
             worker,
             topology: topology.clone(),
         };
         let (task, role_stats) = match role.as_str() {
-            "ingestion" => spawn(clients, ingestion::Ingestion::new(store, config.ingestion.clone()), settings, &health, &shutdown)?,
-            "orders" => spawn(clients, Json(orders::Orders::new(store)), settings, &health, &shutdown)?,
-            "warehouse" => spawn(clients, Json(warehouse::Warehouse::new(store)), settings, &health, &shutdown)?,
-            "delivery" => spawn(clients, Json(delivery::Delivery::new(store)), settings, &health, &shutdown)?,
+            "ingestion" => spawn(
+                clients,
+                ingestion::Ingestion::new(store, config.ingestion.clone()),
+                settings,
+                &health,
+                &shutdown,
+            )?,
+            "orders" => spawn(
+                clients,
+                Json(orders::Orders::new(store)),
+                settings,
+                &health,
+                &shutdown,
+            )?,
+            "warehouse" => spawn(
+                clients,
+                Json(warehouse::Warehouse::new(store)),
+                settings,
+                &health,
+                &shutdown,
+            )?,
+            "delivery" => spawn(
+                clients,
+                Json(delivery::Delivery::new(store)),
+                settings,
+                &health,
+                &shutdown,
+            )?,
             other => anyhow::bail!("unknown role `{other}`: use one of {}", ROLES.join(", ")),
         };
         tasks.push(task);
@@ -76,7 +111,8 @@ fn spawn<H: Handler>(
     health: &Health,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(tokio::task::JoinHandle<()>, Arc<Stats>)> {
-    let consumer = Consumer::new(clients.sqs.clone(), handler, settings, health.clone()).map_err(anyhow::Error::msg)?;
+    let consumer = Consumer::new(clients.sqs.clone(), handler, settings, health.clone())
+        .map_err(anyhow::Error::msg)?;
     let stats = consumer.stats();
     Ok((tokio::spawn(consumer.run(shutdown.clone())), stats))
 }

@@ -6,7 +6,9 @@
 use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
 use fleet_common::attribution::{CORRELATION_ID, RECEIVED_AT, REQUEST_ID, SOURCE};
 use fleet_common::config::IngestionConfig;
-use fleet_common::contract::{self, Envelope, SourceMetadata, DELIVERY_STATUS_REPORTED, EXTERNAL_TYPES, ORDER_SUBMITTED};
+use fleet_common::contract::{
+    self, Envelope, SourceMetadata, DELIVERY_STATUS_REPORTED, EXTERNAL_TYPES, ORDER_SUBMITTED,
+};
 use fleet_common::failure::{HandlerError, Reason};
 use fleet_common::runtime::{describe_json_error, Handler, Message, Outcome, Outgoing};
 use tracing::info;
@@ -46,7 +48,10 @@ enum Seen {
     New,
     /// This very SQS message came back (a crash or a failed forward): forward again, with the
     /// correlation id and receive time recorded the first time.
-    Redelivered { correlation_id: String, received_at: String },
+    Redelivered {
+        correlation_id: String,
+        received_at: String,
+    },
     /// Another message with the same event and payload: a duplicate from upstream.
     Duplicate,
 }
@@ -56,15 +61,22 @@ impl Handler for Ingestion {
         if message.body.len() > self.limits.max_body_bytes {
             return Err(HandlerError::permanent(
                 Reason("body_too_large"),
-                format!("{} bytes, limit {}", message.body.len(), self.limits.max_body_bytes),
+                format!(
+                    "{} bytes, limit {}",
+                    message.body.len(),
+                    self.limits.max_body_bytes
+                ),
             ));
         }
-        let value: serde_json::Value = serde_json::from_str(&message.body)
-            .map_err(|e| HandlerError::permanent(Reason("malformed_json"), describe_json_error(&e)))?;
+        let value: serde_json::Value = serde_json::from_str(&message.body).map_err(|e| {
+            HandlerError::permanent(Reason("malformed_json"), describe_json_error(&e))
+        })?;
         let kind = contract::validate(&value, &EXTERNAL_TYPES)
             .map_err(|v| HandlerError::permanent(Reason(v.reason), v.fields.join("; ")))?;
-        let mut envelope: Envelope<serde_json::Value> = serde_json::from_value(value)
-            .map_err(|e| HandlerError::permanent(Reason("schema_violation"), describe_json_error(&e)))?;
+        let mut envelope: Envelope<serde_json::Value> =
+            serde_json::from_value(value).map_err(|e| {
+                HandlerError::permanent(Reason("schema_violation"), describe_json_error(&e))
+            })?;
         let next = route(kind).expect("every external type has a route");
 
         let fingerprint = contract::fingerprint(&(&envelope.kind, &envelope.payload));
@@ -74,11 +86,24 @@ impl Handler for Ingestion {
             .or_else(|| message.correlation_id.clone().filter(|c| valid_id(c)))
             .unwrap_or_else(|| format!("c-{}", uuid::Uuid::new_v4().simple()));
         let received_at = store::now_rfc3339();
-        let (correlation_id, received_at) = match self.claim(&envelope.event_id, message, &fingerprint, &correlation_id, &received_at).await? {
+        let (correlation_id, received_at) = match self
+            .claim(
+                &envelope.event_id,
+                message,
+                &fingerprint,
+                &correlation_id,
+                &received_at,
+            )
+            .await?
+        {
             Seen::New => (correlation_id, received_at),
-            Seen::Redelivered { correlation_id, received_at } => (correlation_id, received_at),
+            Seen::Redelivered {
+                correlation_id,
+                received_at,
+            } => (correlation_id, received_at),
             Seen::Duplicate => {
-                metrics::counter!("fleet_duplicates_dropped_total", "stage" => "ingestion").increment(1);
+                metrics::counter!("fleet_duplicates_dropped_total", "stage" => "ingestion")
+                    .increment(1);
                 info!(event_id = %envelope.event_id, kind, "duplicate event dropped");
                 return Ok(Outcome::done());
             }
@@ -86,8 +111,10 @@ impl Handler for Ingestion {
 
         // Source metadata is always the edge's own: an upstream cannot pre-stamp it (R-2).
         let metadata = SourceMetadata {
-            source: upstream_label(message.attributes.get(UPSTREAM_SOURCE)).unwrap_or_else(|| self.limits.default_source.clone()),
-            request_id: upstream_label(message.attributes.get(UPSTREAM_REQUEST_ID)).unwrap_or_else(|| message.message_id.clone()),
+            source: upstream_label(message.attributes.get(UPSTREAM_SOURCE))
+                .unwrap_or_else(|| self.limits.default_source.clone()),
+            request_id: upstream_label(message.attributes.get(UPSTREAM_REQUEST_ID))
+                .unwrap_or_else(|| message.message_id.clone()),
             received_at,
         };
         envelope.correlation_id = Some(correlation_id.clone());
@@ -115,7 +142,8 @@ impl Ingestion {
         correlation_id: &str,
         received_at: &str,
     ) -> Result<Seen, HandlerError> {
-        let expires_at = time::OffsetDateTime::now_utc().unix_timestamp() + i64::from(self.limits.dedup_ttl_hours) * 3600;
+        let expires_at = time::OffsetDateTime::now_utc().unix_timestamp()
+            + i64::from(self.limits.dedup_ttl_hours) * 3600;
         let put = || {
             self.store
                 .client
@@ -128,7 +156,9 @@ impl Ingestion {
                 .item("received_at", s(received_at))
                 .item("expires_at", n(expires_at))
                 .condition_expression("attribute_not_exists(pk)")
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
                 .send()
         };
         match self.store.call(true, put).await {
@@ -137,7 +167,12 @@ impl Ingestion {
                 let Some(old) = store::condition_failed_item(&e) else {
                     return Err(store::transient("recording the event id", &e));
                 };
-                let text = |k: &str| old.get(k).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+                let text = |k: &str| {
+                    old.get(k)
+                        .and_then(|v| v.as_s().ok())
+                        .cloned()
+                        .unwrap_or_default()
+                };
                 if text("fingerprint") != fingerprint {
                     return Err(HandlerError::permanent(
                         Reason::IDEMPOTENCY_CONFLICT,
@@ -157,7 +192,10 @@ impl Ingestion {
 }
 
 fn valid_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
 }
 
 /// An upstream-supplied label, kept only when it is a short identifier.
@@ -178,7 +216,10 @@ mod tests {
             catalog: "c".into(),
             events: "e".into(),
         };
-        Ingestion::new(Store::new(client, tables, "ingestion", None), IngestionConfig::default())
+        Ingestion::new(
+            Store::new(client, tables, "ingestion", None),
+            IngestionConfig::default(),
+        )
     }
 
     fn order_body() -> String {
@@ -196,15 +237,20 @@ mod tests {
     }
 
     fn no_ddb() -> aws_sdk_dynamodb::Client {
-        let never = mock!(aws_sdk_dynamodb::Client::put_item).then_output(|| PutItemOutput::builder().build());
+        let never = mock!(aws_sdk_dynamodb::Client::put_item)
+            .then_output(|| PutItemOutput::builder().build());
         mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&never])
     }
 
     #[tokio::test]
     async fn a_valid_order_is_stamped_and_routed_with_a_new_correlation_id() {
-        let put = mock!(aws_sdk_dynamodb::Client::put_item).then_output(|| PutItemOutput::builder().build());
+        let put = mock!(aws_sdk_dynamodb::Client::put_item)
+            .then_output(|| PutItemOutput::builder().build());
         let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&put]);
-        let out = ingestion(client).handle(&Message::for_test(order_body())).await.unwrap();
+        let out = ingestion(client)
+            .handle(&Message::for_test(order_body()))
+            .await
+            .unwrap();
         let fwd = &out.forward[0];
         assert_eq!(fwd.queue, "orders");
         let env: serde_json::Value = serde_json::from_str(&fwd.body).unwrap();
@@ -220,8 +266,14 @@ mod tests {
         let ingest = ingestion(no_ddb());
         let cases = [
             ("{not json", "malformed_json"),
-            (r#"{"type":"refund.requested","schema_version":1}"#, "unknown_type"),
-            (&order_body().replace(r#""user_id":"u-1""#, r#""user_id":"u-1","ssn":"x""#), "schema_violation"),
+            (
+                r#"{"type":"refund.requested","schema_version":1}"#,
+                "unknown_type",
+            ),
+            (
+                &order_body().replace(r#""user_id":"u-1""#, r#""user_id":"u-1","ssn":"x""#),
+                "schema_violation",
+            ),
             (&"x".repeat(70_000), "body_too_large"),
         ];
         for (body, reason) in cases {
@@ -253,10 +305,16 @@ mod tests {
     #[tokio::test]
     async fn a_duplicate_from_upstream_is_dropped_and_a_conflict_dead_lettered() {
         let body = order_body();
-        let out = ingestion(seen_before(fingerprint_of(&body), "another-message")).handle(&Message::for_test(body.clone())).await.unwrap();
+        let out = ingestion(seen_before(fingerprint_of(&body), "another-message"))
+            .handle(&Message::for_test(body.clone()))
+            .await
+            .unwrap();
         assert!(out.forward.is_empty(), "a duplicate is not forwarded");
 
-        let err = ingestion(seen_before("other".into(), "another-message")).handle(&Message::for_test(body)).await.unwrap_err();
+        let err = ingestion(seen_before("other".into(), "another-message"))
+            .handle(&Message::for_test(body))
+            .await
+            .unwrap_err();
         assert_eq!(err.reason(), Reason::IDEMPOTENCY_CONFLICT);
     }
 
@@ -265,7 +323,10 @@ mod tests {
         let body = order_body();
         let mut message = Message::for_test(body.clone());
         message.message_id = "m-1".into();
-        let out = ingestion(seen_before(fingerprint_of(&body), "m-1")).handle(&message).await.unwrap();
+        let out = ingestion(seen_before(fingerprint_of(&body), "m-1"))
+            .handle(&message)
+            .await
+            .unwrap();
         assert_eq!(out.forward.len(), 1);
         assert_eq!(out.forward[0].attributes[CORRELATION_ID], "c-first");
     }

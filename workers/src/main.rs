@@ -110,7 +110,9 @@ async fn run(command: Command, config: FleetConfig) -> anyhow::Result<()> {
         Command::Run { role } => run_roles(config, role).await,
         Command::Provision { output } => {
             let clients = Clients::from_config(&config.aws).await;
-            let report = fleet_common::provision::provision(&clients.sqs, &clients.dynamodb, &config).await?;
+            let report =
+                fleet_common::provision::provision(&clients.sqs, &clients.dynamodb, &config)
+                    .await?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
@@ -143,7 +145,9 @@ async fn run(command: Command, config: FleetConfig) -> anyhow::Result<()> {
             let summary = workers::demo::run(config, &options).await?;
             println!("{}", serde_json::to_string(&summary)?);
             anyhow::ensure!(
-                summary.lost == 0 && summary.duplicate_effects == 0 && summary.unexpected_dead_letters == 0,
+                summary.lost == 0
+                    && summary.duplicate_effects == 0
+                    && summary.unexpected_dead_letters == 0,
                 "the demo's audit failed (see the summary and the log)"
             );
             Ok(())
@@ -157,7 +161,13 @@ async fn run_roles(config: FleetConfig, role: Role) -> anyhow::Result<()> {
     let clients = Clients::from_config(&config.aws).await;
     let shutdown = CancellationToken::new();
     let health = Health::default();
-    let addr = health::serve(config.observability.listen_addr, health.clone(), Some(metrics.prometheus.clone()), shutdown.child_token()).await?;
+    let addr = health::serve(
+        config.observability.listen_addr,
+        health.clone(),
+        Some(metrics.prometheus.clone()),
+        shutdown.child_token(),
+    )
+    .await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     tokio::spawn(signals(shutdown.clone()));
     let roles = workers::fleet::expand_roles(role.name());
@@ -169,7 +179,10 @@ async fn run_roles(config: FleetConfig, role: Role) -> anyhow::Result<()> {
 /// then come back after their visibility timeout: delayed, never lost).
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

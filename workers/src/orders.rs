@@ -5,7 +5,9 @@
 use std::collections::{BTreeSet, HashMap};
 
 use aws_sdk_dynamodb::types::{KeysAndAttributes, ReturnValuesOnConditionCheckFailure};
-use fleet_common::contract::{self, Envelope, OrderRef, OrderSubmitted, ORDER_ACCEPTED, SCHEMA_VERSION};
+use fleet_common::contract::{
+    self, Envelope, OrderRef, OrderSubmitted, ORDER_ACCEPTED, SCHEMA_VERSION,
+};
 use fleet_common::failure::{HandlerError, Reason};
 use fleet_common::runtime::{Message, Outcome, Outgoing, TypedHandler};
 use tracing::info;
@@ -35,7 +37,9 @@ pub fn check_order(order: &OrderSubmitted, catalog: &HashMap<String, Product>) -
         }
         match catalog.get(&line.sku) {
             None => reasons.push(format!("unknown_sku:{}", line.sku)),
-            Some(product) if product.price != line.unit_price => reasons.push(format!("price_mismatch:{}", line.sku)),
+            Some(product) if product.price != line.unit_price => {
+                reasons.push(format!("price_mismatch:{}", line.sku))
+            }
             Some(_) => {}
         }
     }
@@ -45,11 +49,21 @@ pub fn check_order(order: &OrderSubmitted, catalog: &HashMap<String, Product>) -
 impl TypedHandler for Orders {
     type Input = Envelope<OrderSubmitted>;
 
-    async fn handle(&self, envelope: Envelope<OrderSubmitted>, _message: &Message) -> Result<Outcome, HandlerError> {
+    async fn handle(
+        &self,
+        envelope: Envelope<OrderSubmitted>,
+        _message: &Message,
+    ) -> Result<Outcome, HandlerError> {
         let order = &envelope.payload;
-        let catalog = self.products(order.lines.iter().map(|l| l.sku.clone()).collect()).await?;
+        let catalog = self
+            .products(order.lines.iter().map(|l| l.sku.clone()).collect())
+            .await?;
         let reasons = check_order(order, &catalog);
-        let status = if reasons.is_empty() { "accepted" } else { "rejected" };
+        let status = if reasons.is_empty() {
+            "accepted"
+        } else {
+            "rejected"
+        };
         let correlation_id = envelope.correlation_id.clone().unwrap_or_default();
         let record = OrderRecord {
             pk: store::order_key(&order.order_id),
@@ -62,7 +76,10 @@ impl TypedHandler for Orders {
                 .iter()
                 .map(|l| RecordLine {
                     sku: l.sku.clone(),
-                    name: catalog.get(&l.sku).map(|p| p.name.clone()).unwrap_or_default(),
+                    name: catalog
+                        .get(&l.sku)
+                        .map(|p| p.name.clone())
+                        .unwrap_or_default(),
                     quantity: l.quantity,
                     unit_price: l.unit_price,
                     substituted_for: None,
@@ -103,16 +120,24 @@ impl TypedHandler for Orders {
                 order_id: order.order_id.clone(),
             },
         };
-        Ok(Outcome::forward(Outgoing::new("warehouse", serde_json::to_string(&next).expect("envelopes serialize"))))
+        Ok(Outcome::forward(Outgoing::new(
+            "warehouse",
+            serde_json::to_string(&next).expect("envelopes serialize"),
+        )))
     }
 }
 
 impl Orders {
     /// The catalog entries of `skus` (reads, not writes).
-    async fn products(&self, skus: BTreeSet<String>) -> Result<HashMap<String, Product>, HandlerError> {
+    async fn products(
+        &self,
+        skus: BTreeSet<String>,
+    ) -> Result<HashMap<String, Product>, HandlerError> {
         let mut found = HashMap::new();
-        let mut pending: Vec<HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> =
-            skus.into_iter().map(|sku| HashMap::from([("pk".to_owned(), s(sku))])).collect();
+        let mut pending: Vec<HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> = skus
+            .into_iter()
+            .map(|sku| HashMap::from([("pk".to_owned(), s(sku))]))
+            .collect();
         // 100 keys per request; a batch may come back partly unprocessed.
         for _ in 0..5 {
             if pending.is_empty() {
@@ -131,17 +156,32 @@ impl Orders {
                     .request_items(&self.store.tables.catalog, keys.clone())
                     .send()
             };
-            let out = self.store.call(false, request).await.map_err(|e| store::transient("reading the catalog", &e))?;
-            for item in out.responses().and_then(|r| r.get(&self.store.tables.catalog)).into_iter().flatten() {
+            let out = self
+                .store
+                .call(false, request)
+                .await
+                .map_err(|e| store::transient("reading the catalog", &e))?;
+            for item in out
+                .responses()
+                .and_then(|r| r.get(&self.store.tables.catalog))
+                .into_iter()
+                .flatten()
+            {
                 let product: Product = store::from_item(item.clone())?;
                 found.insert(product.pk.clone(), product);
             }
-            if let Some(left) = out.unprocessed_keys().and_then(|u| u.get(&self.store.tables.catalog)) {
+            if let Some(left) = out
+                .unprocessed_keys()
+                .and_then(|u| u.get(&self.store.tables.catalog))
+            {
                 pending.extend(left.keys().iter().cloned());
             }
         }
         if !pending.is_empty() {
-            return Err(HandlerError::transient(Reason::DOWNSTREAM_UNAVAILABLE, "catalog reads left unprocessed"));
+            return Err(HandlerError::transient(
+                Reason::DOWNSTREAM_UNAVAILABLE,
+                "catalog reads left unprocessed",
+            ));
         }
         Ok(found)
     }
@@ -157,7 +197,9 @@ impl Orders {
                 .table_name(&self.store.tables.orders)
                 .set_item(Some(item.clone()))
                 .condition_expression("attribute_not_exists(pk)")
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
                 .send()
         };
         match self.store.call(true, put).await {
@@ -168,12 +210,16 @@ impl Orders {
                 };
                 let old: OrderRecord = store::from_item(old)?;
                 if old.event_id == record.event_id && old.payload_hash == record.payload_hash {
-                    metrics::counter!("fleet_duplicates_dropped_total", "stage" => "orders").increment(1);
+                    metrics::counter!("fleet_duplicates_dropped_total", "stage" => "orders")
+                        .increment(1);
                     Ok(first_status(&old))
                 } else {
                     Err(HandlerError::permanent(
                         Reason::IDEMPOTENCY_CONFLICT,
-                        format!("order {} already exists from event {}", record.order_id, old.event_id),
+                        format!(
+                            "order {} already exists from event {}",
+                            record.order_id, old.event_id
+                        ),
                     ))
                 }
             }
@@ -246,8 +292,17 @@ mod tests {
     fn orders_are_checked_against_catalog_and_prices() {
         let catalog: HashMap<_, _> = [product("A", 100), product("B", 250)].into_iter().collect();
         assert!(check_order(&order(&[("A", 100), ("B", 250)]), &catalog).is_empty());
-        assert_eq!(check_order(&order(&[("A", 100), ("Z", 1)]), &catalog), vec!["unknown_sku:Z"]);
-        assert_eq!(check_order(&order(&[("B", 249)]), &catalog), vec!["price_mismatch:B"]);
-        assert_eq!(check_order(&order(&[("A", 100), ("A", 100)]), &catalog), vec!["duplicate_sku:A"]);
+        assert_eq!(
+            check_order(&order(&[("A", 100), ("Z", 1)]), &catalog),
+            vec!["unknown_sku:Z"]
+        );
+        assert_eq!(
+            check_order(&order(&[("B", 249)]), &catalog),
+            vec!["price_mismatch:B"]
+        );
+        assert_eq!(
+            check_order(&order(&[("A", 100), ("A", 100)]), &catalog),
+            vec!["duplicate_sku:A"]
+        );
     }
 }

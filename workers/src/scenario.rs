@@ -5,7 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use fleet_common::contract::{Address, DeliveryStatus, Money, OrderLine, OrderSubmitted, DELIVERY_STATUS_REPORTED, ORDER_SUBMITTED};
+use fleet_common::contract::{
+    Address, DeliveryStatus, Money, OrderLine, OrderSubmitted, DELIVERY_STATUS_REPORTED,
+    ORDER_SUBMITTED,
+};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -84,10 +87,22 @@ impl Scenario {
     /// ids unique across runs.
     pub fn generate(orders: usize, mix: Mix, catalog: &CatalogFile, seed: u64, tag: &str) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let in_stock: Vec<&CatalogEntry> = catalog.products.iter().filter(|p| p.stock >= 1_000).collect();
-        let out_of_stock: Vec<&CatalogEntry> = catalog.products.iter().filter(|p| p.stock == 0).collect();
+        let in_stock: Vec<&CatalogEntry> = catalog
+            .products
+            .iter()
+            .filter(|p| p.stock >= 1_000)
+            .collect();
+        let out_of_stock: Vec<&CatalogEntry> =
+            catalog.products.iter().filter(|p| p.stock == 0).collect();
         let mut s = Scenario::default();
-        let weights = [mix.valid, mix.duplicate, mix.malformed, mix.unknown_sku, mix.wrong_price, mix.out_of_stock];
+        let weights = [
+            mix.valid,
+            mix.duplicate,
+            mix.malformed,
+            mix.unknown_sku,
+            mix.wrong_price,
+            mix.out_of_stock,
+        ];
         let total: u32 = weights.iter().sum::<u32>().max(1);
         for i in 0..orders {
             let order_id = format!("{tag}-o{i:05}");
@@ -102,8 +117,14 @@ impl Scenario {
                 }
             });
             let line_count = rng.random_range(1..=3);
-            let products: Vec<&CatalogEntry> = in_stock.choose_multiple(&mut rng, line_count).copied().collect();
-            let mut lines: Vec<OrderLine> = products.iter().map(|p| line(p, rng.random_range(1..=4))).collect();
+            let products: Vec<&CatalogEntry> = in_stock
+                .choose_multiple(&mut rng, line_count)
+                .copied()
+                .collect();
+            let mut lines: Vec<OrderLine> = products
+                .iter()
+                .map(|p| line(p, rng.random_range(1..=4)))
+                .collect();
             let mut expected = Expected {
                 status: "packed",
                 lines: lines.iter().map(|l| (l.sku.clone(), None)).collect(),
@@ -114,8 +135,13 @@ impl Scenario {
                 Some(0) | Some(1) => {}
                 Some(2) => {
                     let (body, reason) = malformed(&mut rng, &order_id, &event_id);
-                    s.submissions.push(Input { body, order_id: None });
-                    *s.expected_dead_letters.entry(("ingest".into(), reason.into())).or_default() += 1;
+                    s.submissions.push(Input {
+                        body,
+                        order_id: None,
+                    });
+                    *s.expected_dead_letters
+                        .entry(("ingest".into(), reason.into()))
+                        .or_default() += 1;
                     continue;
                 }
                 Some(3) => {
@@ -127,7 +153,9 @@ impl Scenario {
                     expected = rejected(vec![format!("price_mismatch:{}", lines[0].sku)]);
                 }
                 _ => {
-                    let oos = out_of_stock.choose(&mut rng).expect("the catalog has out-of-stock products");
+                    let oos = out_of_stock
+                        .choose(&mut rng)
+                        .expect("the catalog has out-of-stock products");
                     let alone = rng.random_bool(0.3);
                     if alone {
                         lines.clear();
@@ -144,7 +172,13 @@ impl Scenario {
                     }
                 }
             }
-            let body = submission(&order_id, &event_id, &format!("u-{}", i % 97), lines, &mut rng);
+            let body = submission(
+                &order_id,
+                &event_id,
+                &format!("u-{}", i % 97),
+                lines,
+                &mut rng,
+            );
             s.submissions.push(Input {
                 body: body.clone(),
                 order_id: Some(order_id.clone()),
@@ -170,9 +204,18 @@ impl Scenario {
         // Events for orders nobody placed.
         for j in 0..(orders / 100).max(1) {
             let id = format!("{tag}-ghost{j}");
-            let body = carrier_body(&id, &format!("{tag}-ghost-ev{j}"), DeliveryStatus::InTransit);
-            s.carrier_events.push(Input { body, order_id: None });
-            *s.expected_dead_letters.entry(("delivery".into(), "unknown_order".into())).or_default() += 1;
+            let body = carrier_body(
+                &id,
+                &format!("{tag}-ghost-ev{j}"),
+                DeliveryStatus::InTransit,
+            );
+            s.carrier_events.push(Input {
+                body,
+                order_id: None,
+            });
+            *s.expected_dead_letters
+                .entry(("delivery".into(), "unknown_order".into()))
+                .or_default() += 1;
         }
         s.submissions.shuffle(&mut rng);
         s.carrier_events.shuffle(&mut rng);
@@ -204,7 +247,12 @@ const LAST: [&str; 6] = ["Doe", "Haddad", "Wei", "Okafor", "Martin", "Rossi"];
 pub fn personal_data(rng: &mut impl Rng) -> (String, String, Address) {
     let first = FIRST[rng.random_range(0..FIRST.len())];
     let last = LAST[rng.random_range(0..LAST.len())];
-    let email = format!("{}.{}{}@example.com", first.to_lowercase(), last.to_lowercase(), rng.random_range(10..99));
+    let email = format!(
+        "{}.{}{}@example.com",
+        first.to_lowercase(),
+        last.to_lowercase(),
+        rng.random_range(10..99)
+    );
     let address = Address {
         name: format!("{first} {last}"),
         line1: format!("{} Rue des Lilas", rng.random_range(1..200)),
@@ -212,12 +260,24 @@ pub fn personal_data(rng: &mut impl Rng) -> (String, String, Address) {
         city: "Lyon".into(),
         postal_code: "69001".into(),
         country: "FR".into(),
-        phone: Some(format!("+33 6 {:02} {:02} {:02} {:02}", rng.random_range(10..99), rng.random_range(10..99), rng.random_range(10..99), rng.random_range(10..99))),
+        phone: Some(format!(
+            "+33 6 {:02} {:02} {:02} {:02}",
+            rng.random_range(10..99),
+            rng.random_range(10..99),
+            rng.random_range(10..99),
+            rng.random_range(10..99)
+        )),
     };
     (format!("{first} {last}"), email, address)
 }
 
-fn submission(order_id: &str, event_id: &str, user_id: &str, lines: Vec<OrderLine>, rng: &mut impl Rng) -> String {
+fn submission(
+    order_id: &str,
+    event_id: &str,
+    user_id: &str,
+    lines: Vec<OrderLine>,
+    rng: &mut impl Rng,
+) -> String {
     let (_, email, address) = personal_data(rng);
     let payload = OrderSubmitted {
         order_id: order_id.into(),
@@ -227,7 +287,11 @@ fn submission(order_id: &str, event_id: &str, user_id: &str, lines: Vec<OrderLin
         delivery_address: address,
         payment_reference: format!("pay_{:012x}", rng.random::<u64>() & 0xffff_ffff_ffff),
     };
-    envelope(ORDER_SUBMITTED, event_id, serde_json::to_value(payload).expect("payload serializes"))
+    envelope(
+        ORDER_SUBMITTED,
+        event_id,
+        serde_json::to_value(payload).expect("payload serializes"),
+    )
 }
 
 fn envelope(kind: &str, event_id: &str, payload: serde_json::Value) -> String {
@@ -239,17 +303,27 @@ fn envelope(kind: &str, event_id: &str, payload: serde_json::Value) -> String {
 }
 
 fn malformed(rng: &mut impl Rng, order_id: &str, event_id: &str) -> (String, &'static str) {
-    let valid = serde_json::from_str::<serde_json::Value>(&submission(order_id, event_id, "u-x", vec![OrderLine {
-        sku: "SKU-0001".into(),
-        quantity: 1,
-        unit_price: Money {
-            amount_minor: 100,
-            currency: fleet_common::contract::Currency::try_from("EUR".to_owned()).expect("valid"),
-        },
-    }], rng))
+    let valid = serde_json::from_str::<serde_json::Value>(&submission(
+        order_id,
+        event_id,
+        "u-x",
+        vec![OrderLine {
+            sku: "SKU-0001".into(),
+            quantity: 1,
+            unit_price: Money {
+                amount_minor: 100,
+                currency: fleet_common::contract::Currency::try_from("EUR".to_owned())
+                    .expect("valid"),
+            },
+        }],
+        rng,
+    ))
     .expect("valid JSON");
     match rng.random_range(0..5) {
-        0 => ("{\"type\": \"order.submitted\", \"payload\": ".to_owned(), "malformed_json"),
+        0 => (
+            "{\"type\": \"order.submitted\", \"payload\": ".to_owned(),
+            "malformed_json",
+        ),
         1 => {
             let mut v = valid;
             v["payload"]["card_number"] = serde_json::json!("4111 1111 1111 1111");
@@ -262,7 +336,10 @@ fn malformed(rng: &mut impl Rng, order_id: &str, event_id: &str) -> (String, &'s
         }
         3 => {
             let mut v = valid;
-            v["payload"].as_object_mut().expect("object").remove("payment_reference");
+            v["payload"]
+                .as_object_mut()
+                .expect("object")
+                .remove("payment_reference");
             (v.to_string(), "schema_violation")
         }
         _ => {
@@ -274,14 +351,19 @@ fn malformed(rng: &mut impl Rng, order_id: &str, event_id: &str) -> (String, &'s
 }
 
 fn carrier_events(order_id: &str) -> Vec<Input> {
-    [DeliveryStatus::LabelCreated, DeliveryStatus::InTransit, DeliveryStatus::OutForDelivery, DeliveryStatus::Delivered]
-        .iter()
-        .enumerate()
-        .map(|(k, status)| Input {
-            body: carrier_body(order_id, &format!("{order_id}-c{k}"), *status),
-            order_id: Some(order_id.to_owned()),
-        })
-        .collect()
+    [
+        DeliveryStatus::LabelCreated,
+        DeliveryStatus::InTransit,
+        DeliveryStatus::OutForDelivery,
+        DeliveryStatus::Delivered,
+    ]
+    .iter()
+    .enumerate()
+    .map(|(k, status)| Input {
+        body: carrier_body(order_id, &format!("{order_id}-c{k}"), *status),
+        order_id: Some(order_id.to_owned()),
+    })
+    .collect()
 }
 
 fn carrier_body(order_id: &str, event_id: &str, status: DeliveryStatus) -> String {
@@ -352,11 +434,20 @@ pub async fn audit(
             a.offend(format!("{id}: missing"));
             continue;
         };
-        let lines: Vec<(String, Option<String>)> = order.lines.iter().map(|l| (l.sku.clone(), l.substituted_for.clone())).collect();
+        let lines: Vec<(String, Option<String>)> = order
+            .lines
+            .iter()
+            .map(|l| (l.sku.clone(), l.substituted_for.clone()))
+            .collect();
         let state_ok = order.status == want.status
             && (want.status == "rejected" || lines == want.lines)
-            && want.reasons.iter().all(|r| order.rejection_reasons.contains(r))
-            && (!with_delivery || want.delivery.is_none() || order.delivery_status.as_deref() == want.delivery);
+            && want
+                .reasons
+                .iter()
+                .all(|r| order.rejection_reasons.contains(r))
+            && (!with_delivery
+                || want.delivery.is_none()
+                || order.delivery_status.as_deref() == want.delivery);
         if state_ok {
             a.orders_completed += 1;
             if want.status == "rejected" {
@@ -373,20 +464,33 @@ pub async fn audit(
         for h in &order.history {
             if !seen.insert((&h.stage, &h.event, &h.event_id, &h.note)) {
                 a.duplicate_effects += 1;
-                a.offend(format!("{id}: history entry {}/{} applied twice", h.stage, h.event));
+                a.offend(format!(
+                    "{id}: history entry {}/{} applied twice",
+                    h.stage, h.event
+                ));
             }
         }
     }
-    a.unexpected_orders = orders.keys().filter(|id| !scenario.expected.contains_key(*id)).count() as u64;
+    a.unexpected_orders = orders
+        .keys()
+        .filter(|id| !scenario.expected.contains_key(*id))
+        .count() as u64;
     // Stock: what left the shelf equals what is reserved, and each order line holds at most
     // one reservation across all products.
     let mut holders: BTreeMap<&String, u32> = BTreeMap::new();
     for entry in &catalog.products {
-        let Some(p) = products.get(&entry.sku) else { continue };
+        let Some(p) = products.get(&entry.sku) else {
+            continue;
+        };
         let reserved: u64 = p.reservations.values().map(|q| u64::from(*q)).sum();
         if entry.stock.saturating_sub(p.stock) != reserved {
             a.duplicate_effects += 1;
-            a.offend(format!("{}: stock moved {} but {} reserved", entry.sku, entry.stock.saturating_sub(p.stock), reserved));
+            a.offend(format!(
+                "{}: stock moved {} but {} reserved",
+                entry.sku,
+                entry.stock.saturating_sub(p.stock),
+                reserved
+            ));
         }
         for key in p.reservations.keys() {
             *holders.entry(key).or_default() += 1;
@@ -405,11 +509,20 @@ pub async fn audit(
 ///
 /// # Errors
 /// When the scan fails.
-pub async fn scan(client: &aws_sdk_dynamodb::Client, table: &str) -> anyhow::Result<Vec<std::collections::HashMap<String, AttributeValue>>> {
+pub async fn scan(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> anyhow::Result<Vec<std::collections::HashMap<String, AttributeValue>>> {
     let mut items = Vec::new();
     let mut start = None;
     loop {
-        let out = client.scan().table_name(table).set_exclusive_start_key(start).consistent_read(true).send().await?;
+        let out = client
+            .scan()
+            .table_name(table)
+            .set_exclusive_start_key(start)
+            .consistent_read(true)
+            .send()
+            .await?;
         items.extend(out.items().iter().cloned());
         start = out.last_evaluated_key().cloned();
         if start.is_none() {
@@ -423,7 +536,10 @@ mod tests {
     use super::*;
 
     fn catalog() -> CatalogFile {
-        CatalogFile::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/catalog.json")).unwrap()
+        CatalogFile::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/catalog.json"),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -432,14 +548,29 @@ mod tests {
         let b = Scenario::generate(500, Mix::default(), &catalog(), 7, "t");
         assert_eq!(a.expected, b.expected);
         let statuses: BTreeSet<&str> = a.expected.values().map(|e| e.status).collect();
-        assert_eq!(statuses, BTreeSet::from(["packed", "rejected", "unpackable"]));
-        assert!(a.expected.values().any(|e| e.lines.iter().any(|(_, sub)| sub.is_some())), "some lines are substituted");
+        assert_eq!(
+            statuses,
+            BTreeSet::from(["packed", "rejected", "unpackable"])
+        );
+        assert!(
+            a.expected
+                .values()
+                .any(|e| e.lines.iter().any(|(_, sub)| sub.is_some())),
+            "some lines are substituted"
+        );
         assert!(a.expected_dead_letters.keys().any(|(q, _)| q == "ingest"));
-        assert!(a.submissions.len() > a.expected.len(), "duplicates and malformed bodies are sent too");
+        assert!(
+            a.submissions.len() > a.expected.len(),
+            "duplicates and malformed bodies are sent too"
+        );
         // Every malformed body is refused by the contract.
         for input in a.submissions.iter().filter(|i| i.order_id.is_none()) {
             let parsed = serde_json::from_str::<serde_json::Value>(&input.body);
-            assert!(parsed.map_or(true, |v| fleet_common::contract::validate(&v, &fleet_common::contract::EXTERNAL_TYPES).is_err()));
+            assert!(parsed.map_or(true, |v| fleet_common::contract::validate(
+                &v,
+                &fleet_common::contract::EXTERNAL_TYPES
+            )
+            .is_err()));
         }
     }
 }

@@ -59,7 +59,12 @@ pub struct Store {
 
 impl Store {
     /// A store for `stage`, limited to `rate` requests per second when given.
-    pub fn new(client: aws_sdk_dynamodb::Client, tables: Tables, stage: &'static str, rate: Option<NonZeroU32>) -> Self {
+    pub fn new(
+        client: aws_sdk_dynamodb::Client,
+        tables: Tables,
+        stage: &'static str,
+        rate: Option<NonZeroU32>,
+    ) -> Self {
         Self {
             client,
             tables,
@@ -73,7 +78,11 @@ impl Store {
     ///
     /// # Errors
     /// The SDK error after retries.
-    pub async fn call<T, E, F, Fut>(&self, write: bool, request: F) -> Result<T, SdkError<E, DynamoResponse>>
+    pub async fn call<T, E, F, Fut>(
+        &self,
+        write: bool,
+        request: F,
+    ) -> Result<T, SdkError<E, DynamoResponse>>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, SdkError<E, DynamoResponse>>>,
@@ -84,7 +93,8 @@ impl Store {
                 limiter.until_ready().await;
             }
             if write {
-                metrics::counter!("fleet_ddb_write_requests_total", "stage" => self.stage).increment(1);
+                metrics::counter!("fleet_ddb_write_requests_total", "stage" => self.stage)
+                    .increment(1);
             }
             request().await
         };
@@ -107,7 +117,11 @@ pub use aws_sdk_dynamodb::config::http::HttpResponse as DynamoResponse;
 fn is_throttling<E: ProvideErrorMetadata>(e: &SdkError<E, DynamoResponse>) -> bool {
     matches!(
         e.code(),
-        Some("ProvisionedThroughputExceededException" | "ThrottlingException" | "RequestLimitExceeded")
+        Some(
+            "ProvisionedThroughputExceededException"
+                | "ThrottlingException"
+                | "RequestLimitExceeded"
+        )
     )
 }
 
@@ -177,7 +191,8 @@ pub fn to_item<T: Serialize>(value: &T) -> Item {
 /// # Errors
 /// When the item does not have the record's shape.
 pub fn from_item<T: for<'de> Deserialize<'de>>(item: Item) -> Result<T, HandlerError> {
-    serde_dynamo::from_item(item).map_err(|e| HandlerError::transient(Reason("corrupt_record"), e.to_string()))
+    serde_dynamo::from_item(item)
+        .map_err(|e| HandlerError::transient(Reason("corrupt_record"), e.to_string()))
 }
 
 /// The key of an order.

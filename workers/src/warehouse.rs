@@ -36,11 +36,20 @@ enum Reservation {
 impl TypedHandler for Warehouse {
     type Input = Envelope<OrderRef>;
 
-    async fn handle(&self, envelope: Envelope<OrderRef>, _message: &Message) -> Result<Outcome, HandlerError> {
+    async fn handle(
+        &self,
+        envelope: Envelope<OrderRef>,
+        _message: &Message,
+    ) -> Result<Outcome, HandlerError> {
         let order_id = &envelope.payload.order_id;
         let order = crate::delivery::read_order(&self.store, order_id)
             .await?
-            .ok_or_else(|| HandlerError::permanent(Reason("unknown_order"), format!("order {order_id} does not exist")))?;
+            .ok_or_else(|| {
+                HandlerError::permanent(
+                    Reason("unknown_order"),
+                    format!("order {order_id} does not exist"),
+                )
+            })?;
         let packed = match order.status.as_str() {
             "accepted" => self.pack(&order, &envelope.event_id).await?,
             "packed" => true,
@@ -66,7 +75,10 @@ impl TypedHandler for Warehouse {
                 order_id: order_id.clone(),
             },
         };
-        Ok(Outcome::forward(Outgoing::new("delivery", serde_json::to_string(&next).expect("envelopes serialize"))))
+        Ok(Outcome::forward(Outgoing::new(
+            "delivery",
+            serde_json::to_string(&next).expect("envelopes serialize"),
+        )))
     }
 }
 
@@ -102,7 +114,10 @@ impl Warehouse {
             };
             match replaced {
                 Some(product) => {
-                    history.push(entry("line_substituted", format!("{} -> {}", line.sku, product.pk)));
+                    history.push(entry(
+                        "line_substituted",
+                        format!("{} -> {}", line.sku, product.pk),
+                    ));
                     lines.push(RecordLine {
                         sku: product.pk.clone(),
                         name: product.name.clone(),
@@ -115,8 +130,15 @@ impl Warehouse {
                 None => history.push(entry("line_removed", line.sku.clone())),
             }
         }
-        let status = if lines.is_empty() { "unpackable" } else { "packed" };
-        history.push(entry(status, format!("{} of {} lines", lines.len(), order.lines.len())));
+        let status = if lines.is_empty() {
+            "unpackable"
+        } else {
+            "packed"
+        };
+        history.push(entry(
+            status,
+            format!("{} of {} lines", lines.len(), order.lines.len()),
+        ));
         let update = || {
             self.store
                 .client
@@ -154,7 +176,12 @@ impl Warehouse {
     }
 
     /// Takes `quantity` of `sku` for `key` unless `key` already holds it (one write).
-    async fn reserve(&self, sku: &str, key: &str, quantity: u32) -> Result<Reservation, HandlerError> {
+    async fn reserve(
+        &self,
+        sku: &str,
+        key: &str,
+        quantity: u32,
+    ) -> Result<Reservation, HandlerError> {
         let update = || {
             self.store
                 .client
@@ -170,7 +197,9 @@ impl Warehouse {
                 .send()
         };
         match self.store.call(true, update).await {
-            Ok(out) => Ok(Reservation::Held(store::from_item(out.attributes().cloned().unwrap_or_default())?)),
+            Ok(out) => Ok(Reservation::Held(store::from_item(
+                out.attributes().cloned().unwrap_or_default(),
+            )?)),
             Err(e) => {
                 let Some(old) = store::condition_failed_item(&e) else {
                     return Err(store::transient("reserving stock", &e));

@@ -80,7 +80,13 @@ pub struct Group {
 }
 
 /// Groups messages. `sources` names the source queue(s) of messages without attribution.
-pub fn group(messages: &[DlqMessage], by: &[Dimension], window: Duration, examples: usize, sources: &str) -> Vec<Group> {
+pub fn group(
+    messages: &[DlqMessage],
+    by: &[Dimension],
+    window: Duration,
+    examples: usize,
+    sources: &str,
+) -> Vec<Group> {
     let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
     let window_secs = window.as_secs().max(1) as i64;
     for m in messages {
@@ -88,29 +94,50 @@ pub fn group(messages: &[DlqMessage], by: &[Dimension], window: Duration, exampl
         let has = |d| by.contains(&d);
         let first = m.first_failed_at();
         let key = GroupKey {
-            reason: has(Dimension::Reason).then(|| a.as_ref().map_or(UNATTRIBUTED.to_owned(), |a| a.reason.clone())),
-            worker: has(Dimension::Worker).then(|| a.as_ref().map_or("-".to_owned(), |a| a.worker.clone())),
+            reason: has(Dimension::Reason).then(|| {
+                a.as_ref()
+                    .map_or(UNATTRIBUTED.to_owned(), |a| a.reason.clone())
+            }),
+            worker: has(Dimension::Worker)
+                .then(|| a.as_ref().map_or("-".to_owned(), |a| a.worker.clone())),
             source_queue: has(Dimension::Source).then(|| {
                 a.as_ref()
                     .map(|a| a.source_queue.clone())
-                    .or_else(|| m.dead_letter_source_arn().map(|arn| arn.rsplit(':').next().unwrap_or(arn).to_owned()))
+                    .or_else(|| {
+                        m.dead_letter_source_arn()
+                            .map(|arn| arn.rsplit(':').next().unwrap_or(arn).to_owned())
+                    })
                     .unwrap_or_else(|| sources.to_owned())
             }),
-            class: has(Dimension::Class).then(|| a.as_ref().map_or("queue_redrive".to_owned(), |a| a.class.to_string())),
+            class: has(Dimension::Class).then(|| {
+                a.as_ref()
+                    .map_or("queue_redrive".to_owned(), |a| a.class.to_string())
+            }),
             window_start: has(Dimension::Window).then(|| {
                 first.map_or("-".to_owned(), |t| {
                     let start = t.unix_timestamp().div_euclid(window_secs) * window_secs;
                     OffsetDateTime::from_unix_timestamp(start)
                         .ok()
-                        .and_then(|s| s.format(&time::format_description::well_known::Rfc3339).ok())
+                        .and_then(|s| {
+                            s.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        })
                         .unwrap_or_else(|| "-".into())
                 })
             }),
         };
-        let g = groups.entry(key.clone()).or_insert_with(|| Group { key, count: 0, examples: Vec::new() });
+        let g = groups.entry(key.clone()).or_insert_with(|| Group {
+            key,
+            count: 0,
+            examples: Vec::new(),
+        });
         g.count += 1;
         if g.examples.len() < examples {
-            g.examples.push(Example { message_id: m.message_id.clone(), correlation_id: m.correlation_id(), detail: a.map(|a| a.detail) });
+            g.examples.push(Example {
+                message_id: m.message_id.clone(),
+                correlation_id: m.correlation_id(),
+                detail: a.map(|a| a.detail),
+            });
         }
     }
     let mut out: Vec<Group> = groups.into_values().collect();
@@ -123,24 +150,44 @@ pub fn group(messages: &[DlqMessage], by: &[Dimension], window: Duration, exampl
 /// # Errors
 /// AWS errors.
 #[allow(clippy::too_many_arguments)]
-pub async fn run(ctx: &Ctx, queue: &Queue, by: &[Dimension], window: Duration, examples: usize, max: Option<usize>, force: bool, output: Output) -> Result<Exit> {
+pub async fn run(
+    ctx: &Ctx,
+    queue: &Queue,
+    by: &[Dimension],
+    window: Duration,
+    examples: usize,
+    max: Option<usize>,
+    force: bool,
+    output: Output,
+) -> Result<Exit> {
     let info = guard_reads(ctx, queue, force).await?;
-    let bar = output::progress(output, Some(max.map_or(info.visible, |m| (m as u64).min(info.visible))), "reading");
+    let bar = output::progress(
+        output,
+        Some(max.map_or(info.visible, |m| (m as u64).min(info.visible))),
+        "reading",
+    );
     let mut reader = Reader::new(ctx, queue, Duration::from_secs(60));
     let stop = CancellationToken::new();
     let read = read_all(ctx, &mut reader, max, &stop, |_| bar.inc(1)).await;
     reader.finish().await;
     bar.finish_and_clear();
     let messages = read?;
-    let sources = if messages.iter().any(|m| m.attribution().is_none() && m.dead_letter_source_arn().is_none()) {
+    let sources = if messages
+        .iter()
+        .any(|m| m.attribution().is_none() && m.dead_letter_source_arn().is_none())
+    {
         let account = queues::account(ctx, None).await?;
-        queues::sources_by_dlq(&account).get(&info.arn).map_or("-".to_owned(), |s| s.join(", "))
+        queues::sources_by_dlq(&account)
+            .get(&info.arn)
+            .map_or("-".to_owned(), |s| s.join(", "))
     } else {
         String::new()
     };
     let groups = group(&messages, by, window, examples, &sources);
     match output {
-        Output::Json => output::json(&serde_json::json!({ "queue": queue.name, "messages": messages.len(), "groups": groups })),
+        Output::Json => output::json(
+            &serde_json::json!({ "queue": queue.name, "messages": messages.len(), "groups": groups }),
+        ),
         Output::Table => {
             let header: Vec<&str> = by
                 .iter()
@@ -154,13 +201,39 @@ pub async fn run(ctx: &Ctx, queue: &Queue, by: &[Dimension], window: Duration, e
                 .chain(["count", "examples (message id / correlation id)"])
                 .collect();
             let rows = groups.iter().map(|g| {
-                let mut row: Vec<String> = [&g.key.reason, &g.key.worker, &g.key.source_queue, &g.key.class, &g.key.window_start].into_iter().flatten().cloned().collect();
+                let mut row: Vec<String> = [
+                    &g.key.reason,
+                    &g.key.worker,
+                    &g.key.source_queue,
+                    &g.key.class,
+                    &g.key.window_start,
+                ]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
                 row.push(g.count.to_string());
-                row.push(g.examples.iter().map(|e| format!("{} / {}", clip(&e.message_id, 12), e.correlation_id.as_deref().unwrap_or("-"))).collect::<Vec<_>>().join("\n"));
+                row.push(
+                    g.examples
+                        .iter()
+                        .map(|e| {
+                            format!(
+                                "{} / {}",
+                                clip(&e.message_id, 12),
+                                e.correlation_id.as_deref().unwrap_or("-")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
                 row
             });
             crate::outln!("{}", output::table(&header, rows));
-            eprintln!("{} messages in {} groups; every message read is visible again.", messages.len(), groups.len());
+            eprintln!(
+                "{} messages in {} groups; every message read is visible again.",
+                messages.len(),
+                groups.len()
+            );
         }
     }
     Ok(Exit::Ok)
@@ -175,7 +248,11 @@ mod tests {
     #[test]
     fn three_kinds_of_failure_make_three_groups_with_their_counts() {
         let malformed = attribution("malformed_body", "ingestion", FailureClass::Permanent);
-        let exhausted = attribution("dependency_unavailable", "orders", FailureClass::AttemptsExhausted);
+        let exhausted = attribution(
+            "dependency_unavailable",
+            "orders",
+            FailureClass::AttemptsExhausted,
+        );
         let mut messages = Vec::new();
         for i in 0..5 {
             messages.push(message(&format!("a{i}"), "{}", Some(&malformed)));
@@ -184,15 +261,40 @@ mod tests {
             messages.push(message(&format!("b{i}"), "{}", Some(&exhausted)));
         }
         messages.push(message("c0", "{}", None));
-        let all = [Dimension::Reason, Dimension::Worker, Dimension::Source, Dimension::Class, Dimension::Window];
-        let groups = group(&messages, &all, Duration::from_secs(3600), 2, "fleet-orders");
-        let counts: Vec<(Option<String>, u64)> = groups.iter().map(|g| (g.key.reason.clone(), g.count)).collect();
-        assert_eq!(counts, vec![(Some("malformed_body".into()), 5), (Some("dependency_unavailable".into()), 3), (Some(UNATTRIBUTED.into()), 1)]);
+        let all = [
+            Dimension::Reason,
+            Dimension::Worker,
+            Dimension::Source,
+            Dimension::Class,
+            Dimension::Window,
+        ];
+        let groups = group(
+            &messages,
+            &all,
+            Duration::from_secs(3600),
+            2,
+            "fleet-orders",
+        );
+        let counts: Vec<(Option<String>, u64)> = groups
+            .iter()
+            .map(|g| (g.key.reason.clone(), g.count))
+            .collect();
+        assert_eq!(
+            counts,
+            vec![
+                (Some("malformed_body".into()), 5),
+                (Some("dependency_unavailable".into()), 3),
+                (Some(UNATTRIBUTED.into()), 1)
+            ]
+        );
         assert_eq!(groups[0].examples.len(), 2);
         let moved = &groups[2].key;
         assert_eq!(moved.class.as_deref(), Some("queue_redrive"));
         assert_eq!(moved.source_queue.as_deref(), Some("fleet-orders"));
-        assert_eq!(groups[0].key.window_start.as_deref(), Some("2026-11-20T10:00:00Z"));
+        assert_eq!(
+            groups[0].key.window_start.as_deref(),
+            Some("2026-11-20T10:00:00Z")
+        );
     }
 
     #[test]
@@ -200,7 +302,13 @@ mod tests {
         let a = attribution("malformed_body", "ingestion", FailureClass::Permanent);
         let b = attribution("conflict", "ingestion", FailureClass::Permanent);
         let messages = vec![message("a", "{}", Some(&a)), message("b", "{}", Some(&b))];
-        let groups = group(&messages, &[Dimension::Worker], Duration::from_secs(60), 3, "-");
+        let groups = group(
+            &messages,
+            &[Dimension::Worker],
+            Duration::from_secs(60),
+            3,
+            "-",
+        );
         assert_eq!(groups.len(), 1);
         assert_eq!(groups[0].count, 2);
         assert_eq!(groups[0].key.reason, None);

@@ -42,10 +42,17 @@ pub struct DlqRow {
 pub async fn list(ctx: &Ctx, prefix: Option<&str>, output: Output) -> Result<Exit> {
     let account = queues::account(ctx, prefix).await?;
     let sources = queues::sources_by_dlq(&account);
-    let configured: BTreeSet<String> = ctx.config.iter().flat_map(|c| c.queues.values().map(|q| q.dlq_name())).collect();
+    let configured: BTreeSet<String> = ctx
+        .config
+        .iter()
+        .flat_map(|c| c.queues.values().map(|q| q.dlq_name()))
+        .collect();
     let mut names: BTreeSet<String> = configured.clone();
     for q in &account {
-        if sources.contains_key(&q.arn) || q.queue.name.ends_with("-dlq") || q.queue.name.ends_with("-dlq.fifo") {
+        if sources.contains_key(&q.arn)
+            || q.queue.name.ends_with("-dlq")
+            || q.queue.name.ends_with("-dlq.fifo")
+        {
             names.insert(q.queue.name.clone());
         }
     }
@@ -58,7 +65,11 @@ pub async fn list(ctx: &Ctx, prefix: Option<&str>, output: Output) -> Result<Exi
             None => (None, "none"),
         };
         rows.push(DlqRow {
-            sources: info.as_ref().and_then(|i| sources.get(&i.arn)).cloned().unwrap_or_default(),
+            sources: info
+                .as_ref()
+                .and_then(|i| sources.get(&i.arn))
+                .cloned()
+                .unwrap_or_default(),
             configured: configured.contains(&name),
             name,
             exists: info.is_some(),
@@ -77,10 +88,30 @@ pub async fn list(ctx: &Ctx, prefix: Option<&str>, output: Output) -> Result<Exi
                         r.name.clone(),
                         i.visible.to_string(),
                         i.in_flight.to_string(),
-                        r.oldest_age_secs.map_or("-".into(), |s| format!("{}{}", human_age(s), if r.age_source == "sample" { " (sampled)" } else { "" })),
-                        if r.sources.is_empty() { "-".into() } else { r.sources.join(", ") },
+                        r.oldest_age_secs.map_or("-".into(), |s| {
+                            format!(
+                                "{}{}",
+                                human_age(s),
+                                if r.age_source == "sample" {
+                                    " (sampled)"
+                                } else {
+                                    ""
+                                }
+                            )
+                        }),
+                        if r.sources.is_empty() {
+                            "-".into()
+                        } else {
+                            r.sources.join(", ")
+                        },
                     ],
-                    None => vec![r.name.clone(), "missing".into(), "-".into(), "-".into(), "configured but not found: run `worker provision` (local) or deploy".into()],
+                    None => vec![
+                        r.name.clone(),
+                        "missing".into(),
+                        "-".into(),
+                        "-".into(),
+                        "configured but not found: run `worker provision` (local) or deploy".into(),
+                    ],
                 }),
             );
             crate::outln!("{table}");
@@ -89,12 +120,19 @@ pub async fn list(ctx: &Ctx, prefix: Option<&str>, output: Output) -> Result<Exi
     Ok(Exit::Ok)
 }
 
-async fn oldest_age(ctx: &Ctx, info: &QueueInfo, now: OffsetDateTime) -> Result<(Option<f64>, &'static str)> {
+async fn oldest_age(
+    ctx: &Ctx,
+    info: &QueueInfo,
+    now: OffsetDateTime,
+) -> Result<(Option<f64>, &'static str)> {
     if info.visible == 0 && info.in_flight == 0 {
         return Ok((None, "none"));
     }
     if let Some(cw) = &ctx.cloudwatch {
-        return Ok((queues::oldest_age_from_cloudwatch(cw, &info.queue.name, now).await?, "cloudwatch"));
+        return Ok((
+            queues::oldest_age_from_cloudwatch(cw, &info.queue.name, now).await?,
+            "cloudwatch",
+        ));
     }
     // No CloudWatch (the emulators): sample a batch, unless reading could move messages on.
     if info.redrive_policy.is_some() || info.visible == 0 {
@@ -104,7 +142,10 @@ async fn oldest_age(ctx: &Ctx, info: &QueueInfo, now: OffsetDateTime) -> Result<
     let sample = reader.next(10).await;
     reader.finish().await;
     let oldest = sample?.iter().filter_map(DlqMessage::sent_at).min();
-    Ok((oldest.map(|t| (now - t).as_seconds_f64().max(0.0)), "sample"))
+    Ok((
+        oldest.map(|t| (now - t).as_seconds_f64().max(0.0)),
+        "sample",
+    ))
 }
 
 /// `3d4h`, `12m`, `40s`.
@@ -157,14 +198,28 @@ fn shown(m: &DlqMessage, reveal: bool) -> Shown {
     if !reveal {
         message.body = redact_body(&m.body);
     }
-    Shown { correlation_id: m.correlation_id(), attribution: m.attribution(), redrive: m.redrive(), message, revealed: reveal }
+    Shown {
+        correlation_id: m.correlation_id(),
+        attribution: m.attribution(),
+        redrive: m.redrive(),
+        message,
+        revealed: reveal,
+    }
 }
 
 /// `dlq peek`.
 ///
 /// # Errors
 /// AWS errors; a queue with a redrive policy without `--force`.
-pub async fn peek(ctx: &Ctx, queue: &Queue, max: usize, filter: &Filter, reveal: bool, force: bool, output: Output) -> Result<Exit> {
+pub async fn peek(
+    ctx: &Ctx,
+    queue: &Queue,
+    max: usize,
+    filter: &Filter,
+    reveal: bool,
+    force: bool,
+    output: Output,
+) -> Result<Exit> {
     let info = guard_reads(ctx, queue, force).await?;
     let mut reader = Reader::new(ctx, queue, Duration::from_secs(30));
     let now = OffsetDateTime::now_utc();
@@ -206,16 +261,42 @@ pub async fn peek(ctx: &Ctx, queue: &Queue, max: usize, filter: &Filter, reveal:
                     m.sent_at().map_or("-".into(), |t| t.to_string()),
                     m.receive_count().map_or("-".into(), |n| n.to_string()),
                     m.correlation_id().unwrap_or_else(|| "-".into()),
-                    a.as_ref().map_or("(moved by SQS)".into(), |a| format!("{} / {}", a.reason, a.worker)),
-                    clip(&if reveal { m.body.clone() } else { redact_body(&m.body) }, 80),
+                    a.as_ref().map_or("(moved by SQS)".into(), |a| {
+                        format!("{} / {}", a.reason, a.worker)
+                    }),
+                    clip(
+                        &if reveal {
+                            m.body.clone()
+                        } else {
+                            redact_body(&m.body)
+                        },
+                        80,
+                    ),
                 ]
             });
-            crate::outln!("{}", output::table(&["message id", "sent", "receives", "correlation id", "reason / worker", "body"], rows));
+            crate::outln!(
+                "{}",
+                output::table(
+                    &[
+                        "message id",
+                        "sent",
+                        "receives",
+                        "correlation id",
+                        "reason / worker",
+                        "body"
+                    ],
+                    rows
+                )
+            );
             eprintln!(
                 "{} of {} read shown; every message read is visible again.{}",
                 matched.len(),
                 read,
-                if reveal { "" } else { " Bodies are redacted: --reveal shows them." }
+                if reveal {
+                    ""
+                } else {
+                    " Bodies are redacted: --reveal shows them."
+                }
             );
         }
     }
@@ -226,7 +307,14 @@ pub async fn peek(ctx: &Ctx, queue: &Queue, max: usize, filter: &Filter, reveal:
 ///
 /// # Errors
 /// AWS errors; the message is not found.
-pub async fn show(ctx: &Ctx, queue: &Queue, message_id: &str, reveal: bool, force: bool, output: Output) -> Result<Exit> {
+pub async fn show(
+    ctx: &Ctx,
+    queue: &Queue,
+    message_id: &str,
+    reveal: bool,
+    force: bool,
+    output: Output,
+) -> Result<Exit> {
     guard_reads(ctx, queue, force).await?;
     let mut reader = Reader::new(ctx, queue, Duration::from_secs(30));
     let mut found = None;
@@ -241,7 +329,10 @@ pub async fn show(ctx: &Ctx, queue: &Queue, message_id: &str, reveal: bool, forc
     reader.finish().await;
     result?;
     let Some(m) = found else {
-        return Err(CliError::Usage(format!("message `{message_id}` is not in `{}` (or is in flight elsewhere)", queue.name)));
+        return Err(CliError::Usage(format!(
+            "message `{message_id}` is not in `{}` (or is in flight elsewhere)",
+            queue.name
+        )));
     };
     let s = shown(&m, reveal);
     match output {
@@ -249,18 +340,44 @@ pub async fn show(ctx: &Ctx, queue: &Queue, message_id: &str, reveal: bool, forc
         Output::Table => {
             let mut rows: Vec<Vec<String>> = vec![
                 vec!["message id".into(), m.message_id.clone()],
-                vec!["correlation id".into(), s.correlation_id.clone().unwrap_or_else(|| "-".into())],
+                vec![
+                    "correlation id".into(),
+                    s.correlation_id.clone().unwrap_or_else(|| "-".into()),
+                ],
             ];
             for (k, v) in &m.system_attributes {
                 rows.push(vec![k.clone(), v.clone()]);
             }
             for (k, v) in &m.attributes {
-                let value = v.string_value.clone().or_else(|| v.binary_value.as_ref().map(|b| format!("(binary, base64) {b}"))).unwrap_or_default();
-                let value = serde_json::from_str::<serde_json::Value>(&value).ok().filter(|v| v.is_object()).map_or(value, |v| serde_json::to_string_pretty(&v).unwrap_or_default());
+                let value = v
+                    .string_value
+                    .clone()
+                    .or_else(|| {
+                        v.binary_value
+                            .as_ref()
+                            .map(|b| format!("(binary, base64) {b}"))
+                    })
+                    .unwrap_or_default();
+                let value = serde_json::from_str::<serde_json::Value>(&value)
+                    .ok()
+                    .filter(|v| v.is_object())
+                    .map_or(value, |v| {
+                        serde_json::to_string_pretty(&v).unwrap_or_default()
+                    });
                 rows.push(vec![format!("{k} ({})", v.data_type), value]);
             }
-            let body = serde_json::from_str::<serde_json::Value>(&s.message.body).map_or(s.message.body.clone(), |v| serde_json::to_string_pretty(&v).unwrap_or_default());
-            rows.push(vec![if reveal { "body".into() } else { "body (redacted)".into() }, body]);
+            let body = serde_json::from_str::<serde_json::Value>(&s.message.body)
+                .map_or(s.message.body.clone(), |v| {
+                    serde_json::to_string_pretty(&v).unwrap_or_default()
+                });
+            rows.push(vec![
+                if reveal {
+                    "body".into()
+                } else {
+                    "body (redacted)".into()
+                },
+                body,
+            ]);
             crate::outln!("{}", output::table(&["field", "value"], rows));
         }
     }

@@ -110,7 +110,9 @@ impl Report {
     pub fn exit(&self) -> Exit {
         if self.interrupted {
             Exit::Interrupted
-        } else if self.failed + self.not_deleted + self.no_destination + self.in_flight_elsewhere > 0 {
+        } else if self.failed + self.not_deleted + self.no_destination + self.in_flight_elsewhere
+            > 0
+        {
             Exit::Partial
         } else {
             Exit::Ok
@@ -122,7 +124,13 @@ impl Report {
 ///
 /// # Errors
 /// AWS errors that stop the whole run (the DLQ or the destination cannot be reached).
-pub async fn run(ctx: &Ctx, dlq: &Queue, opts: &Options, output: Output, stop: &CancellationToken) -> Result<Report> {
+pub async fn run(
+    ctx: &Ctx,
+    dlq: &Queue,
+    opts: &Options,
+    output: Output,
+    stop: &CancellationToken,
+) -> Result<Report> {
     let info = queues::info(ctx, dlq).await?;
     let to = match &opts.to {
         Some(arg) => Some(resolve_destination(ctx, arg).await?),
@@ -158,13 +166,24 @@ async fn resolve_destination(ctx: &Ctx, arg: &str) -> Result<Queue> {
         return queues::resolve(ctx, arg).await;
     }
     // A config key names the work queue here, not its DLQ.
-    let name = ctx.config.as_ref().and_then(|c| c.queues.get(arg)).map_or_else(|| arg.to_owned(), |q| q.name.clone());
+    let name = ctx
+        .config
+        .as_ref()
+        .and_then(|c| c.queues.get(arg))
+        .map_or_else(|| arg.to_owned(), |q| q.name.clone());
     queues::resolve_name(ctx, &name).await
 }
 
 /// The server-side path. `Ok(Err(why))` when SQS refused the task and the CLI should move the
 /// messages itself.
-async fn move_task(ctx: &Ctx, info: &QueueInfo, to: Option<&Queue>, rate: Option<NonZeroU32>, output: Output, stop: &CancellationToken) -> Result<std::result::Result<Report, String>> {
+async fn move_task(
+    ctx: &Ctx,
+    info: &QueueInfo,
+    to: Option<&Queue>,
+    rate: Option<NonZeroU32>,
+    output: Output,
+    stop: &CancellationToken,
+) -> Result<std::result::Result<Report, String>> {
     let destination_arn = match to {
         Some(q) => Some(queues::info(ctx, q).await?.arn),
         None => None,
@@ -182,14 +201,28 @@ async fn move_task(ctx: &Ctx, info: &QueueInfo, to: Option<&Queue>, rate: Option
         Ok(out) => out.task_handle().unwrap_or_default().to_owned(),
         Err(e) => {
             let code = e.code().unwrap_or("error").to_owned();
-            return Ok(Err(format!("StartMessageMoveTask refused ({code}): {}", e.message().unwrap_or_default())));
+            return Ok(Err(format!(
+                "StartMessageMoveTask refused ({code}): {}",
+                e.message().unwrap_or_default()
+            )));
         }
     };
     let bar = output::progress(output, Some(info.visible), "moving (SQS message move task)");
-    let mut report = Report { queue: info.queue.name.clone(), path: "message-move-task", path_reason: "no filter: SQS moves the messages itself".into(), task_handle: Some(handle.clone()), ..Report::default() };
+    let mut report = Report {
+        queue: info.queue.name.clone(),
+        path: "message-move-task",
+        path_reason: "no filter: SQS moves the messages itself".into(),
+        task_handle: Some(handle.clone()),
+        ..Report::default()
+    };
     loop {
         if stop.is_cancelled() {
-            let _ = ctx.sqs.cancel_message_move_task().task_handle(&handle).send().await;
+            let _ = ctx
+                .sqs
+                .cancel_message_move_task()
+                .task_handle(&handle)
+                .send()
+                .await;
             report.interrupted = true;
             break;
         }
@@ -201,15 +234,22 @@ async fn move_task(ctx: &Ctx, info: &QueueInfo, to: Option<&Queue>, rate: Option
             .send()
             .await
             .map_err(|e| CliError::aws("following the message move task", &e))?;
-        let Some(task) = tasks.results().first() else { break };
+        let Some(task) = tasks.results().first() else {
+            break;
+        };
         report.moved = task.approximate_number_of_messages_moved().max(0) as u64;
         bar.set_position(report.moved);
         match task.status() {
             Some("RUNNING") | Some("CANCELLING") | None => {}
             Some("COMPLETED") => break,
             Some(other) => {
-                report.failed = (task.approximate_number_of_messages_to_move().unwrap_or(0) - task.approximate_number_of_messages_moved()).max(0) as u64;
-                report.path_reason = format!("the move task ended {other}: {}", task.failure_reason().unwrap_or("no reason given"));
+                report.failed = (task.approximate_number_of_messages_to_move().unwrap_or(0)
+                    - task.approximate_number_of_messages_moved())
+                .max(0) as u64;
+                report.path_reason = format!(
+                    "the move task ended {other}: {}",
+                    task.failure_reason().unwrap_or("no reason given")
+                );
                 break;
             }
         }
@@ -229,9 +269,10 @@ async fn move_task(ctx: &Ctx, info: &QueueInfo, to: Option<&Queue>, rate: Option
 /// Where a message goes back to: its attribution's source queue, else the queue SQS says it came
 /// from, else the DLQ's only source.
 fn source_of(m: &DlqMessage) -> Option<String> {
-    m.attribution()
-        .map(|a| a.source_queue)
-        .or_else(|| m.dead_letter_source_arn().map(|arn| arn.rsplit(':').next().unwrap_or(arn).to_owned()))
+    m.attribution().map(|a| a.source_queue).or_else(|| {
+        m.dead_letter_source_arn()
+            .map(|arn| arn.rsplit(':').next().unwrap_or(arn).to_owned())
+    })
 }
 
 /// The deduplication id of a redriven FIFO message: the original's, marked with the redrive count
@@ -246,34 +287,77 @@ pub fn redrive_deduplication_id(original: &str, count: u32) -> String {
 }
 
 /// The message as it goes back: attribution removed, redrive recorded, FIFO ids carried.
-pub fn redriven_entry(m: &DlqMessage, id: usize, from_queue: &str, fifo: bool, now: OffsetDateTime) -> std::result::Result<SendMessageBatchRequestEntry, String> {
+pub fn redriven_entry(
+    m: &DlqMessage,
+    id: usize,
+    from_queue: &str,
+    fifo: bool,
+    now: OffsetDateTime,
+) -> std::result::Result<SendMessageBatchRequestEntry, String> {
     let previous = m.redrive();
     let record = RedriveRecord {
         count: previous.map_or(1, |p| p.count + 1),
         at: now,
         from_queue: from_queue.to_owned(),
-        previous_reason: Some(m.attribution().map_or_else(|| "none".to_owned(), |a| a.reason)),
+        previous_reason: Some(
+            m.attribution()
+                .map_or_else(|| "none".to_owned(), |a| a.reason),
+        ),
     };
     let mut carried = m.clone();
     carried.attributes.remove(attribution::ATTRIBUTION);
-    carried.attributes.insert(attribution::REDRIVE.to_owned(), AttributeValue::string(serde_json::to_string(&record).expect("record serializes")));
+    carried.attributes.insert(
+        attribution::REDRIVE.to_owned(),
+        AttributeValue::string(serde_json::to_string(&record).expect("record serializes")),
+    );
     let mut attributes = carried.sdk_attributes()?;
     attribution::fit_attributes(&mut attributes);
-    let mut entry = SendMessageBatchRequestEntry::builder().id(id.to_string()).message_body(&m.body).set_message_attributes(Some(attributes));
+    let mut entry = SendMessageBatchRequestEntry::builder()
+        .id(id.to_string())
+        .message_body(&m.body)
+        .set_message_attributes(Some(attributes));
     if fifo {
         let original = m.deduplication_id().unwrap_or(&m.message_id);
-        entry = entry.message_group_id(m.group_id().unwrap_or("default")).message_deduplication_id(redrive_deduplication_id(original, record.count));
+        entry = entry
+            .message_group_id(m.group_id().unwrap_or("default"))
+            .message_deduplication_id(redrive_deduplication_id(original, record.count));
     }
     entry.build().map_err(|e| e.to_string())
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn move_messages(ctx: &Ctx, dlq: &Queue, info: &QueueInfo, to: Option<&Queue>, opts: &Options, output: Output, stop: &CancellationToken) -> Result<Report> {
-    let mut report = Report { queue: dlq.name.clone(), path: if opts.dry_run { "dry-run" } else { "receive-send-delete" }, ..Report::default() };
+async fn move_messages(
+    ctx: &Ctx,
+    dlq: &Queue,
+    info: &QueueInfo,
+    to: Option<&Queue>,
+    opts: &Options,
+    output: Output,
+    stop: &CancellationToken,
+) -> Result<Report> {
+    let mut report = Report {
+        queue: dlq.name.clone(),
+        path: if opts.dry_run {
+            "dry-run"
+        } else {
+            "receive-send-delete"
+        },
+        ..Report::default()
+    };
     let burst = opts.rate.map_or(10, |r| r.get().min(10));
-    let limiter = opts.rate.map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::new(burst).expect("non-zero"))));
-    let expected = opts.max.map_or(info.visible, |m| (m as u64).min(info.visible));
-    let bar = output::progress(output, Some(expected), if opts.dry_run { "reading" } else { "redriving" });
+    let limiter = opts.rate.map(|r| {
+        RateLimiter::direct(
+            Quota::per_second(r).allow_burst(NonZeroU32::new(burst).expect("non-zero")),
+        )
+    });
+    let expected = opts
+        .max
+        .map_or(info.visible, |m| (m as u64).min(info.visible));
+    let bar = output::progress(
+        output,
+        Some(expected),
+        if opts.dry_run { "reading" } else { "redriving" },
+    );
     let mut reader = Reader::new(ctx, dlq, opts.hold);
     let mut destinations: HashMap<String, Queue> = HashMap::new();
     let mut only_source: Option<Option<String>> = None;
@@ -283,16 +367,23 @@ async fn move_messages(ctx: &Ctx, dlq: &Queue, info: &QueueInfo, to: Option<&Que
     let now = || OffsetDateTime::now_utc();
     let result: Result<()> = async {
         while !stop.is_cancelled() && opts.max.is_none_or(|m| (report.matched as usize) < m) {
-            let want = opts.max.map_or(burst as usize, |m| (m - report.matched as usize).min(burst as usize));
+            let want = opts.max.map_or(burst as usize, |m| {
+                (m - report.matched as usize).min(burst as usize)
+            });
             let batch = reader.next(want).await?;
             if batch.is_empty() {
                 if !reader.exhausted(ctx).await? {
                     continue;
                 }
-                let elsewhere = queues::info(ctx, dlq).await?.in_flight.saturating_sub(reader.held() as u64);
+                let elsewhere = queues::info(ctx, dlq)
+                    .await?
+                    .in_flight
+                    .saturating_sub(reader.held() as u64);
                 report.in_flight_elsewhere = elsewhere;
                 if elsewhere > 0 && waited < opts.wait_in_flight {
-                    bar.set_message(format!("waiting for {elsewhere} messages in flight elsewhere"));
+                    bar.set_message(format!(
+                        "waiting for {elsewhere} messages in flight elsewhere"
+                    ));
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     waited += Duration::from_secs(1);
                     reader.reset_polls();
@@ -308,7 +399,10 @@ async fn move_messages(ctx: &Ctx, dlq: &Queue, info: &QueueInfo, to: Option<&Que
                     continue;
                 }
                 report.matched += 1;
-                *report.reasons.entry(m.attribution().map_or_else(|| "none".into(), |a| a.reason)).or_default() += 1;
+                *report
+                    .reasons
+                    .entry(m.attribution().map_or_else(|| "none".into(), |a| a.reason))
+                    .or_default() += 1;
                 let destination = match to {
                     Some(q) => Some(q.name.clone()),
                     None => match source_of(m) {
@@ -316,16 +410,27 @@ async fn move_messages(ctx: &Ctx, dlq: &Queue, info: &QueueInfo, to: Option<&Que
                         None => {
                             if only_source.is_none() {
                                 let account = queues::account(ctx, None).await?;
-                                let sources = queues::sources_by_dlq(&account).remove(&info.arn).unwrap_or_default();
-                                only_source = Some((sources.len() == 1).then(|| sources[0].clone()));
+                                let sources = queues::sources_by_dlq(&account)
+                                    .remove(&info.arn)
+                                    .unwrap_or_default();
+                                only_source =
+                                    Some((sources.len() == 1).then(|| sources[0].clone()));
                             }
                             only_source.clone().flatten()
                         }
                     },
                 };
                 if opts.dry_run {
-                    report.would_move.push(WouldMove { message_id: m.message_id.clone(), destination: destination.clone(), reason: m.attribution().map_or_else(|| "none".into(), |a| a.reason), correlation_id: m.correlation_id() });
-                    *report.destinations.entry(destination.unwrap_or_else(|| "(none: pass --to)".into())).or_default() += 1;
+                    report.would_move.push(WouldMove {
+                        message_id: m.message_id.clone(),
+                        destination: destination.clone(),
+                        reason: m.attribution().map_or_else(|| "none".into(), |a| a.reason),
+                        correlation_id: m.correlation_id(),
+                    });
+                    *report
+                        .destinations
+                        .entry(destination.unwrap_or_else(|| "(none: pass --to)".into()))
+                        .or_default() += 1;
                     bar.inc(1);
                     continue;
                 }
@@ -353,7 +458,8 @@ async fn move_messages(ctx: &Ctx, dlq: &Queue, info: &QueueInfo, to: Option<&Que
                 first_send.get_or_insert_with(Instant::now);
                 let sent = send(ctx, &queue, &dlq.name, &messages).await?;
                 last_send = Instant::now();
-                let (ok, failed): (Vec<&DlqMessage>, Vec<&DlqMessage>) = messages.iter().partition(|m| sent.contains(&m.message_id));
+                let (ok, failed): (Vec<&DlqMessage>, Vec<&DlqMessage>) =
+                    messages.iter().partition(|m| sent.contains(&m.message_id));
                 report.failed += failed.len() as u64;
                 let not_deleted = reader.delete(&ok).await?;
                 report.not_deleted += not_deleted.len() as u64;
@@ -378,17 +484,28 @@ async fn move_messages(ctx: &Ctx, dlq: &Queue, info: &QueueInfo, to: Option<&Que
         report.elapsed_ms = (secs * 1000.0) as u64;
         // The first batch goes at once (the limiter's burst); the rate is over what followed it.
         let after_first = report.moved.saturating_sub(u64::from(burst));
-        report.rate_per_sec = if secs > 0.0 { after_first as f64 / secs } else { report.moved as f64 };
+        report.rate_per_sec = if secs > 0.0 {
+            after_first as f64 / secs
+        } else {
+            report.moved as f64
+        };
     }
     Ok(report)
 }
 
 /// Sends a batch; returns the message ids SQS accepted.
-async fn send(ctx: &Ctx, queue: &Queue, from: &str, messages: &[&DlqMessage]) -> Result<Vec<String>> {
+async fn send(
+    ctx: &Ctx,
+    queue: &Queue,
+    from: &str,
+    messages: &[&DlqMessage],
+) -> Result<Vec<String>> {
     let now = OffsetDateTime::now_utc();
     let mut entries = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        let entry = redriven_entry(m, i, from, queue.fifo(), now).map_err(|e| CliError::Usage(format!("message {} cannot be sent: {e}", m.message_id)))?;
+        let entry = redriven_entry(m, i, from, queue.fifo(), now).map_err(|e| {
+            CliError::Usage(format!("message {} cannot be sent: {e}", m.message_id))
+        })?;
         entries.push(entry);
     }
     let out = ctx
@@ -402,42 +519,90 @@ async fn send(ctx: &Ctx, queue: &Queue, from: &str, messages: &[&DlqMessage]) ->
     for f in out.failed() {
         tracing::warn!(queue = %queue.name, code = f.code(), sender_fault = f.sender_fault(), "a message was not sent; it stays in the DLQ");
     }
-    Ok(out.successful().iter().filter_map(|s| s.id().parse::<usize>().ok()).filter_map(|i| messages.get(i)).map(|m| m.message_id.clone()).collect())
+    Ok(out
+        .successful()
+        .iter()
+        .filter_map(|s| s.id().parse::<usize>().ok())
+        .filter_map(|i| messages.get(i))
+        .map(|m| m.message_id.clone())
+        .collect())
 }
 
 /// Prints a report for people.
 pub fn print(report: &Report) {
     let path = match report.path {
-        "message-move-task" => format!("path: SQS message move task {} ({})", report.task_handle.as_deref().unwrap_or(""), report.path_reason),
+        "message-move-task" => format!(
+            "path: SQS message move task {} ({})",
+            report.task_handle.as_deref().unwrap_or(""),
+            report.path_reason
+        ),
         "dry-run" => "dry run: nothing moved".to_owned(),
         _ => format!("path: receive, send, then delete ({})", report.path_reason),
     };
     crate::outln!("{path}");
-    let rows = report.destinations.iter().map(|(d, n)| vec![d.clone(), n.to_string()]);
-    crate::outln!("{}", output::table(&[if report.path == "dry-run" { "would go to" } else { "sent to" }, "messages"], rows));
+    let rows = report
+        .destinations
+        .iter()
+        .map(|(d, n)| vec![d.clone(), n.to_string()]);
+    crate::outln!(
+        "{}",
+        output::table(
+            &[
+                if report.path == "dry-run" {
+                    "would go to"
+                } else {
+                    "sent to"
+                },
+                "messages"
+            ],
+            rows
+        )
+    );
     if !report.reasons.is_empty() {
-        let rows = report.reasons.iter().map(|(r, n)| vec![r.clone(), n.to_string()]);
+        let rows = report
+            .reasons
+            .iter()
+            .map(|(r, n)| vec![r.clone(), n.to_string()]);
         crate::outln!("{}", output::table(&["reason", "messages"], rows));
     }
     if report.path == "dry-run" {
-        crate::outln!("{} of {} messages read would move; every message read is visible again.", report.matched, report.read);
+        crate::outln!(
+            "{} of {} messages read would move; every message read is visible again.",
+            report.matched,
+            report.read
+        );
         return;
     }
-    crate::outln!("moved {} of {} matching ({} read) in {:.1}s, {:.1} msg/s", report.moved, report.matched, report.read, report.elapsed_ms as f64 / 1000.0, report.rate_per_sec);
+    crate::outln!(
+        "moved {} of {} matching ({} read) in {:.1}s, {:.1} msg/s",
+        report.moved,
+        report.matched,
+        report.read,
+        report.elapsed_ms as f64 / 1000.0,
+        report.rate_per_sec
+    );
     if report.failed > 0 {
-        crate::outln!("{} could not be sent and are still in the DLQ: run again", report.failed);
+        crate::outln!(
+            "{} could not be sent and are still in the DLQ: run again",
+            report.failed
+        );
     }
     if report.not_deleted > 0 {
         crate::outln!("{} were sent but not deleted from the DLQ: a re-run sends them again (the fleet ignores the duplicate)", report.not_deleted);
     }
     if report.no_destination > 0 {
-        crate::outln!("{} have no known source queue: pass --to", report.no_destination);
+        crate::outln!(
+            "{} have no known source queue: pass --to",
+            report.no_destination
+        );
     }
     if report.in_flight_elsewhere > 0 {
         crate::outln!("{} are in flight elsewhere (an interrupted run holds them until their visibility ends): run again later", report.in_flight_elsewhere);
     }
     if report.interrupted {
-        crate::outln!("interrupted: what was read and not moved is visible again; run again to finish");
+        crate::outln!(
+            "interrupted: what was read and not moved is visible again; run again to finish"
+        );
     }
 }
 
@@ -449,32 +614,51 @@ mod tests {
 
     #[test]
     fn a_redriven_message_loses_its_attribution_and_records_the_redrive() {
-        let a = attribution("dependency_unavailable", "orders", FailureClass::AttemptsExhausted);
+        let a = attribution(
+            "dependency_unavailable",
+            "orders",
+            FailureClass::AttemptsExhausted,
+        );
         let mut m = message("m1", "{\"x\":1}", Some(&a));
-        m.attributes.insert("correlation-id".into(), AttributeValue::string("corr-9"));
-        let entry = redriven_entry(&m, 3, "fleet-orders-dlq", false, OffsetDateTime::UNIX_EPOCH).unwrap();
+        m.attributes
+            .insert("correlation-id".into(), AttributeValue::string("corr-9"));
+        let entry =
+            redriven_entry(&m, 3, "fleet-orders-dlq", false, OffsetDateTime::UNIX_EPOCH).unwrap();
         assert_eq!(entry.id(), "3");
         assert_eq!(entry.message_body(), "{\"x\":1}");
         let attrs = entry.message_attributes().unwrap();
         assert!(!attrs.contains_key(attribution::ATTRIBUTION));
         assert_eq!(attrs["correlation-id"].string_value(), Some("corr-9"));
-        let record: RedriveRecord = serde_json::from_str(attrs[attribution::REDRIVE].string_value().unwrap()).unwrap();
+        let record: RedriveRecord =
+            serde_json::from_str(attrs[attribution::REDRIVE].string_value().unwrap()).unwrap();
         assert_eq!(record.count, 1);
         assert_eq!(record.from_queue, "fleet-orders-dlq");
-        assert_eq!(record.previous_reason.as_deref(), Some("dependency_unavailable"));
+        assert_eq!(
+            record.previous_reason.as_deref(),
+            Some("dependency_unavailable")
+        );
         assert_eq!(source_of(&m).as_deref(), Some("fleet-orders"));
     }
 
     #[test]
     fn fifo_ids_are_carried_and_a_second_redrive_gets_a_new_deduplication_id() {
         let mut m = message("m1", "{}", None);
-        m.system_attributes.insert("MessageGroupId".into(), "order-7".into());
-        m.system_attributes.insert("MessageDeduplicationId".into(), "evt-7".into());
+        m.system_attributes
+            .insert("MessageGroupId".into(), "order-7".into());
+        m.system_attributes
+            .insert("MessageDeduplicationId".into(), "evt-7".into());
         let first = redriven_entry(&m, 0, "q-dlq.fifo", true, OffsetDateTime::UNIX_EPOCH).unwrap();
         assert_eq!(first.message_group_id(), Some("order-7"));
         assert_eq!(first.message_deduplication_id(), Some("evt-7.r1"));
         // Redriven once already: the record says so.
-        m.attributes.insert(attribution::REDRIVE.into(), AttributeValue::string(first.message_attributes().unwrap()[attribution::REDRIVE].string_value().unwrap()));
+        m.attributes.insert(
+            attribution::REDRIVE.into(),
+            AttributeValue::string(
+                first.message_attributes().unwrap()[attribution::REDRIVE]
+                    .string_value()
+                    .unwrap(),
+            ),
+        );
         let second = redriven_entry(&m, 0, "q-dlq.fifo", true, OffsetDateTime::UNIX_EPOCH).unwrap();
         assert_eq!(second.message_deduplication_id(), Some("evt-7.r2"));
         let long = redrive_deduplication_id(&"x".repeat(128), 1);
@@ -484,8 +668,30 @@ mod tests {
     #[test]
     fn the_exit_code_says_whether_everything_moved() {
         assert_eq!(Report::default().exit(), Exit::Ok);
-        assert_eq!(Report { failed: 1, ..Report::default() }.exit(), Exit::Partial);
-        assert_eq!(Report { no_destination: 2, ..Report::default() }.exit(), Exit::Partial);
-        assert_eq!(Report { interrupted: true, failed: 1, ..Report::default() }.exit(), Exit::Interrupted);
+        assert_eq!(
+            Report {
+                failed: 1,
+                ..Report::default()
+            }
+            .exit(),
+            Exit::Partial
+        );
+        assert_eq!(
+            Report {
+                no_destination: 2,
+                ..Report::default()
+            }
+            .exit(),
+            Exit::Partial
+        );
+        assert_eq!(
+            Report {
+                interrupted: true,
+                failed: 1,
+                ..Report::default()
+            }
+            .exit(),
+            Exit::Interrupted
+        );
     }
 }

@@ -47,12 +47,28 @@ pub struct ExportReport {
 /// # Errors
 /// AWS and file errors; an existing file without `--force`.
 #[allow(clippy::too_many_arguments)]
-pub async fn export(ctx: &Ctx, queue: &Queue, file: &Path, filter: &Filter, max: Option<usize>, delete: bool, overwrite: bool, output: Output) -> Result<Exit> {
+pub async fn export(
+    ctx: &Ctx,
+    queue: &Queue,
+    file: &Path,
+    filter: &Filter,
+    max: Option<usize>,
+    delete: bool,
+    overwrite: bool,
+    output: Output,
+) -> Result<Exit> {
     if file.exists() && !overwrite {
-        return Err(CliError::Usage(format!("{} exists: pick another file or pass --force to replace it", file.display())));
+        return Err(CliError::Usage(format!(
+            "{} exists: pick another file or pass --force to replace it",
+            file.display()
+        )));
     }
     let info = guard_reads(ctx, queue, false).await?;
-    let bar = output::progress(output, Some(max.map_or(info.visible, |m| (m as u64).min(info.visible))), "exporting");
+    let bar = output::progress(
+        output,
+        Some(max.map_or(info.visible, |m| (m as u64).min(info.visible))),
+        "exporting",
+    );
     let mut reader = Reader::new(ctx, queue, Duration::from_secs(120));
     let stop = CancellationToken::new();
     let read = read_all(ctx, &mut reader, max, &stop, |_| bar.inc(1)).await;
@@ -69,7 +85,14 @@ pub async fn export(ctx: &Ctx, queue: &Queue, file: &Path, filter: &Filter, max:
         reader.finish().await;
         return Err(e);
     }
-    let mut report = ExportReport { queue: queue.name.clone(), file: file.display().to_string(), read: messages.len() as u64, exported: chosen.len() as u64, deleted: 0, not_deleted: 0 };
+    let mut report = ExportReport {
+        queue: queue.name.clone(),
+        file: file.display().to_string(),
+        read: messages.len() as u64,
+        exported: chosen.len() as u64,
+        deleted: 0,
+        not_deleted: 0,
+    };
     if delete {
         let failed = reader.delete(&chosen).await;
         match failed {
@@ -88,18 +111,40 @@ pub async fn export(ctx: &Ctx, queue: &Queue, file: &Path, filter: &Filter, max:
     match output {
         Output::Json => output::json(&report),
         Output::Table => {
-            crate::outln!("exported {} of {} messages from {} to {}", report.exported, report.read, report.queue, report.file);
+            crate::outln!(
+                "exported {} of {} messages from {} to {}",
+                report.exported,
+                report.read,
+                report.queue,
+                report.file
+            );
             if delete {
-                crate::outln!("deleted {} from the queue after the file was synced{}", report.deleted, if report.not_deleted > 0 { format!("; {} could not be deleted and are still there", report.not_deleted) } else { String::new() });
+                crate::outln!(
+                    "deleted {} from the queue after the file was synced{}",
+                    report.deleted,
+                    if report.not_deleted > 0 {
+                        format!(
+                            "; {} could not be deleted and are still there",
+                            report.not_deleted
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
             }
         }
     }
-    Ok(if report.not_deleted > 0 { Exit::Partial } else { Exit::Ok })
+    Ok(if report.not_deleted > 0 {
+        Exit::Partial
+    } else {
+        Exit::Ok
+    })
 }
 
 /// Writes the lines to `<file>.tmp`, fsyncs, renames into place, fsyncs the directory.
 fn write_synced(file: &Path, messages: &[&DlqMessage]) -> Result<()> {
-    let io = |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", file.display()));
+    let io =
+        |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", file.display()));
     let tmp = file.with_extension("jsonl.tmp");
     let handle = File::create(&tmp).map_err(|e| io("cannot create a temporary file next to", e))?;
     let mut w = BufWriter::new(handle);
@@ -107,11 +152,18 @@ fn write_synced(file: &Path, messages: &[&DlqMessage]) -> Result<()> {
         serde_json::to_writer(&mut w, m).map_err(|e| CliError::Io(e.to_string()))?;
         w.write_all(b"\n").map_err(|e| io("cannot write", e))?;
     }
-    let handle = w.into_inner().map_err(|e| io("cannot write", e.into_error()))?;
+    let handle = w
+        .into_inner()
+        .map_err(|e| io("cannot write", e.into_error()))?;
     handle.sync_all().map_err(|e| io("cannot sync", e))?;
     std::fs::rename(&tmp, file).map_err(|e| io("cannot rename into", e))?;
-    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("cannot sync the directory of", e))?;
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("cannot sync the directory of", e))?;
     Ok(())
 }
 
@@ -120,15 +172,24 @@ fn write_synced(file: &Path, messages: &[&DlqMessage]) -> Result<()> {
 /// # Errors
 /// File errors and lines that are not messages.
 pub fn read_file(file: &Path) -> Result<Vec<DlqMessage>> {
-    let f = File::open(file).map_err(|e| CliError::Io(format!("cannot open {}: {e}", file.display())))?;
+    let f = File::open(file)
+        .map_err(|e| CliError::Io(format!("cannot open {}: {e}", file.display())))?;
     let mut out = Vec::new();
     for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| CliError::Io(format!("cannot read {}: {e}", file.display())))?;
+        let line =
+            line.map_err(|e| CliError::Io(format!("cannot read {}: {e}", file.display())))?;
         if line.trim().is_empty() {
             continue;
         }
-        let m: DlqMessage = serde_json::from_str(&line).map_err(|e| CliError::Usage(format!("{} line {}: not an exported message: {e}", file.display(), i + 1)))?;
-        m.sdk_attributes().map_err(|e| CliError::Usage(format!("{} line {}: {e}", file.display(), i + 1)))?;
+        let m: DlqMessage = serde_json::from_str(&line).map_err(|e| {
+            CliError::Usage(format!(
+                "{} line {}: not an exported message: {e}",
+                file.display(),
+                i + 1
+            ))
+        })?;
+        m.sdk_attributes()
+            .map_err(|e| CliError::Usage(format!("{} line {}: {e}", file.display(), i + 1)))?;
         out.push(m);
     }
     Ok(out)
@@ -153,28 +214,59 @@ pub struct ImportReport {
 ///
 /// # Errors
 /// AWS and file errors.
-pub async fn import(ctx: &Ctx, file: &Path, to: &Queue, rate: Option<NonZeroU32>, output: Output, stop: &CancellationToken) -> Result<Exit> {
+pub async fn import(
+    ctx: &Ctx,
+    file: &Path,
+    to: &Queue,
+    rate: Option<NonZeroU32>,
+    output: Output,
+    stop: &CancellationToken,
+) -> Result<Exit> {
     let messages = read_file(file)?;
     let burst = rate.map_or(10, |r| r.get().min(10));
-    let limiter = rate.map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::new(burst).expect("non-zero"))));
+    let limiter = rate.map(|r| {
+        RateLimiter::direct(
+            Quota::per_second(r).allow_burst(NonZeroU32::new(burst).expect("non-zero")),
+        )
+    });
     let bar = output::progress(output, Some(messages.len() as u64), "importing");
-    let mut report = ImportReport { file: file.display().to_string(), queue: to.name.clone(), lines: messages.len() as u64, sent: 0, failed: 0 };
+    let mut report = ImportReport {
+        file: file.display().to_string(),
+        queue: to.name.clone(),
+        lines: messages.len() as u64,
+        sent: 0,
+        failed: 0,
+    };
     for chunk in messages.chunks(burst as usize) {
         if stop.is_cancelled() {
             break;
         }
         if let Some(l) = &limiter {
-            l.until_n_ready(NonZeroU32::new(chunk.len() as u32).expect("non-empty")).await.expect("within burst");
+            l.until_n_ready(NonZeroU32::new(chunk.len() as u32).expect("non-empty"))
+                .await
+                .expect("within burst");
         }
         let mut entries = Vec::with_capacity(chunk.len());
         for (i, m) in chunk.iter().enumerate() {
-            let mut e = SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(&m.body).set_message_attributes(Some(m.sdk_attributes().map_err(CliError::Usage)?));
+            let mut e = SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(&m.body)
+                .set_message_attributes(Some(m.sdk_attributes().map_err(CliError::Usage)?));
             if to.fifo() {
-                e = e.message_group_id(m.group_id().unwrap_or("default")).message_deduplication_id(m.deduplication_id().unwrap_or(&m.message_id));
+                e = e
+                    .message_group_id(m.group_id().unwrap_or("default"))
+                    .message_deduplication_id(m.deduplication_id().unwrap_or(&m.message_id));
             }
             entries.push(e.build().map_err(|e| CliError::Usage(e.to_string()))?);
         }
-        let out = ctx.sqs.send_message_batch().queue_url(&to.url).set_entries(Some(entries)).send().await.map_err(|e| CliError::aws(format!("sending to `{}`", to.name), &e))?;
+        let out = ctx
+            .sqs
+            .send_message_batch()
+            .queue_url(&to.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| CliError::aws(format!("sending to `{}`", to.name), &e))?;
         report.sent += out.successful().len() as u64;
         report.failed += out.failed().len() as u64;
         bar.inc(chunk.len() as u64);
@@ -182,7 +274,18 @@ pub async fn import(ctx: &Ctx, file: &Path, to: &Queue, rate: Option<NonZeroU32>
     bar.finish_and_clear();
     match output {
         Output::Json => output::json(&report),
-        Output::Table => crate::outln!("sent {} of {} messages from {} to {}{}", report.sent, report.lines, report.file, report.queue, if report.failed > 0 { format!("; {} refused", report.failed) } else { String::new() }),
+        Output::Table => crate::outln!(
+            "sent {} of {} messages from {} to {}{}",
+            report.sent,
+            report.lines,
+            report.file,
+            report.queue,
+            if report.failed > 0 {
+                format!("; {} refused", report.failed)
+            } else {
+                String::new()
+            }
+        ),
     }
     Ok(if stop.is_cancelled() {
         Exit::Interrupted
@@ -201,11 +304,19 @@ pub async fn purge(ctx: &Ctx, queue: &Queue, yes: bool, output: Output) -> Resul
     let info = queues::info(ctx, queue).await?;
     if !yes {
         if !std::io::stdin().is_terminal() {
-            return Err(CliError::Usage("purge deletes messages for good: confirm with --yes when not at a terminal".into()));
+            return Err(CliError::Usage(
+                "purge deletes messages for good: confirm with --yes when not at a terminal".into(),
+            ));
         }
-        eprint!("This deletes about {} messages from {} for good. Type the queue name to confirm: ", info.visible + info.in_flight, queue.name);
+        eprint!(
+            "This deletes about {} messages from {} for good. Type the queue name to confirm: ",
+            info.visible + info.in_flight,
+            queue.name
+        );
         let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer).map_err(|e| CliError::Io(e.to_string()))?;
+        std::io::stdin()
+            .read_line(&mut answer)
+            .map_err(|e| CliError::Io(e.to_string()))?;
         if answer.trim() != queue.name {
             return Err(CliError::Usage("not confirmed: nothing was deleted".into()));
         }
@@ -233,7 +344,9 @@ pub async fn purge(ctx: &Ctx, queue: &Queue, yes: bool, output: Output) -> Resul
     bar.finish_and_clear();
     result?;
     match output {
-        Output::Json => output::json(&serde_json::json!({ "queue": queue.name, "deleted": deleted })),
+        Output::Json => {
+            output::json(&serde_json::json!({ "queue": queue.name, "deleted": deleted }))
+        }
         Output::Table => crate::outln!("deleted {deleted} messages from {}", queue.name),
     }
     Ok(Exit::Ok)
