@@ -2,6 +2,7 @@
 //! failure taxonomy and DLQ attribution, telemetry, health, and provisioning of local queues
 //! and tables.
 
+pub mod access;
 pub mod attribution;
 pub mod aws;
 pub mod config;

@@ -112,8 +112,9 @@ impl Default for EmfRecorder {
 
 impl EmfRecorder {
     /// One EMF JSON document per metric with data since the last flush: counters as the delta,
-    /// gauges as the current value, histograms as their recorded values. Labels become
-    /// dimensions, together with `role`.
+    /// gauges as the current value, histograms as their recorded values. Each metric is
+    /// published under two dimension sets: `[role]` (what alarms and dashboards aggregate) and
+    /// `[role, <labels>…]` (the detail).
     pub fn flush(&self, namespace: &str, role: &str, timestamp_ms: u64) -> Vec<String> {
         let mut lines = Vec::new();
         let mut emit = |key: &Key, value: serde_json::Value, unit: &str| {
@@ -131,7 +132,7 @@ impl EmfRecorder {
                     "Timestamp": timestamp_ms,
                     "CloudWatchMetrics": [{
                         "Namespace": namespace,
-                        "Dimensions": [dims],
+                        "Dimensions": if dims.len() > 1 { serde_json::json!([["role"], dims]) } else { serde_json::json!([dims]) },
                         "Metrics": [{"Name": key.name(), "Unit": unit}]
                     }]
                 }),
@@ -211,8 +212,9 @@ mod tests {
             "OrderFleet"
         );
         assert_eq!(
-            counter["_aws"]["CloudWatchMetrics"][0]["Dimensions"][0],
-            serde_json::json!(["role", "queue"])
+            counter["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            serde_json::json!([["role"], ["role", "queue"]]),
+            "alarms aggregate by role; the detail keeps the labels"
         );
         // A second flush has nothing new to say about the counter.
         assert!(emf.flush("OrderFleet", "orders", 1).is_empty());

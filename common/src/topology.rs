@@ -56,8 +56,26 @@ impl Topology {
         sqs: &aws_sdk_sqs::Client,
         config: &FleetConfig,
     ) -> Result<Self, ResolveError> {
+        let keys: Vec<&str> = config.queues.keys().map(String::as_str).collect();
+        Self::resolve_only(sqs, config, &keys).await
+    }
+
+    /// Looks up the URL of the given queues (logical keys) and their DLQs only: a worker resolves
+    /// what its role may touch, nothing more.
+    ///
+    /// # Errors
+    /// The first queue that cannot be resolved.
+    pub async fn resolve_only(
+        sqs: &aws_sdk_sqs::Client,
+        config: &FleetConfig,
+        keys: &[&str],
+    ) -> Result<Self, ResolveError> {
         let mut queues = BTreeMap::new();
-        for (key, settings) in &config.queues {
+        for (key, settings) in config
+            .queues
+            .iter()
+            .filter(|(k, _)| keys.contains(&k.as_str()))
+        {
             let queue = resolve_one(sqs, key, &settings.name, settings.fifo).await?;
             let dlq = resolve_one(
                 sqs,

@@ -36,7 +36,13 @@ pub async fn run(
     health: Health,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<RoleStats>> {
-    let topology = Topology::resolve(&clients.sqs, config).await?;
+    let mut keys: Vec<&str> = roles
+        .iter()
+        .flat_map(|r| fleet_common::access::queues_of(r))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let topology = Topology::resolve_only(&clients.sqs, config, &keys).await?;
     let tables = Tables::from_config(config)?;
     let mut tasks = Vec::new();
     let mut stats = Vec::new();

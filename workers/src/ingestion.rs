@@ -33,6 +33,9 @@ impl Ingestion {
     }
 }
 
+/// The external types the edge accepts.
+pub const ROUTED_TYPES: [&str; 2] = [ORDER_SUBMITTED, DELIVERY_STATUS_REPORTED];
+
 /// The next queue (logical name) of each external type.
 pub fn route(kind: &str) -> Option<&'static str> {
     match kind {

@@ -17,3 +17,80 @@ pub mod orders;
 pub mod scenario;
 pub mod store;
 pub mod warehouse;
+
+#[cfg(test)]
+mod access_matches_the_code {
+    //! Derives each handler's AWS calls from its source and holds them to the declared table in
+    //! `fleet_common::access`, which `deploy/fleet.yaml` is held to in turn.
+
+    use std::collections::BTreeSet;
+
+    use fleet_common::access;
+    use regex::Regex;
+
+    const SOURCES: &[(&str, &str)] = &[
+        ("ingestion", include_str!("ingestion.rs")),
+        ("orders", include_str!("orders.rs")),
+        ("warehouse", include_str!("warehouse.rs")),
+        ("delivery", include_str!("delivery.rs")),
+    ];
+
+    fn action(op: &str) -> String {
+        let camel: String = op
+            .split('_')
+            .map(|w| w[..1].to_uppercase() + &w[1..])
+            .collect();
+        format!("dynamodb:{camel}")
+    }
+
+    /// (table key, action) pairs: an SDK call followed by the table it names.
+    fn table_calls(source: &str) -> BTreeSet<(String, String)> {
+        let call = Regex::new(r"\.(put_item|get_item|update_item|delete_item|batch_get_item|batch_write_item|query|scan|transact_write_items)\(\)(?s:.){0,300}?tables\.(\w+)").unwrap();
+        call.captures_iter(source)
+            .map(|c| (c[2].to_owned(), action(&c[1])))
+            .collect()
+    }
+
+    fn sends(role: &str, source: &str) -> BTreeSet<String> {
+        let literal = Regex::new(r#"Outgoing::new\(\s*"(\w+)""#).unwrap();
+        let mut out: BTreeSet<String> = literal
+            .captures_iter(source)
+            .map(|c| c[1].to_owned())
+            .collect();
+        if role == "ingestion" {
+            for kind in crate::ingestion::ROUTED_TYPES {
+                out.insert(crate::ingestion::route(kind).expect("routed").to_owned());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_role_calls_exactly_what_the_access_table_declares() {
+        for (role, source) in SOURCES {
+            let declared = access::of(role).expect("declared");
+            let want: BTreeSet<(String, String)> = declared
+                .tables
+                .iter()
+                .flat_map(|(t, actions)| {
+                    actions
+                        .iter()
+                        .map(move |a| ((*t).to_owned(), (*a).to_owned()))
+                })
+                .collect();
+            assert_eq!(table_calls(source), want, "DynamoDB calls of {role}");
+            let want: BTreeSet<String> =
+                declared.sends_to.iter().map(|s| (*s).to_owned()).collect();
+            assert_eq!(sends(role, source), want, "queues {role} forwards to");
+        }
+    }
+
+    #[test]
+    fn the_derivation_sees_a_call_that_the_table_does_not_declare() {
+        let sneaky = r#"self.store.client.delete_item().table_name(&self.store.tables.catalog)"#;
+        assert_eq!(
+            table_calls(sneaky),
+            BTreeSet::from([("catalog".to_owned(), "dynamodb:DeleteItem".to_owned())])
+        );
+    }
+}

@@ -64,6 +64,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Exit 0 when this container's worker answers `/healthz` (the container health check).
+    Healthcheck,
     /// Load a catalog file (products, prices, stock, substitutes) into the catalog table.
     SeedCatalog {
         #[arg(long, default_value = "config/catalog.json")]
@@ -108,6 +110,7 @@ async fn main() -> ExitCode {
 async fn run(command: Command, config: FleetConfig) -> anyhow::Result<()> {
     match command {
         Command::Run { role } => run_roles(config, role).await,
+        Command::Healthcheck => healthcheck(config.observability.listen_addr).await,
         Command::Provision { output } => {
             let clients = Clients::from_config(&config.aws).await;
             let report =
@@ -153,6 +156,29 @@ async fn run(command: Command, config: FleetConfig) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Asks the worker's own health endpoint; no HTTP client needed for one request on loopback.
+async fn healthcheck(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut head = vec![0u8; 64];
+        let n = stream.read(&mut head).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..n]).into_owned())
+    };
+    let head = tokio::time::timeout(Duration::from_secs(3), ask)
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr} did not answer within 3 s"))??;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "unhealthy: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    Ok(())
 }
 
 async fn run_roles(config: FleetConfig, role: Role) -> anyhow::Result<()> {
