@@ -225,9 +225,15 @@ pub struct WorkerConfig {
     /// How long shutdown waits for in-flight jobs before releasing them to the queue.
     #[serde(default = "default_shutdown_deadline_secs")]
     pub shutdown_deadline_secs: u32,
-    /// How long acknowledgements wait to fill a DeleteMessageBatch of 10.
+    /// How long acknowledgements (and forwarded messages) wait to fill a batch of 10.
     #[serde(default = "default_ack_flush_ms")]
     pub ack_flush_ms: u64,
+    /// Batching window: after a receive that brought some messages but fewer than asked for,
+    /// wait this long before the next one so that a trickle accumulates into full batches (like
+    /// Lambda's batching window), and wait up to this long for room for a full batch under the
+    /// in-flight cap. Fewer requests per message, up to this much more latency. 0 = off.
+    #[serde(default)]
+    pub batch_window_ms: u64,
     /// Cap on DynamoDB requests per second from this worker (governor); absent = no cap.
     pub downstream_rate_per_sec: Option<NonZeroU32>,
 }
@@ -457,6 +463,12 @@ impl FleetConfig {
             })?;
             if !(1..=MAX_BATCH).contains(&w.batch_size) {
                 return Err(ConfigError::invalid(at("batch_size"), "must be 1–10"));
+            }
+            if w.batch_window_ms > 20_000 {
+                return Err(ConfigError::invalid(
+                    at("batch_window_ms"),
+                    "must be at most 20000 (a long poll's limit)",
+                ));
             }
             if w.receive_wait_secs > 20 {
                 return Err(ConfigError::invalid(

@@ -1,1 +1,553 @@
-pub fn _placeholder() {}
+//! The load harness: drives the fleet with a generated load, measures it from outside (what the
+//! fleet counted on its metrics endpoint, what /proc says about the process, what the queues
+//! hold), measures the backends' own ceilings in the same run, audits every order, and writes a
+//! report (JSON, a human summary, SVG charts).
+
+pub mod ceiling;
+pub mod probe;
+pub mod report;
+pub mod svg;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
+use fleet_common::aws::{is_loopback_url, Clients};
+use fleet_common::config::FleetConfig;
+use fleet_common::topology::Topology;
+use governor::{Quota, RateLimiter};
+use indicatif::{ProgressBar, ProgressStyle};
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use workers::catalog::CatalogFile;
+use workers::scenario::{self, Input, Mix, Scenario};
+use workers::store::{OrderRecord, Tables};
+
+use crate::report::{Report, Sample};
+
+/// How the load is offered.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// Open loop: this many order submissions per second, whatever the fleet does.
+    Open(NonZeroU32),
+    /// Closed loop: this many producers, each sending its next batch of ten when SQS took the last.
+    Closed(usize),
+}
+
+/// A load-test run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The fleet config (queues, tables, endpoints).
+    pub config: FleetConfig,
+    /// Where the config file is (the worker process reads it too).
+    pub config_path: PathBuf,
+    /// Order submissions to generate.
+    pub orders: usize,
+    /// The mix of kinds.
+    pub mix: Mix,
+    /// Open or closed loop.
+    pub pace: Pace,
+    /// Enqueue everything before the fleet starts: steady state with a full backlog.
+    pub backlog: bool,
+    /// Send carrier events (in random order, with late and repeated ones) after the orders.
+    pub carrier_events: bool,
+    /// Start the fleet as a child process (`worker run --role all`); otherwise it runs elsewhere.
+    pub start_fleet: bool,
+    /// The `worker` binary.
+    pub worker_bin: PathBuf,
+    /// Extra config for the fleet process (`workers.orders.ack_flush_ms=500`).
+    pub fleet_overrides: Vec<(String, String)>,
+    /// Seconds per backend ceiling measurement (0: skip).
+    pub ceiling_secs: u64,
+    /// The catalog to seed.
+    pub catalog: PathBuf,
+    /// Generator seed.
+    pub seed: u64,
+    /// Where the report goes.
+    pub report_dir: PathBuf,
+    /// Longest wait for the queues to drain, per phase.
+    pub drain_timeout: Duration,
+}
+
+/// Runs the load and returns its report (also written to `report_dir`).
+///
+/// # Errors
+/// Setup failures (emulators down, missing binary); the verdict of the run is in the report.
+pub async fn run(opts: Options) -> anyhow::Result<Report> {
+    std::fs::create_dir_all(&opts.report_dir)
+        .with_context(|| format!("creating {}", opts.report_dir.display()))?;
+    let local = opts
+        .config
+        .aws
+        .sqs_endpoint_url
+        .as_deref()
+        .is_some_and(is_loopback_url);
+    let tag = format!("lt{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // Locally every run gets its own queues and tables; on AWS the deployed ones are used.
+    let config = if local {
+        opts.config.clone().with_suffix(&tag)
+    } else {
+        opts.config.clone()
+    };
+    let harness = Clients::from_config(&config.aws).await;
+    if local {
+        fleet_common::provision::provision(&harness.sqs, &harness.dynamodb, &config)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("{e}; are the emulators running (scripts/local-aws up)?")
+            })?;
+    }
+    let tables = Tables::from_config(&config)?;
+    let catalog = CatalogFile::load(&opts.catalog)?;
+    if local {
+        workers::catalog::seed(&harness.dynamodb, &tables.catalog, &catalog).await?;
+    }
+    let topology = Topology::resolve(&harness.sqs, &config).await?;
+    let scenario = Scenario::generate(opts.orders, opts.mix, &catalog, opts.seed, &tag);
+    let mut report = Report::new(&tag, local, &opts, &scenario);
+
+    if opts.ceiling_secs > 0 {
+        eprintln!("measuring backend ceilings ({} s each)…", opts.ceiling_secs);
+        let loops = config
+            .workers
+            .values()
+            .map(|w| w.max_in_flight.get())
+            .max()
+            .unwrap_or(16)
+            .min(32);
+        let sqs = ceiling::sqs(&harness.sqs, &tag, loops / 4 + 1, opts.ceiling_secs).await?;
+        let events = config.table("events")?;
+        let ddb = ceiling::dynamodb(
+            &harness.dynamodb,
+            &events.name,
+            events.ttl_attribute.as_deref(),
+            loops,
+            opts.ceiling_secs,
+        )
+        .await?;
+        report.set_ceilings(sqs, ddb);
+    }
+
+    let ingest = topology
+        .pair("ingest")
+        .context("the config has no ingest queue")?
+        .queue
+        .url
+        .clone();
+    let sent_at: Arc<Mutex<BTreeMap<String, OffsetDateTime>>> = Arc::default();
+    let mut fleet = None;
+    if opts.start_fleet && !opts.backlog {
+        fleet = Some(FleetProcess::start(&opts, &config, &report_path(&opts, "worker.log")).await?);
+    }
+    let started = Instant::now();
+    let sampler = Sampler::start(
+        harness.sqs.clone(),
+        topology.clone(),
+        fleet.as_ref().map(|f| (f.pid, f.metrics_addr)),
+    );
+    send_phase(
+        &harness.sqs,
+        &ingest,
+        &scenario.submissions,
+        opts.pace,
+        &sent_at,
+        "order submissions",
+    )
+    .await?;
+    if opts.start_fleet && opts.backlog {
+        report.backlog_before_start = workers::demo::queued(&harness.sqs, &topology).await?;
+        let f = FleetProcess::start(&opts, &config, &report_path(&opts, "worker.log")).await?;
+        sampler.attach(f.pid, f.metrics_addr);
+        fleet = Some(f);
+    }
+    let load_started = Instant::now();
+    drain(&harness.sqs, &topology, opts.drain_timeout).await?;
+    let phase1 = load_started.elapsed();
+    let metrics_after_orders = match &fleet {
+        Some(f) => Some(probe::parse(
+            &probe::http_get(f.metrics_addr, "/metrics").await?,
+        )),
+        None => None,
+    };
+    if opts.carrier_events {
+        send_phase(
+            &harness.sqs,
+            &ingest,
+            &scenario.carrier_events,
+            Pace::Closed(4),
+            &Arc::default(),
+            "carrier events",
+        )
+        .await?;
+        drain(&harness.sqs, &topology, opts.drain_timeout).await?;
+    }
+    let elapsed = started.elapsed();
+    let samples = sampler.stop().await;
+    let final_metrics = match &fleet {
+        Some(f) => Some(probe::parse(
+            &probe::http_get(f.metrics_addr, "/metrics").await?,
+        )),
+        None => None,
+    };
+    let process = fleet.as_ref().and_then(|f| probe::sample_process(f.pid));
+    if let Some(f) = fleet.take() {
+        f.stop().await?;
+    }
+
+    eprintln!("auditing every order…");
+    let audit = scenario::audit(
+        &harness.dynamodb,
+        &tables,
+        &scenario,
+        &catalog,
+        opts.carrier_events,
+    )
+    .await?;
+    let dead = workers::demo::dead_letters(&harness.sqs, &topology).await?;
+    let mut expected_dead = scenario.expected_dead_letters.clone();
+    if !opts.carrier_events {
+        // Carrier events for orders that do not exist are the only expected delivery dead letters.
+        expected_dead.remove(&("delivery".to_owned(), "unknown_order".to_owned()));
+    }
+    let unexpected = workers::demo::dead_letter_mismatches(&dead, &expected_dead);
+    let records: Vec<OrderRecord> = scenario::scan(&harness.dynamodb, &tables.orders)
+        .await?
+        .into_iter()
+        .filter_map(|i| serde_dynamo::from_item(i).ok())
+        .collect();
+    let sent = sent_at.lock().expect("sent lock").clone();
+    report.set_latency(&records, &sent);
+    report.set_audit(&audit, unexpected);
+    report.set_load(
+        elapsed,
+        phase1,
+        samples,
+        metrics_after_orders.as_ref(),
+        final_metrics.as_ref(),
+        process,
+    );
+    report.write(&opts.report_dir)?;
+    Ok(report)
+}
+
+fn report_path(opts: &Options, file: &str) -> PathBuf {
+    opts.report_dir.join(file)
+}
+
+/// Sends inputs at the chosen pace; records when each order's submission was accepted by SQS.
+async fn send_phase(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    inputs: &[Input],
+    pace: Pace,
+    sent_at: &Arc<Mutex<BTreeMap<String, OffsetDateTime>>>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let bar = ProgressBar::new(inputs.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} {per_sec} ETA {eta}")
+            .expect("template"),
+    );
+    bar.set_message(format!("sending {what}"));
+    let batches: Vec<Vec<Input>> = inputs.chunks(10).map(<[Input]>::to_vec).collect();
+    let (limiter, concurrency) = match pace {
+        Pace::Open(rate) => (
+            Some(RateLimiter::direct(
+                Quota::per_second(rate).allow_burst(NonZeroU32::new(10).expect("10")),
+            )),
+            32,
+        ),
+        Pace::Closed(producers) => (None, producers.max(1)),
+    };
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let mut tasks = Vec::with_capacity(batches.len());
+    for batch in batches {
+        if let Some(l) = &limiter {
+            l.until_n_ready(NonZeroU32::new(batch.len() as u32).expect("non-empty"))
+                .await
+                .expect("batch within burst");
+        }
+        let permit = Arc::clone(&permits).acquire_owned().await.expect("open");
+        let (sqs, url, sent_at, bar) = (
+            sqs.clone(),
+            url.to_owned(),
+            Arc::clone(sent_at),
+            bar.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let entries: Vec<_> = batch
+                .iter()
+                .enumerate()
+                .map(|(i, input)| {
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(&input.body)
+                        .build()
+                        .expect("entry")
+                })
+                .collect();
+            let out = sqs
+                .send_message_batch()
+                .queue_url(&url)
+                .set_entries(Some(entries))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                out.failed().is_empty(),
+                "SQS refused {} messages",
+                out.failed().len()
+            );
+            let now = OffsetDateTime::now_utc();
+            let mut sent = sent_at.lock().expect("sent lock");
+            for input in &batch {
+                if let Some(id) = &input.order_id {
+                    sent.entry(id.clone()).or_insert(now);
+                }
+            }
+            bar.inc(batch.len() as u64);
+            drop(permit);
+            Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Waits for every work queue to drain, showing the backlog.
+async fn drain(
+    sqs: &aws_sdk_sqs::Client,
+    topology: &Topology,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let bar = ProgressBar::no_length();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} draining: {msg} {elapsed}").expect("template"),
+    );
+    let watcher = {
+        let (sqs, topology, bar) = (sqs.clone(), topology.clone(), bar.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(n) = workers::demo::queued(&sqs, &topology).await {
+                    bar.set_message(format!("{n} messages queued"));
+                }
+                bar.tick();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let result = workers::demo::wait_idle(sqs, topology, limit).await;
+    watcher.abort();
+    bar.finish_and_clear();
+    result
+}
+
+/// The fleet as a child process.
+struct FleetProcess {
+    child: tokio::process::Child,
+    pid: u32,
+    metrics_addr: SocketAddr,
+}
+
+impl FleetProcess {
+    async fn start(
+        opts: &Options,
+        config: &FleetConfig,
+        log: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            opts.worker_bin.exists(),
+            "{} is missing: build it with `cargo build --release --bin worker`",
+            opts.worker_bin.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let metrics_addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut env: Vec<(String, String)> = Vec::new();
+        for (key, q) in &config.queues {
+            env.push((
+                format!("FLEET__QUEUES__{}__NAME", key.to_uppercase()),
+                q.name.clone(),
+            ));
+        }
+        for (key, t) in &config.tables {
+            env.push((
+                format!("FLEET__TABLES__{}__NAME", key.to_uppercase()),
+                t.name.clone(),
+            ));
+        }
+        env.push((
+            "FLEET__OBSERVABILITY__LISTEN_ADDR".into(),
+            metrics_addr.to_string(),
+        ));
+        for (k, v) in &opts.fleet_overrides {
+            env.push((
+                format!("FLEET__{}", k.replace('.', "__").to_uppercase()),
+                v.clone(),
+            ));
+        }
+        let log_file = std::fs::File::create(log)?;
+        let child = tokio::process::Command::new(&opts.worker_bin)
+            .args([
+                "--config",
+                &opts.config_path.to_string_lossy(),
+                "run",
+                "--role",
+                "all",
+            ])
+            .envs(env)
+            .env(
+                "RUST_LOG",
+                std::env::var("FLEET_LOADTEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", opts.worker_bin.display()))?;
+        let pid = child.id().context("the worker exited at once")?;
+        let mut f = Self {
+            child,
+            pid,
+            metrics_addr,
+        };
+        for _ in 0..150 {
+            if probe::http_get(metrics_addr, "/readyz")
+                .await
+                .is_ok_and(|b| !b.is_empty())
+            {
+                return Ok(f);
+            }
+            if let Some(status) = f.child.try_wait()? {
+                anyhow::bail!("the worker exited ({status}); see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!(
+            "the worker did not become ready within 30 s; see {}",
+            log.display()
+        )
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        match tokio::time::timeout(Duration::from_secs(40), self.child.wait()).await {
+            Ok(status) => anyhow::ensure!(status?.success(), "the worker did not stop cleanly"),
+            Err(_) => {
+                self.child.kill().await?;
+                anyhow::bail!("the worker did not stop within 40 s of SIGTERM");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Samples throughput, backlog and the process once a second.
+struct Sampler {
+    target: Arc<Mutex<Option<(u32, SocketAddr)>>>,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sampler {
+    fn start(
+        sqs: aws_sdk_sqs::Client,
+        topology: Topology,
+        target: Option<(u32, SocketAddr)>,
+    ) -> Self {
+        let target = Arc::new(Mutex::new(target));
+        let samples: Arc<Mutex<Vec<Sample>>> = Arc::default();
+        let task = {
+            let (target, samples) = (Arc::clone(&target), Arc::clone(&samples));
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                let mut last: Option<(f64, f64, f64)> = None; // (t, processed, cpu)
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let t = t0.elapsed().as_secs_f64();
+                    let mut backlog = 0;
+                    for pair in topology.queues.values() {
+                        if let Ok(out) = sqs
+                            .get_queue_attributes()
+                            .queue_url(&pair.queue.url)
+                            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                            .attribute_names(
+                                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+                            )
+                            .send()
+                            .await
+                        {
+                            backlog += out
+                                .attributes()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|(_, v)| v.parse::<u64>().ok())
+                                .sum::<u64>();
+                        }
+                    }
+                    let current = *target.lock().expect("target lock");
+                    let mut sample = Sample {
+                        t_secs: t,
+                        backlog,
+                        ..Sample::default()
+                    };
+                    if let Some((pid, addr)) = current {
+                        let (processed, receive_delete) =
+                            match probe::http_get(addr, "/metrics").await {
+                                Ok(text) => {
+                                    let m = probe::parse(&text);
+                                    let rd = probe::sum(
+                                        &m,
+                                        "fleet_aws_requests_total",
+                                        &["operation=\"ReceiveMessage\""],
+                                    ) + probe::sum(
+                                        &m,
+                                        "fleet_aws_requests_total",
+                                        &["operation=\"DeleteMessageBatch\""],
+                                    );
+                                    (probe::sum(&m, "fleet_messages_succeeded_total", &[]), rd)
+                                }
+                                Err(_) => (last.map_or(0.0, |l| l.1), 0.0),
+                            };
+                        sample.receive_delete_total = receive_delete;
+                        let proc_sample = probe::sample_process(pid).unwrap_or_default();
+                        if let Some((lt, lp, lc)) = last {
+                            let dt = (t - lt).max(0.001);
+                            sample.processed_per_sec = (processed - lp).max(0.0) / dt;
+                            sample.cpu_percent = (proc_sample.cpu_secs - lc).max(0.0) / dt * 100.0;
+                        }
+                        sample.processed_total = processed;
+                        sample.rss_mib = proc_sample.rss_mib;
+                        last = Some((t, processed, proc_sample.cpu_secs));
+                    }
+                    samples.lock().expect("samples lock").push(sample);
+                }
+            })
+        };
+        Self {
+            target,
+            samples,
+            task,
+        }
+    }
+
+    fn attach(&self, pid: u32, addr: SocketAddr) {
+        *self.target.lock().expect("target lock") = Some((pid, addr));
+    }
+
+    async fn stop(self) -> Vec<Sample> {
+        self.task.abort();
+        let _ = self.task.await;
+        std::mem::take(&mut *self.samples.lock().expect("samples lock"))
+    }
+}

@@ -1,1 +1,198 @@
-fn main() {}
+//! `loadtest`: parses the command line and runs the harness in the `loadtest` library. Exits 0
+//! when the audit passes (nothing lost, nothing applied twice), 1 when it fails, 2 on bad usage.
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use fleet_common::config::FleetConfig;
+use loadtest::{Options, Pace};
+use workers::scenario::Mix;
+
+/// Drive the fleet, measure it, audit every order.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version)]
+struct Cli {
+    /// The fleet config; with loopback endpoints the run gets its own queues and tables.
+    #[arg(long, env = "FLEET_CONFIG", default_value = "config/fleet.toml")]
+    config: PathBuf,
+    /// Order submissions (plus their duplicates, malformed bodies and carrier events).
+    #[arg(long, default_value_t = 1000)]
+    orders: usize,
+    /// Or: run this long at --rate (orders = rate × duration).
+    #[arg(long, value_parser = humantime::parse_duration, requires = "rate")]
+    duration: Option<Duration>,
+    /// Open loop: order submissions per second.
+    #[arg(long, conflicts_with = "producers")]
+    rate: Option<NonZeroU32>,
+    /// Closed loop: producers sending back to back (default 8).
+    #[arg(long)]
+    producers: Option<usize>,
+    /// Mix weights: valid=60,duplicate=10,malformed=8,unknown_sku=7,wrong_price=7,out_of_stock=8
+    #[arg(long, value_parser = parse_mix, default_value = "valid=60,duplicate=10,malformed=8,unknown_sku=7,wrong_price=7,out_of_stock=8")]
+    mix: Mix,
+    /// Enqueue everything before starting the fleet (steady state with a backlog).
+    #[arg(long)]
+    backlog: bool,
+    /// Skip the carrier events phase.
+    #[arg(long)]
+    no_carrier_events: bool,
+    /// The fleet runs elsewhere (AWS): do not start it; requests are then not counted.
+    #[arg(long)]
+    no_start_fleet: bool,
+    /// The worker binary (default: next to this one).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+    /// Config for the fleet process, KEY=VALUE (repeatable): workers.orders.ack_flush_ms=500
+    #[arg(long = "fleet-set", value_parser = parse_kv)]
+    fleet_overrides: Vec<(String, String)>,
+    /// Run the fleet in its cost profile: one poller per queue, a 1 s batching window and 1 s
+    /// acknowledgement batching (full batches of ten; about a second more latency per stage).
+    #[arg(long)]
+    cost_profile: bool,
+    /// Seconds per backend ceiling measurement (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    ceiling_secs: u64,
+    /// The catalog to seed (local runs).
+    #[arg(long, default_value = "config/catalog.json")]
+    catalog: PathBuf,
+    /// Generator seed.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Report directory (default loadtest/reports/<run time>).
+    #[arg(long)]
+    report_dir: Option<PathBuf>,
+    /// Longest wait for the queues to drain, per phase.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
+    drain_timeout: Duration,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn parse_mix(s: &str) -> Result<Mix, String> {
+    let mut mix = Mix {
+        valid: 0,
+        duplicate: 0,
+        malformed: 0,
+        unknown_sku: 0,
+        wrong_price: 0,
+        out_of_stock: 0,
+    };
+    for part in s.split(',') {
+        let (k, v) = parse_kv(part)?;
+        let n: u32 = v
+            .parse()
+            .map_err(|_| format!("`{v}` is not a whole number (in {part})"))?;
+        match k.as_str() {
+            "valid" => mix.valid = n,
+            "duplicate" => mix.duplicate = n,
+            "malformed" => mix.malformed = n,
+            "unknown_sku" => mix.unknown_sku = n,
+            "wrong_price" => mix.wrong_price = n,
+            "out_of_stock" => mix.out_of_stock = n,
+            other => return Err(format!("unknown kind `{other}`: valid, duplicate, malformed, unknown_sku, wrong_price, out_of_stock")),
+        }
+    }
+    Ok(mix)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let config = match FleetConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let pace = match (cli.rate, cli.producers) {
+        (Some(r), _) => Pace::Open(r),
+        (None, p) => Pace::Closed(p.unwrap_or(8)),
+    };
+    let orders = match (cli.duration, cli.rate) {
+        (Some(d), Some(r)) => (d.as_secs_f64() * f64::from(r.get())) as usize,
+        _ => cli.orders,
+    };
+    let worker_bin = cli.worker_bin.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("worker")))
+            .unwrap_or_else(|| "worker".into())
+    });
+    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut fleet_overrides = Vec::new();
+    if cli.cost_profile {
+        for role in config.workers.keys() {
+            for (k, v) in [
+                ("pollers", "1"),
+                ("batch_window_ms", "1000"),
+                ("ack_flush_ms", "1000"),
+            ] {
+                fleet_overrides.push((format!("workers.{role}.{k}"), v.to_owned()));
+            }
+        }
+    }
+    fleet_overrides.extend(cli.fleet_overrides);
+    let opts = Options {
+        config,
+        config_path: cli.config,
+        orders,
+        mix: cli.mix,
+        pace,
+        backlog: cli.backlog,
+        carrier_events: !cli.no_carrier_events,
+        start_fleet: !cli.no_start_fleet,
+        worker_bin,
+        fleet_overrides,
+        ceiling_secs: cli.ceiling_secs,
+        catalog: cli.catalog,
+        seed: cli.seed,
+        report_dir: cli
+            .report_dir
+            .unwrap_or_else(|| PathBuf::from(format!("loadtest/reports/{stamp}"))),
+        drain_timeout: cli.drain_timeout,
+    };
+    let dir = opts.report_dir.clone();
+    match loadtest::run(opts).await {
+        Ok(report) => {
+            print!("{}", report.summary());
+            println!("  report: {}/report.json (+ summary.txt, throughput.svg, backlog.svg, latency.svg, memory.svg)", dir.display());
+            if report.verdict == "PASS" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mix_names_its_kinds_and_refuses_unknown_ones() {
+        let m = parse_mix("valid=5,out_of_stock=1").unwrap();
+        assert_eq!((m.valid, m.out_of_stock, m.duplicate), (5, 1, 0));
+        assert!(parse_mix("valid=x").unwrap_err().contains("whole number"));
+        assert!(parse_mix("bogus=1").unwrap_err().contains("unknown kind"));
+    }
+}

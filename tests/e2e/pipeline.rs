@@ -30,7 +30,7 @@ async fn snapshot(env: &TestEnv) -> (BTreeMap<String, String>, BTreeMap<String, 
             .map(|i| {
                 let pk = i["pk"].as_s().unwrap().clone();
                 let json: serde_json::Value = serde_dynamo::from_item(i).unwrap();
-                (pk, json.to_string())
+                (pk, canonical(&json))
             })
             .collect()
     };
@@ -38,6 +38,24 @@ async fn snapshot(env: &TestEnv) -> (BTreeMap<String, String>, BTreeMap<String, 
         dump(scan(&env.clients.dynamodb, &tables.orders).await.unwrap()),
         dump(scan(&env.clients.dynamodb, &tables.catalog).await.unwrap()),
     )
+}
+
+/// JSON with object keys sorted at every level (serde_json may keep insertion order, and
+/// DynamoDB maps come back in any order).
+fn canonical(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(map) => {
+            let sorted: BTreeMap<&String, String> =
+                map.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let fields: Vec<String> = sorted.iter().map(|(k, v)| format!("{k:?}:{v}")).collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        serde_json::Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(canonical).collect::<Vec<_>>().join(",")
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// Compares snapshots item by item, naming the first item that differs.

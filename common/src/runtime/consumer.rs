@@ -236,7 +236,14 @@ impl<H: Handler> Inner<H> {
                 Ok(messages) => {
                     failures = 0;
                     self.health.beat();
+                    let partial = !messages.is_empty() && messages.len() < permits.num_permits();
                     self.dispatch(messages, permits, &jobs);
+                    if partial && self.worker.batch_window_ms > 0 {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(self.worker.batch_window_ms)) => {}
+                        }
+                    }
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
@@ -256,7 +263,8 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    /// Waits for at least one free slot, then briefly for enough to ask for a full batch.
+    /// Waits for at least one free slot, then briefly (100 ms, or the batching window when it
+    /// is longer) for enough to ask for a full batch.
     async fn reserve_batch(&self) -> OwnedSemaphorePermit {
         let want = (self.worker.batch_size as usize).min(self.worker.max_in_flight.get());
         let mut permits = Arc::clone(&self.capacity)
@@ -265,7 +273,8 @@ impl<H: Handler> Inner<H> {
             .expect("capacity is never closed");
         if want > 1 {
             let more = Arc::clone(&self.capacity).acquire_many_owned((want - 1) as u32);
-            match tokio::time::timeout(BATCH_FILL_WAIT, more).await {
+            let fill_wait = BATCH_FILL_WAIT.max(Duration::from_millis(self.worker.batch_window_ms));
+            match tokio::time::timeout(fill_wait, more).await {
                 Ok(Ok(more)) => permits.merge(more),
                 _ => {
                     while permits.num_permits() < want {

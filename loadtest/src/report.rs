@@ -1,0 +1,581 @@
+//! The report of a run: figures, verdict, a human summary, JSON and SVG charts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use time::OffsetDateTime;
+use workers::scenario::{Audit, Scenario};
+use workers::store::OrderRecord;
+
+use crate::ceiling::Ceiling;
+use crate::probe::{self, Metrics, ProcessSample};
+use crate::{svg, Options, Pace};
+
+/// List prices used for the cost estimate (USD, us-east-1, on-demand, no free tier). Edit here
+/// when AWS changes them.
+pub const SQS_PER_MILLION_REQUESTS: f64 = 0.40;
+/// DynamoDB on-demand, per million write request units.
+pub const DDB_PER_MILLION_WRITE_UNITS: f64 = 0.625;
+/// DynamoDB on-demand, per million read request units.
+pub const DDB_PER_MILLION_READ_UNITS: f64 = 0.125;
+
+/// One second of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Sample {
+    /// Seconds since the load started.
+    pub t_secs: f64,
+    /// Messages the fleet completed per second (all stages).
+    pub processed_per_sec: f64,
+    /// Messages completed so far.
+    pub processed_total: f64,
+    /// ReceiveMessage + DeleteMessageBatch requests so far.
+    pub receive_delete_total: f64,
+    /// Messages visible or in flight on the work queues.
+    pub backlog: u64,
+    /// The fleet process's resident memory.
+    pub rss_mib: f64,
+    /// The fleet process's CPU use (100 = one core).
+    pub cpu_percent: f64,
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    /// Orders measured.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: u64,
+    /// 90th percentile.
+    pub p90_ms: u64,
+    /// 99th percentile.
+    pub p99_ms: u64,
+    /// Slowest.
+    pub max_ms: u64,
+}
+
+/// Ceilings and how close the fleet came.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Bound {
+    /// Raw SQS receive+delete loop.
+    pub sqs: Ceiling,
+    /// Raw conditional writes.
+    pub dynamodb: Ceiling,
+    /// Messages per second SQS allows the fleet, given its SQS requests per message.
+    pub sqs_bound_messages_per_sec: f64,
+    /// Messages per second DynamoDB allows the fleet, given its DynamoDB requests per message.
+    pub dynamodb_bound_messages_per_sec: f64,
+    /// `sqs` or `dynamodb`.
+    pub bounding_backend: String,
+    /// Fleet messages per second (at steady state) over the bound, percent.
+    pub fleet_percent_of_bound: f64,
+}
+
+/// What the fleet spent, counted by the fleet itself.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Spend {
+    /// Messages completed by all stages.
+    pub processed_messages: f64,
+    /// SQS requests per operation.
+    pub sqs_requests: BTreeMap<String, f64>,
+    /// All SQS requests per processed message.
+    pub sqs_requests_per_message: f64,
+    /// ReceiveMessage + DeleteMessageBatch per processed message (target ≤ 0.21 with a backlog).
+    pub receive_delete_requests_per_message: f64,
+    /// The same, over the order phase only.
+    pub receive_delete_requests_per_message_order_phase: f64,
+    /// The same at steady state: between 10% and 90% of the order phase's messages, from the
+    /// once-a-second scrapes (ramp-up, the drained tail and idle long polls excluded).
+    pub receive_delete_requests_per_message_steady: f64,
+    /// Per queue: (receives, of which empty, messages per non-empty receive).
+    pub receives_by_queue: BTreeMap<String, (f64, f64, f64)>,
+    /// DynamoDB requests per operation.
+    pub dynamodb_requests: BTreeMap<String, f64>,
+    /// DynamoDB write requests per message handled by each stage.
+    pub dynamodb_writes_per_message_by_stage: BTreeMap<String, f64>,
+    /// DynamoDB write requests per processed message, all stages.
+    pub dynamodb_writes_per_message: f64,
+    /// DynamoDB read requests per processed message.
+    pub dynamodb_reads_per_message: f64,
+}
+
+/// The run's report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Run id (also the suffix of its queues and tables locally).
+    pub run_id: String,
+    /// When it started.
+    pub started_at: String,
+    /// `local emulators` or `aws`.
+    pub target: String,
+    /// `PASS` or `FAIL`.
+    pub verdict: String,
+    /// Why it failed.
+    pub offenders: Vec<String>,
+    /// The load.
+    pub scenario: serde_json::Value,
+    /// The audit.
+    pub audit: serde_json::Value,
+    /// Messages waiting when the fleet started (backlog mode).
+    pub backlog_before_start: u64,
+    /// Wall time of the whole run, seconds.
+    pub elapsed_secs: f64,
+    /// Wall time of the order phase (until every queue drained), seconds.
+    pub order_phase_secs: f64,
+    /// Completed messages per second, whole run.
+    pub messages_per_sec: f64,
+    /// Completed messages per second at steady state (median of the busy seconds).
+    pub steady_messages_per_sec: f64,
+    /// Orders per second through the order phase.
+    pub orders_per_sec: f64,
+    /// Enqueue → the order's final state (accepted and packed, unpackable, or rejected).
+    pub latency: Latency,
+    /// Counted requests.
+    pub spend: Option<Spend>,
+    /// The fleet process, when the harness ran it.
+    pub worker: Option<serde_json::Value>,
+    /// Backend ceilings.
+    pub ceiling: Option<Bound>,
+    /// A million orders at list prices, from the counted requests (USD).
+    pub cost_per_million_orders: Option<serde_json::Value>,
+    /// Once a second.
+    pub series: Vec<Sample>,
+    #[serde(skip)]
+    orders: usize,
+    #[serde(skip)]
+    latencies_ms: Vec<u64>,
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+impl Report {
+    pub(crate) fn new(tag: &str, local: bool, opts: &Options, scenario: &Scenario) -> Self {
+        let pace = match opts.pace {
+            Pace::Open(r) => serde_json::json!({"mode": "open", "orders_per_sec": r.get()}),
+            Pace::Closed(p) => serde_json::json!({"mode": "closed", "producers": p}),
+        };
+        Self {
+            run_id: tag.to_owned(),
+            started_at: OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            target: if local {
+                "local emulators".into()
+            } else {
+                "aws".into()
+            },
+            scenario: serde_json::json!({
+                "orders": opts.orders, "mix": opts.mix, "pace": pace, "backlog": opts.backlog,
+                "submissions": scenario.submissions.len(), "carrier_events": if opts.carrier_events { scenario.carrier_events.len() } else { 0 },
+                "fleet_overrides": opts.fleet_overrides.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+            }),
+            orders: opts.orders,
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn set_ceilings(&mut self, sqs: Ceiling, dynamodb: Ceiling) {
+        self.ceiling = Some(Bound {
+            sqs,
+            dynamodb,
+            ..Bound::default()
+        });
+    }
+
+    pub(crate) fn set_latency(
+        &mut self,
+        records: &[OrderRecord],
+        sent: &BTreeMap<String, OffsetDateTime>,
+    ) {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("bounds");
+        for r in records {
+            let Some(at) = sent.get(&r.order_id) else {
+                continue;
+            };
+            let done = r
+                .history
+                .iter()
+                .filter(|e| e.stage != "delivery")
+                .filter_map(|e| {
+                    OffsetDateTime::parse(&e.at, &time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .max();
+            if let Some(done) = done {
+                let ms = (done - *at).whole_milliseconds().max(1) as u64;
+                self.latencies_ms.push(ms);
+                let _ = h.record(ms.min(3_600_000));
+            }
+        }
+        self.latency = Latency {
+            count: h.len(),
+            p50_ms: h.value_at_quantile(0.5),
+            p90_ms: h.value_at_quantile(0.9),
+            p99_ms: h.value_at_quantile(0.99),
+            max_ms: h.max(),
+        };
+    }
+
+    pub(crate) fn set_audit(&mut self, audit: &Audit, unexpected_dead_letters: u64) {
+        self.audit = serde_json::json!({
+            "orders_expected": audit.orders_expected, "orders_completed": audit.orders_completed,
+            "orders_rejected": audit.orders_rejected, "lost": audit.lost, "duplicate_effects": audit.duplicate_effects,
+            "unexpected_orders": audit.unexpected_orders, "unexpected_dead_letters": unexpected_dead_letters,
+        });
+        self.offenders = audit.offenders.clone();
+        if unexpected_dead_letters > 0 {
+            self.offenders.push(format!("{unexpected_dead_letters} dead letters differ from the expected (queue, reason) counts"));
+        }
+        let pass = audit.lost == 0
+            && audit.duplicate_effects == 0
+            && audit.unexpected_orders == 0
+            && unexpected_dead_letters == 0;
+        self.verdict = if pass { "PASS" } else { "FAIL" }.into();
+    }
+
+    pub(crate) fn set_load(
+        &mut self,
+        elapsed: Duration,
+        phase1: Duration,
+        series: Vec<Sample>,
+        after_orders: Option<&Metrics>,
+        end: Option<&Metrics>,
+        process: Option<ProcessSample>,
+    ) {
+        self.elapsed_secs = round(elapsed.as_secs_f64());
+        self.order_phase_secs = round(phase1.as_secs_f64());
+        self.orders_per_sec = round(self.orders as f64 / phase1.as_secs_f64().max(0.001));
+        let mut busy: Vec<f64> = series
+            .iter()
+            .map(|s| s.processed_per_sec)
+            .filter(|r| *r > 0.0)
+            .collect();
+        busy.sort_by(f64::total_cmp);
+        self.steady_messages_per_sec = round(busy.get(busy.len() / 2).copied().unwrap_or(0.0));
+        if let Some(m) = end {
+            let processed = probe::sum(m, "fleet_messages_succeeded_total", &[]);
+            self.messages_per_sec = round(processed / elapsed.as_secs_f64().max(0.001));
+            let ops = |service: &str| -> BTreeMap<String, f64> {
+                m.iter()
+                    .filter(|(k, _)| {
+                        k.starts_with("fleet_aws_requests_total{")
+                            && k.contains(&format!("service=\"{service}\""))
+                    })
+                    .filter_map(|(k, v)| {
+                        Some((
+                            k.split("operation=\"")
+                                .nth(1)?
+                                .split('"')
+                                .next()?
+                                .to_owned(),
+                            *v,
+                        ))
+                    })
+                    .fold(BTreeMap::new(), |mut acc, (op, v)| {
+                        *acc.entry(op).or_insert(0.0) += v;
+                        acc
+                    })
+            };
+            let sqs = ops("sqs");
+            let ddb = ops("dynamodb");
+            let per = |n: f64| {
+                if processed > 0.0 {
+                    round(n / processed)
+                } else {
+                    0.0
+                }
+            };
+            let get = |map: &BTreeMap<String, f64>, op: &str| map.get(op).copied().unwrap_or(0.0);
+            let writes: f64 = [
+                "PutItem",
+                "UpdateItem",
+                "DeleteItem",
+                "BatchWriteItem",
+                "TransactWriteItems",
+            ]
+            .iter()
+            .map(|op| get(&ddb, op))
+            .sum();
+            let reads: f64 = ["GetItem", "BatchGetItem", "Query", "Scan"]
+                .iter()
+                .map(|op| get(&ddb, op))
+                .sum();
+            let mut by_stage = BTreeMap::new();
+            for key in m
+                .keys()
+                .filter(|k| k.starts_with("fleet_ddb_write_requests_total{"))
+            {
+                let Some(stage) = key
+                    .split("stage=\"")
+                    .nth(1)
+                    .and_then(|s| s.split('"').next())
+                else {
+                    continue;
+                };
+                let stage_writes = probe::sum(
+                    m,
+                    "fleet_ddb_write_requests_total",
+                    &[&format!("stage=\"{stage}\"")],
+                );
+                let queue = match stage {
+                    "ingestion" => "ingest",
+                    other => other,
+                };
+                let handled = probe::sum(
+                    m,
+                    "fleet_messages_succeeded_total",
+                    &[&format!("queue=\"fleet-{queue}")],
+                ) + probe::sum(
+                    m,
+                    "fleet_messages_dead_lettered_total",
+                    &[&format!("queue=\"fleet-{queue}")],
+                );
+                by_stage.insert(
+                    stage.to_owned(),
+                    if handled > 0.0 {
+                        round(stage_writes / handled)
+                    } else {
+                        0.0
+                    },
+                );
+            }
+            let mut spend = Spend {
+                processed_messages: processed,
+                sqs_requests_per_message: per(sqs.values().sum()),
+                receive_delete_requests_per_message: per(
+                    get(&sqs, "ReceiveMessage") + get(&sqs, "DeleteMessageBatch")
+                ),
+                dynamodb_writes_per_message: per(writes),
+                dynamodb_reads_per_message: per(reads),
+                dynamodb_writes_per_message_by_stage: by_stage,
+                sqs_requests: sqs.clone(),
+                dynamodb_requests: ddb.clone(),
+                ..Spend::default()
+            };
+            for key in m.keys().filter(|k| k.starts_with("fleet_receives_total{")) {
+                let Some(queue) = key
+                    .split("queue=\"")
+                    .nth(1)
+                    .and_then(|s| s.split('"').next())
+                else {
+                    continue;
+                };
+                if spend.receives_by_queue.contains_key(queue) {
+                    continue;
+                }
+                let q = format!("queue=\"{queue}\"");
+                let all = probe::sum(m, "fleet_receives_total", &[&q]);
+                let empty = probe::sum(m, "fleet_receives_total", &[&q, "empty=\"true\""]);
+                let received = probe::sum(m, "fleet_messages_received_total", &[&q]);
+                spend.receives_by_queue.insert(
+                    queue.to_owned(),
+                    (
+                        all,
+                        empty,
+                        if all > empty {
+                            round(received / (all - empty))
+                        } else {
+                            0.0
+                        },
+                    ),
+                );
+            }
+            if let Some(a) = after_orders {
+                let p = probe::sum(a, "fleet_messages_succeeded_total", &[]);
+                let rd = probe::sum(
+                    a,
+                    "fleet_aws_requests_total",
+                    &["operation=\"ReceiveMessage\""],
+                ) + probe::sum(
+                    a,
+                    "fleet_aws_requests_total",
+                    &["operation=\"DeleteMessageBatch\""],
+                );
+                spend.receive_delete_requests_per_message_order_phase =
+                    if p > 0.0 { round(rd / p) } else { 0.0 };
+                let at = |frac: f64| {
+                    series
+                        .iter()
+                        .find(|s| s.processed_total >= frac * p && s.receive_delete_total > 0.0)
+                };
+                if let (Some(a), Some(b)) = (at(0.1), at(0.9)) {
+                    let dp = b.processed_total - a.processed_total;
+                    if dp > 0.0 {
+                        spend.receive_delete_requests_per_message_steady =
+                            round((b.receive_delete_total - a.receive_delete_total) / dp);
+                    }
+                }
+            }
+            // Cost of a million orders: requests per order × price. Write request units are
+            // counted as one per write request (items under 1 KB); reads likewise per request.
+            let per_order = |n: f64| n / self.orders.max(1) as f64;
+            let sqs_cost = per_order(sqs.values().sum()) * SQS_PER_MILLION_REQUESTS;
+            let write_cost = per_order(writes) * DDB_PER_MILLION_WRITE_UNITS;
+            let read_cost = per_order(reads) * DDB_PER_MILLION_READ_UNITS;
+            self.cost_per_million_orders = Some(serde_json::json!({
+                "sqs_usd": round(sqs_cost), "dynamodb_writes_usd": round(write_cost), "dynamodb_reads_usd": round(read_cost),
+                "total_usd": round(sqs_cost + write_cost + read_cost),
+                "prices": {"sqs_per_million_requests": SQS_PER_MILLION_REQUESTS, "dynamodb_per_million_wru": DDB_PER_MILLION_WRITE_UNITS, "dynamodb_per_million_rru": DDB_PER_MILLION_READ_UNITS},
+                "note": "SQS standard and DynamoDB on-demand list prices (us-east-1), one request unit per counted request (items under 1 KB); compute (Fargate) not included",
+            }));
+            if let Some(b) = &mut self.ceiling {
+                let sqs_per_msg = spend.sqs_requests_per_message.max(0.001);
+                let ddb_per_msg = (spend.dynamodb_writes_per_message
+                    + spend.dynamodb_reads_per_message)
+                    .max(0.001);
+                b.sqs_bound_messages_per_sec = round(b.sqs.requests_per_sec / sqs_per_msg);
+                b.dynamodb_bound_messages_per_sec =
+                    round(b.dynamodb.requests_per_sec / ddb_per_msg);
+                let (name, bound) =
+                    if b.sqs_bound_messages_per_sec <= b.dynamodb_bound_messages_per_sec {
+                        ("sqs", b.sqs_bound_messages_per_sec)
+                    } else {
+                        ("dynamodb", b.dynamodb_bound_messages_per_sec)
+                    };
+                b.bounding_backend = name.into();
+                b.fleet_percent_of_bound =
+                    round(100.0 * self.steady_messages_per_sec / bound.max(0.001));
+            }
+            self.spend = Some(spend);
+        }
+        if let Some(p) = process {
+            let processed = self
+                .spend
+                .as_ref()
+                .map_or(0.0, |s| s.processed_messages)
+                .max(1.0);
+            let rss: Vec<f64> = series
+                .iter()
+                .map(|s| s.rss_mib)
+                .filter(|r| *r > 0.0)
+                .collect();
+            let third = (rss.len() / 3).max(1);
+            let mean = |xs: &[f64]| {
+                if xs.is_empty() {
+                    0.0
+                } else {
+                    xs.iter().sum::<f64>() / xs.len() as f64
+                }
+            };
+            let first = mean(&rss[..third.min(rss.len())]);
+            let last = mean(&rss[rss.len().saturating_sub(third)..]);
+            self.worker = Some(serde_json::json!({
+                "cpu_secs": round(p.cpu_secs),
+                "cpu_ms_per_1000_messages": round(p.cpu_secs * 1000.0 / processed * 1000.0),
+                "peak_rss_mib": round(p.peak_rss_mib),
+                "rss_mib_first_third_mean": round(first),
+                "rss_mib_last_third_mean": round(last),
+                "rss_growth_mib": round(last - first),
+            }));
+        }
+        self.series = series;
+    }
+
+    /// Writes report.json, summary.txt and the charts into `dir`.
+    ///
+    /// # Errors
+    /// File errors.
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("summary.txt"), self.summary())?;
+        let points = |f: fn(&Sample) -> f64| {
+            self.series
+                .iter()
+                .map(|s| (s.t_secs, f(s)))
+                .collect::<Vec<_>>()
+        };
+        std::fs::write(
+            dir.join("throughput.svg"),
+            svg::line(
+                "Throughput (all stages)",
+                "seconds",
+                "messages/s",
+                &points(|s| s.processed_per_sec),
+            ),
+        )?;
+        std::fs::write(
+            dir.join("backlog.svg"),
+            svg::line(
+                "Backlog (visible + in flight, all work queues)",
+                "seconds",
+                "messages",
+                &points(|s| s.backlog as f64),
+            ),
+        )?;
+        std::fs::write(
+            dir.join("memory.svg"),
+            svg::line(
+                "Worker resident memory",
+                "seconds",
+                "MiB",
+                &points(|s| s.rss_mib),
+            ),
+        )?;
+        let l = &self.latency;
+        let bars = [
+            ("p50", l.p50_ms),
+            ("p90", l.p90_ms),
+            ("p99", l.p99_ms),
+            ("max", l.max_ms),
+        ]
+        .map(|(k, v)| (k.to_owned(), v as f64));
+        std::fs::write(
+            dir.join("latency.svg"),
+            svg::bars("Enqueue → final order state", "ms", &bars),
+        )?;
+        Ok(())
+    }
+
+    /// The human summary.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "load test {} against {}: {}\n",
+            self.run_id, self.target, self.verdict
+        );
+        s += &format!("  audit: {}\n", self.audit);
+        s += &format!(
+            "  throughput: {:.1} msg/s overall, {:.1} msg/s steady, {:.1} orders/s; order phase {:.1} s, whole run {:.1} s\n",
+            self.messages_per_sec, self.steady_messages_per_sec, self.orders_per_sec, self.order_phase_secs, self.elapsed_secs
+        );
+        let l = &self.latency;
+        s += &format!("  latency enqueue→final state ({} orders): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms\n", l.count, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms);
+        if let Some(sp) = &self.spend {
+            s += &format!(
+                "  SQS: {:.3} requests/msg; receive+delete {:.3}/msg over the run, {:.3} over the order phase, {:.3} at steady state (target ≤ 0.21 with a backlog)\n",
+                sp.sqs_requests_per_message, sp.receive_delete_requests_per_message, sp.receive_delete_requests_per_message_order_phase, sp.receive_delete_requests_per_message_steady
+            );
+            s += &format!(
+                "  DynamoDB: {:.3} writes/msg, {:.3} reads/msg; writes per message by stage {:?}\n",
+                sp.dynamodb_writes_per_message,
+                sp.dynamodb_reads_per_message,
+                sp.dynamodb_writes_per_message_by_stage
+            );
+        } else {
+            s += "  requests: not measured (the fleet ran outside the harness)\n";
+        }
+        if let Some(w) = &self.worker {
+            s += &format!("  worker: {w}\n");
+        }
+        if let Some(b) = &self.ceiling {
+            s += &format!(
+                "  ceilings: SQS {:.0} req/s ({:.0} msg/s), DynamoDB {:.0} writes/s → fleet bound {:.0} msg/s by {}; the fleet reached {:.1}% of it\n",
+                b.sqs.requests_per_sec, b.sqs.units_per_sec, b.dynamodb.requests_per_sec,
+                b.sqs_bound_messages_per_sec.min(b.dynamodb_bound_messages_per_sec), b.bounding_backend, b.fleet_percent_of_bound
+            );
+        }
+        if let Some(c) = &self.cost_per_million_orders {
+            s += &format!(
+                "  cost of a million orders: ${} (SQS ${}, DynamoDB writes ${}, reads ${})\n",
+                c["total_usd"], c["sqs_usd"], c["dynamodb_writes_usd"], c["dynamodb_reads_usd"]
+            );
+        }
+        for o in self.offenders.iter().take(20) {
+            s += &format!("  offender: {o}\n");
+        }
+        s
+    }
+}
