@@ -13,7 +13,7 @@ COPY --from=build /out/worker /out/dlq /usr/local/bin/
 COPY config/production.toml /etc/fleet/production.toml
 COPY config/catalog.json /etc/fleet/catalog.json
 ENV FLEET_CONFIG=/etc/fleet/production.toml
-# distroless's nonroot user; the task definitions run as the same uid.
+# A numeric non-root uid (no shell or passwd entry needed); the task definitions run as the same uid.
 USER 10001:10001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 CMD ["/usr/local/bin/worker", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/worker"]

@@ -55,8 +55,16 @@ pub const ROLES: &[RoleAccess] = &[
         consumes: "warehouse",
         sends_to: &["delivery"],
         tables: &[
-            ("catalog", &["dynamodb:UpdateItem"]),
-            ("orders", &["dynamodb:UpdateItem"]),
+            // TransactWriteItems of a reservation Put and a stock Update; GetItem for a substitute.
+            (
+                "catalog",
+                &[
+                    "dynamodb:GetItem",
+                    "dynamodb:PutItem",
+                    "dynamodb:UpdateItem",
+                ],
+            ),
+            ("orders", &["dynamodb:GetItem", "dynamodb:UpdateItem"]),
         ],
     },
     RoleAccess {

@@ -591,6 +591,24 @@ mod tests {
     }
 
     #[test]
+    fn a_batching_window_beyond_a_long_poll_is_refused() {
+        let ok = parse(
+            LOCAL,
+            &[("FLEET__WORKERS__ORDERS__BATCH_WINDOW_MS", "1000")],
+        )
+        .expect("1 s is fine");
+        assert_eq!(ok.worker("orders").unwrap().batch_window_ms, 1000);
+        let message = error_text(
+            LOCAL,
+            &[("FLEET__WORKERS__ORDERS__BATCH_WINDOW_MS", "60000")],
+        );
+        assert!(
+            message.contains("workers.orders.batch_window_ms"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn an_unknown_key_is_refused_with_its_path() {
         let text = LOCAL.replacen("[workers.orders]", "[workers.orders]\nmax_inflight = 3", 1);
         let message = error_text(&text, &[]);

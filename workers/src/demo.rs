@@ -268,7 +268,7 @@ pub async fn wait_idle(
     Ok(())
 }
 
-/// Every message in every DLQ: (logical queue, reason) → count. Messages are left in place.
+/// Every distinct input in every DLQ: (logical queue, reason) → count. Messages are left in place.
 ///
 /// # Errors
 /// When SQS cannot be read.
@@ -295,15 +295,22 @@ pub async fn dead_letters(
                 empty += 1;
             }
             for m in out.messages() {
-                if !seen.insert(m.message_id().unwrap_or_default().to_owned()) {
-                    continue;
-                }
-                let reason = m
+                let attribution = m
                     .message_attributes()
                     .and_then(|a| a.get(ATTRIBUTION))
                     .and_then(|v| v.string_value())
-                    .and_then(|j| serde_json::from_str::<Attribution>(j).ok())
-                    .map_or_else(|| "queue_redrive".to_owned(), |a| a.reason);
+                    .and_then(|j| serde_json::from_str::<Attribution>(j).ok());
+                // One input is one dead letter: a worker killed between its DLQ send and the
+                // delete from the source sends it again after redelivery (send before delete
+                // duplicates, never loses), with the same source message id.
+                let input = attribution.as_ref().map_or_else(
+                    || m.message_id().unwrap_or_default().to_owned(),
+                    |a| a.source_message_id.clone(),
+                );
+                if !seen.insert(input) {
+                    continue;
+                }
+                let reason = attribution.map_or_else(|| "queue_redrive".to_owned(), |a| a.reason);
                 *counts.entry((key.clone(), reason)).or_default() += 1;
             }
         }

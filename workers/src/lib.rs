@@ -43,12 +43,47 @@ mod access_matches_the_code {
         format!("dynamodb:{camel}")
     }
 
-    /// (table key, action) pairs: an SDK call followed by the table it names.
+    /// (table key, action) pairs: an SDK call, or a part of a transaction, followed by the table
+    /// it names.
     fn table_calls(source: &str) -> BTreeSet<(String, String)> {
-        let call = Regex::new(r"\.(put_item|get_item|update_item|delete_item|batch_get_item|batch_write_item|query|scan|transact_write_items)\(\)(?s:.){0,300}?tables\.(\w+)").unwrap();
-        call.captures_iter(source)
+        let call = Regex::new(r"\.(put_item|get_item|update_item|delete_item|batch_get_item|batch_write_item|query|scan)\(\)(?s:.){0,300}?tables\.(\w+)").unwrap();
+        let part = Regex::new(
+            r"\b(Put|Update|Delete|ConditionCheck)::builder\(\)(?s:.){0,200}?tables\.(\w+)",
+        )
+        .unwrap();
+        let mut out: BTreeSet<(String, String)> = call
+            .captures_iter(source)
             .map(|c| (c[2].to_owned(), action(&c[1])))
-            .collect()
+            .collect();
+        for c in part.captures_iter(source) {
+            let op = if &c[1] == "ConditionCheck" {
+                "ConditionCheckItem".to_owned()
+            } else {
+                format!("{}Item", &c[1])
+            };
+            out.insert((c[2].to_owned(), format!("dynamodb:{op}")));
+        }
+        out
+    }
+
+    /// The calls of a role's source, with those of the public helpers of other handlers it uses
+    /// (`crate::delivery::read_order`).
+    fn role_calls(role: &str, source: &str) -> BTreeSet<(String, String)> {
+        let function = Regex::new(r"(?m)^pub (?:async )?fn (\w+)").unwrap();
+        let mut out = table_calls(source);
+        for (other, other_source) in SOURCES.iter().filter(|(r, _)| *r != role) {
+            for f in function.captures_iter(other_source) {
+                let name = &f[1];
+                if source.contains(&format!("{other}::{name}(")) {
+                    let start = f.get(0).unwrap().start();
+                    let end = other_source[start..]
+                        .find("\n}\n")
+                        .map_or(other_source.len(), |e| start + e);
+                    out.extend(table_calls(&other_source[start..end]));
+                }
+            }
+        }
+        out
     }
 
     fn sends(role: &str, source: &str) -> BTreeSet<String> {
@@ -78,11 +113,24 @@ mod access_matches_the_code {
                         .map(move |a| ((*t).to_owned(), (*a).to_owned()))
                 })
                 .collect();
-            assert_eq!(table_calls(source), want, "DynamoDB calls of {role}");
+            assert_eq!(role_calls(role, source), want, "DynamoDB calls of {role}");
             let want: BTreeSet<String> =
                 declared.sends_to.iter().map(|s| (*s).to_owned()).collect();
             assert_eq!(sends(role, source), want, "queues {role} forwards to");
         }
+    }
+
+    #[test]
+    fn helpers_of_other_handlers_and_transaction_parts_count() {
+        let warehouse = role_calls("warehouse", include_str!("warehouse.rs"));
+        assert!(
+            warehouse.contains(&("orders".to_owned(), "dynamodb:GetItem".to_owned())),
+            "read_order: {warehouse:?}"
+        );
+        assert!(
+            warehouse.contains(&("catalog".to_owned(), "dynamodb:PutItem".to_owned())),
+            "the reservation Put: {warehouse:?}"
+        );
     }
 
     #[test]

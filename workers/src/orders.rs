@@ -257,7 +257,6 @@ mod tests {
                 price: eur(price),
                 stock: 10,
                 substitute: None,
-                reservations: Default::default(),
             },
         )
     }
