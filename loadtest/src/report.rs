@@ -414,13 +414,15 @@ impl Report {
             // counted as one per write request (items under 1 KB); reads likewise per request.
             let per_order = |n: f64| n / self.orders.max(1) as f64;
             let sqs_cost = per_order(sqs.values().sum()) * SQS_PER_MILLION_REQUESTS;
-            let write_cost = per_order(writes) * DDB_PER_MILLION_WRITE_UNITS;
+            // A TransactWriteItems of two items (the warehouse's reservation) costs 2 × 2 units.
+            let write_units = writes + 3.0 * get(&ddb, "TransactWriteItems");
+            let write_cost = per_order(write_units) * DDB_PER_MILLION_WRITE_UNITS;
             let read_cost = per_order(reads) * DDB_PER_MILLION_READ_UNITS;
             self.cost_per_million_orders = Some(serde_json::json!({
                 "sqs_usd": round(sqs_cost), "dynamodb_writes_usd": round(write_cost), "dynamodb_reads_usd": round(read_cost),
                 "total_usd": round(sqs_cost + write_cost + read_cost),
                 "prices": {"sqs_per_million_requests": SQS_PER_MILLION_REQUESTS, "dynamodb_per_million_wru": DDB_PER_MILLION_WRITE_UNITS, "dynamodb_per_million_rru": DDB_PER_MILLION_READ_UNITS},
-                "note": "SQS standard and DynamoDB on-demand list prices (us-east-1), one request unit per counted request (items under 1 KB); compute (Fargate) not included",
+                "note": "SQS standard and DynamoDB on-demand list prices (us-east-1); one request unit per counted request (items under 1 KB), four per two-item transaction; compute (Fargate) not included",
             }));
             if let Some(b) = &mut self.ceiling {
                 let sqs_per_msg = spend.sqs_requests_per_message.max(0.001);
