@@ -55,15 +55,7 @@ pub const ROLES: &[RoleAccess] = &[
         consumes: "warehouse",
         sends_to: &["delivery"],
         tables: &[
-            // TransactWriteItems of a reservation Put and a stock Update; GetItem for a substitute.
-            (
-                "catalog",
-                &[
-                    "dynamodb:GetItem",
-                    "dynamodb:PutItem",
-                    "dynamodb:UpdateItem",
-                ],
-            ),
+            ("catalog", &["dynamodb:UpdateItem"]),
             ("orders", &["dynamodb:GetItem", "dynamodb:UpdateItem"]),
         ],
     },

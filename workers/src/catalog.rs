@@ -96,6 +96,7 @@ pub async fn seed(
                 price: p.price,
                 stock: p.stock,
                 substitute: p.substitute.clone(),
+                reservations: BTreeMap::new(),
             };
             WriteRequest::builder()
                 .put_request(

@@ -257,6 +257,7 @@ mod tests {
                 price: eur(price),
                 stock: 10,
                 substitute: None,
+                reservations: Default::default(),
             },
         )
     }

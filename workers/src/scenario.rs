@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::catalog::{CatalogEntry, CatalogFile};
-use crate::store::{self, OrderRecord, Product, ReservationRecord};
+use crate::store::{self, OrderRecord, Product};
 
 /// Weights of the kinds of order submissions in a load.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -418,17 +418,8 @@ pub async fn audit(
         .filter_map(|item| serde_dynamo::from_item::<_, OrderRecord>(item).ok())
         .map(|o| (o.order_id.clone(), o))
         .collect();
-    let catalog_items = scan(client, &tables.catalog).await?;
-    let reservations: Vec<ReservationRecord> = catalog_items
-        .iter()
-        .filter(|item| {
-            item.get("pk")
-                .and_then(|v| v.as_s().ok())
-                .is_some_and(|pk| pk.starts_with("reservation#"))
-        })
-        .filter_map(|item| serde_dynamo::from_item::<_, ReservationRecord>(item.clone()).ok())
-        .collect();
-    let products: BTreeMap<String, Product> = catalog_items
+    let products: BTreeMap<String, Product> = scan(client, &tables.catalog)
+        .await?
         .into_iter()
         .filter_map(|item| serde_dynamo::from_item::<_, Product>(item).ok())
         .map(|p| (p.pk.clone(), p))
@@ -485,24 +476,30 @@ pub async fn audit(
         .filter(|id| !scenario.expected.contains_key(*id))
         .count() as u64;
     // Stock: what left the shelf equals what is reserved, and each order line holds at most
-    // one reservation (its item's key makes that so; the sums make sure no stock moved without one).
-    let mut reserved: BTreeMap<String, u64> = BTreeMap::new();
-    for r in &reservations {
-        *reserved.entry(r.sku.clone()).or_default() += u64::from(r.quantity);
-    }
+    // one reservation across all products.
+    let mut holders: BTreeMap<&String, u32> = BTreeMap::new();
     for entry in &catalog.products {
         let Some(p) = products.get(&entry.sku) else {
             continue;
         };
-        let held = reserved.get(&entry.sku).copied().unwrap_or(0);
-        if entry.stock.saturating_sub(p.stock) != held {
+        let reserved: u64 = p.reservations.values().map(|q| u64::from(*q)).sum();
+        if entry.stock.saturating_sub(p.stock) != reserved {
             a.duplicate_effects += 1;
             a.offend(format!(
                 "{}: stock moved {} but {} reserved",
                 entry.sku,
                 entry.stock.saturating_sub(p.stock),
-                held
+                reserved
             ));
+        }
+        for key in p.reservations.keys() {
+            *holders.entry(key).or_default() += 1;
+        }
+    }
+    for (key, count) in holders {
+        if count > 1 {
+            a.duplicate_effects += u64::from(count - 1);
+            a.offend(format!("order line {key} holds {count} reservations"));
         }
     }
     Ok(a)

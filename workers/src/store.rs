@@ -280,7 +280,7 @@ pub struct HistoryEntry {
     pub event_id: String,
 }
 
-/// A product in the catalog, with its stock.
+/// A product in the catalog, with its stock and the reservations against it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Product {
     /// The sku.
@@ -294,23 +294,9 @@ pub struct Product {
     /// A product that may replace this one when it is out of stock.
     #[serde(default)]
     pub substitute: Option<String>,
-}
-
-/// A reservation of stock for one order line, kept next to the products (pk
-/// `reservation#<order id>/<line number>`); its existence makes the reservation idempotent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReservationRecord {
-    /// `reservation#<order id>/<line number>`.
-    pub pk: String,
-    /// The product reserved (the substitute, when the line was substituted).
-    pub sku: String,
-    /// Units taken from its stock.
-    pub quantity: u32,
-}
-
-/// The key of an order line's reservation item.
-pub fn reservation_key(line: &str) -> String {
-    format!("reservation#{line}")
+    /// Units reserved, by `<order id>/<line number>`: makes a reservation idempotent.
+    #[serde(default)]
+    pub reservations: BTreeMap<String, u32>,
 }
 
 /// Now, RFC 3339 UTC.

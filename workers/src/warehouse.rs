@@ -1,14 +1,9 @@
-//! Warehouse packing: reserves stock for each line with one TransactWriteItems that creates the
-//! line's reservation item (`reservation#<order id>/<line>`, the idempotency record: a second
-//! attempt finds it instead of reserving twice) and takes the stock from the product, both
-//! conditional, so the product item stays the same size however many orders it serves. A line
-//! that cannot be packed is substituted when the catalog names a substitute, else removed; the
-//! order is modified with its history by one write guarded by its status, then handed to delivery.
+//! Warehouse packing: reserves stock for each line (a reservation keyed by order and line inside
+//! the stock item, so a second attempt finds it instead of reserving twice); a line that cannot
+//! be packed is substituted when the catalog names a substitute, else removed; the order is
+//! modified with its history by one write guarded by its status, then handed to delivery.
 
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{
-    Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
-};
+use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
 use fleet_common::contract::{Envelope, OrderRef, ORDER_PACKED, SCHEMA_VERSION};
 use fleet_common::failure::{HandlerError, Reason};
 use fleet_common::runtime::{Message, Outcome, Outgoing, TypedHandler};
@@ -31,7 +26,7 @@ impl Warehouse {
 /// The result of one reservation attempt.
 enum Reservation {
     /// Reserved now or by an earlier attempt.
-    Held,
+    Held(Product),
     /// Not enough stock; the product (for its substitute).
     Short(Product),
     /// No such product.
@@ -103,7 +98,7 @@ impl Warehouse {
         for (number, line) in order.lines.iter().enumerate() {
             let key = format!("{}/{number}", order.order_id);
             let substitute = match self.reserve(&line.sku, &key, line.quantity).await? {
-                Reservation::Held => {
+                Reservation::Held(_) => {
                     lines.push(line.clone());
                     continue;
                 }
@@ -112,7 +107,7 @@ impl Warehouse {
             };
             let replaced = match substitute {
                 Some(sub) => match self.reserve(&sub, &key, line.quantity).await? {
-                    Reservation::Held => self.product(&sub).await?,
+                    Reservation::Held(product) => Some(product),
                     _ => None,
                 },
                 None => None,
@@ -180,87 +175,45 @@ impl Warehouse {
         }
     }
 
-    /// Takes `quantity` of `sku` for `key` unless `key` already holds it: one transaction of the
-    /// reservation item (create if absent) and the stock decrement (if enough is left).
+    /// Takes `quantity` of `sku` for `key` unless `key` already holds it (one write).
     async fn reserve(
         &self,
         sku: &str,
         key: &str,
         quantity: u32,
     ) -> Result<Reservation, HandlerError> {
-        let reservation = Put::builder()
-            .table_name(&self.store.tables.catalog)
-            .item("pk", s(store::reservation_key(key)))
-            .item("sku", s(sku))
-            .item("quantity", n(quantity))
-            .condition_expression("attribute_not_exists(pk)")
-            .build()
-            .expect("table, item and condition set");
-        let take = Update::builder()
-            .table_name(&self.store.tables.catalog)
-            .key("pk", s(sku))
-            .update_expression("SET stock = stock - :q")
-            .condition_expression("attribute_exists(pk) AND stock >= :q")
-            .expression_attribute_values(":q", n(quantity))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .build()
-            .expect("table, key and expression set");
-        let request = || {
+        let update = || {
             self.store
                 .client
-                .transact_write_items()
-                .transact_items(
-                    TransactWriteItem::builder()
-                        .put(reservation.clone())
-                        .build(),
-                )
-                .transact_items(TransactWriteItem::builder().update(take.clone()).build())
-                .send()
-        };
-        let e = match self.store.call(true, request).await {
-            Ok(_) => return Ok(Reservation::Held),
-            Err(e) => e,
-        };
-        let reasons = match e.as_service_error() {
-            Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
-                c.cancellation_reasons().to_vec()
-            }
-            _ => return Err(store::transient("reserving stock", &e)),
-        };
-        let failed =
-            |i: usize| reasons.get(i).and_then(|r| r.code()) == Some("ConditionalCheckFailed");
-        if failed(0) {
-            // This line's reservation exists: an earlier attempt took the stock.
-            return Ok(Reservation::Held);
-        }
-        if !failed(1) {
-            // A conflict with a concurrent transaction, or throttling: try again later.
-            return Err(store::transient("reserving stock", &e));
-        }
-        let old = reasons[1].item().cloned().filter(|i| !i.is_empty());
-        let product = match old {
-            Some(item) => Some(store::from_item::<Product>(item)?),
-            None => self.product(sku).await?,
-        };
-        Ok(product.map_or(Reservation::Unknown, Reservation::Short))
-    }
-
-    /// Reads a product (consistent read); `None` when it does not exist.
-    async fn product(&self, sku: &str) -> Result<Option<Product>, HandlerError> {
-        let request = || {
-            self.store
-                .client
-                .get_item()
+                .update_item()
                 .table_name(&self.store.tables.catalog)
                 .key("pk", s(sku))
-                .consistent_read(true)
+                .update_expression("SET stock = stock - :q, reservations.#key = :q")
+                .condition_expression("attribute_exists(pk) AND stock >= :q AND attribute_not_exists(reservations.#key)")
+                .expression_attribute_names("#key", key)
+                .expression_attribute_values(":q", n(quantity))
+                .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
+                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .send()
         };
-        let out = self
-            .store
-            .call(false, request)
-            .await
-            .map_err(|e| store::transient("reading a product", &e))?;
-        out.item().cloned().map(store::from_item).transpose()
+        match self.store.call(true, update).await {
+            Ok(out) => Ok(Reservation::Held(store::from_item(
+                out.attributes().cloned().unwrap_or_default(),
+            )?)),
+            Err(e) => {
+                let Some(old) = store::condition_failed_item(&e) else {
+                    return Err(store::transient("reserving stock", &e));
+                };
+                if old.is_empty() {
+                    return Ok(Reservation::Unknown);
+                }
+                let product: Product = store::from_item(old)?;
+                if product.reservations.contains_key(key) {
+                    Ok(Reservation::Held(product))
+                } else {
+                    Ok(Reservation::Short(product))
+                }
+            }
+        }
     }
 }
