@@ -165,7 +165,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         sampler.attach(f.pid, f.metrics_addr);
         fleet = Some(f);
     }
-    let load_started = Instant::now();
+    // The order phase starts with the first send, or with the fleet when it meets a backlog.
+    let load_started = if opts.backlog {
+        Instant::now()
+    } else {
+        started
+    };
     drain(&harness.sqs, &topology, opts.drain_timeout).await?;
     let phase1 = load_started.elapsed();
     let metrics_after_orders = match &fleet {
