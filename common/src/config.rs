@@ -344,6 +344,24 @@ impl FleetConfig {
         Ok(config)
     }
 
+    /// `FLEET__…` variables that give another process this config's queue and table names (a
+    /// suffixed copy made by [`FleetConfig::with_suffix`]).
+    pub fn name_overrides(&self) -> Vec<(String, String)> {
+        let queues = self.queues.iter().map(|(key, q)| {
+            (
+                format!("{ENV_PREFIX}QUEUES__{}__NAME", key.to_uppercase()),
+                q.name.clone(),
+            )
+        });
+        let tables = self.tables.iter().map(|(key, t)| {
+            (
+                format!("{ENV_PREFIX}TABLES__{}__NAME", key.to_uppercase()),
+                t.name.clone(),
+            )
+        });
+        queues.chain(tables).collect()
+    }
+
     /// The same fleet with every queue and table name suffixed by `-<suffix>` (before `.fifo`):
     /// an isolated copy for a test or a demo run on shared emulators.
     #[must_use]

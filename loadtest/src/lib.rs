@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::QueueAttributeName;
 use fleet_common::aws::{is_loopback_url, Clients};
 use fleet_common::config::FleetConfig;
 use fleet_common::topology::Topology;
@@ -285,28 +285,7 @@ async fn send_phase(
             bar.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let entries: Vec<_> = batch
-                .iter()
-                .enumerate()
-                .map(|(i, input)| {
-                    SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(&input.body)
-                        .build()
-                        .expect("entry")
-                })
-                .collect();
-            let out = sqs
-                .send_message_batch()
-                .queue_url(&url)
-                .set_entries(Some(entries))
-                .send()
-                .await?;
-            anyhow::ensure!(
-                out.failed().is_empty(),
-                "SQS refused {} messages",
-                out.failed().len()
-            );
+            workers::demo::send_batch(&sqs, &url, &batch).await?;
             let now = OffsetDateTime::now_utc();
             let mut sent = sent_at.lock().expect("sent lock");
             for input in &batch {
@@ -316,7 +295,7 @@ async fn send_phase(
             }
             bar.inc(batch.len() as u64);
             drop(permit);
-            Ok(())
+            Ok::<(), anyhow::Error>(())
         }));
     }
     for t in tasks {
@@ -376,19 +355,7 @@ impl FleetProcess {
             .local_addr()?
             .port();
         let metrics_addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut env: Vec<(String, String)> = Vec::new();
-        for (key, q) in &config.queues {
-            env.push((
-                format!("FLEET__QUEUES__{}__NAME", key.to_uppercase()),
-                q.name.clone(),
-            ));
-        }
-        for (key, t) in &config.tables {
-            env.push((
-                format!("FLEET__TABLES__{}__NAME", key.to_uppercase()),
-                t.name.clone(),
-            ));
-        }
+        let mut env = config.name_overrides();
         env.push((
             "FLEET__OBSERVABILITY__LISTEN_ADDR".into(),
             metrics_addr.to_string(),

@@ -211,24 +211,14 @@ impl TestEnv {
 
     /// `FLEET__…` variables that point the `worker` binary at this test's queues and tables.
     pub fn env_overrides(&self) -> Vec<(String, String)> {
-        let mut vars = Vec::new();
+        let mut vars = self.config.name_overrides();
         for (key, q) in &self.config.queues {
-            vars.push((
-                format!("FLEET__QUEUES__{}__NAME", key.to_uppercase()),
-                q.name.clone(),
-            ));
             vars.push((
                 format!(
                     "FLEET__QUEUES__{}__VISIBILITY_TIMEOUT_SECS",
                     key.to_uppercase()
                 ),
                 q.visibility_timeout_secs.to_string(),
-            ));
-        }
-        for (key, t) in &self.config.tables {
-            vars.push((
-                format!("FLEET__TABLES__{}__NAME", key.to_uppercase()),
-                t.name.clone(),
             ));
         }
         for (role, w) in &self.config.workers {

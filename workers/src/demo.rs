@@ -188,28 +188,41 @@ pub async fn send_all(
     inputs: &[Input],
 ) -> anyhow::Result<()> {
     for chunk in inputs.chunks(10) {
-        let entries = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, input)| {
-                SendMessageBatchRequestEntry::builder()
-                    .id(i.to_string())
-                    .message_body(&input.body)
-                    .build()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let out = sqs
-            .send_message_batch()
-            .queue_url(url)
-            .set_entries(Some(entries))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            out.failed().is_empty(),
-            "SQS refused {} messages",
-            out.failed().len()
-        );
+        send_batch(sqs, url, chunk).await?;
     }
+    Ok(())
+}
+
+/// Sends up to ten inputs in one SendMessageBatch.
+///
+/// # Errors
+/// When SQS refuses the request or any message of it.
+pub async fn send_batch(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    batch: &[Input],
+) -> anyhow::Result<()> {
+    let entries = batch
+        .iter()
+        .enumerate()
+        .map(|(i, input)| {
+            SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .message_body(&input.body)
+                .build()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let out = sqs
+        .send_message_batch()
+        .queue_url(url)
+        .set_entries(Some(entries))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        out.failed().is_empty(),
+        "SQS refused {} messages",
+        out.failed().len()
+    );
     Ok(())
 }
 
