@@ -1,6 +1,6 @@
 //! `list`, `peek` and `show`: what is in the DLQs, without consuming anything.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -382,15 +382,6 @@ pub async fn show(
         }
     }
     Ok(Exit::Ok)
-}
-
-/// Counts by key, for summaries.
-pub fn tally<'a>(keys: impl Iterator<Item = &'a str>) -> BTreeMap<String, u64> {
-    let mut m = BTreeMap::new();
-    for k in keys {
-        *m.entry(k.to_owned()).or_default() += 1;
-    }
-    m
 }
 
 #[cfg(test)]
