@@ -55,7 +55,7 @@ pub const ROLES: &[RoleAccess] = &[
         consumes: "warehouse",
         sends_to: &["delivery"],
         tables: &[
-            ("catalog", &["dynamodb:UpdateItem"]),
+            ("catalog", &["dynamodb:GetItem", "dynamodb:UpdateItem"]),
             ("orders", &["dynamodb:GetItem", "dynamodb:UpdateItem"]),
         ],
     },

@@ -95,6 +95,11 @@ pub struct Spend {
     pub dynamodb_requests: BTreeMap<String, f64>,
     /// DynamoDB write requests per message handled by each stage.
     pub dynamodb_writes_per_message_by_stage: BTreeMap<String, f64>,
+    /// DynamoDB write units per message handled by each stage (a transaction costs two per
+    /// item).
+    pub dynamodb_write_units_per_message_by_stage: BTreeMap<String, f64>,
+    /// DynamoDB write units per processed message, all stages.
+    pub dynamodb_write_units_per_message: f64,
     /// DynamoDB write requests per processed message, all stages.
     pub dynamodb_writes_per_message: f64,
     /// DynamoDB read requests per processed message.
@@ -304,7 +309,9 @@ impl Report {
                 .iter()
                 .map(|op| get(&ddb, op))
                 .sum();
+            let write_units = probe::sum(m, "fleet_ddb_write_units_total", &[]);
             let mut by_stage = BTreeMap::new();
+            let mut units_by_stage = BTreeMap::new();
             for key in m
                 .keys()
                 .filter(|k| k.starts_with("fleet_ddb_write_requests_total{"))
@@ -334,14 +341,20 @@ impl Report {
                     "fleet_messages_dead_lettered_total",
                     &[&format!("queue=\"fleet-{queue}")],
                 );
-                by_stage.insert(
-                    stage.to_owned(),
+                let stage_units = probe::sum(
+                    m,
+                    "fleet_ddb_write_units_total",
+                    &[&format!("stage=\"{stage}\"")],
+                );
+                let per_handled = |n: f64| {
                     if handled > 0.0 {
-                        round(stage_writes / handled)
+                        round(n / handled)
                     } else {
                         0.0
-                    },
-                );
+                    }
+                };
+                by_stage.insert(stage.to_owned(), per_handled(stage_writes));
+                units_by_stage.insert(stage.to_owned(), per_handled(stage_units));
             }
             let mut spend = Spend {
                 processed_messages: processed,
@@ -352,6 +365,8 @@ impl Report {
                 dynamodb_writes_per_message: per(writes),
                 dynamodb_reads_per_message: per(reads),
                 dynamodb_writes_per_message_by_stage: by_stage,
+                dynamodb_write_units_per_message_by_stage: units_by_stage,
+                dynamodb_write_units_per_message: per(write_units),
                 sqs_requests: sqs.clone(),
                 dynamodb_requests: ddb.clone(),
                 ..Spend::default()
@@ -410,19 +425,18 @@ impl Report {
                     }
                 }
             }
-            // Cost of a million orders: requests per order × price. Write request units are
-            // counted as one per write request (items under 1 KB); reads likewise per request.
+            // Cost of a million orders: units per order × price. Write units are the workers'
+            // own count (one per single-item write under 1 KB, two per item of a transaction);
+            // reads are one unit per request.
             let per_order = |n: f64| n / self.orders.max(1) as f64;
             let sqs_cost = per_order(sqs.values().sum()) * SQS_PER_MILLION_REQUESTS;
-            // A TransactWriteItems of two items (the warehouse's reservation) costs 2 × 2 units.
-            let write_units = writes + 3.0 * get(&ddb, "TransactWriteItems");
             let write_cost = per_order(write_units) * DDB_PER_MILLION_WRITE_UNITS;
             let read_cost = per_order(reads) * DDB_PER_MILLION_READ_UNITS;
             self.cost_per_million_orders = Some(serde_json::json!({
                 "sqs_usd": round(sqs_cost), "dynamodb_writes_usd": round(write_cost), "dynamodb_reads_usd": round(read_cost),
                 "total_usd": round(sqs_cost + write_cost + read_cost),
                 "prices": {"sqs_per_million_requests": SQS_PER_MILLION_REQUESTS, "dynamodb_per_million_wru": DDB_PER_MILLION_WRITE_UNITS, "dynamodb_per_million_rru": DDB_PER_MILLION_READ_UNITS},
-                "note": "SQS standard and DynamoDB on-demand list prices (us-east-1); one request unit per counted request (items under 1 KB), four per two-item transaction; compute (Fargate) not included",
+                "note": "SQS standard and DynamoDB on-demand list prices (us-east-1); write units as the workers count them (one per single-item write under 1 KB, two per transaction item), one read unit per read request; compute (Fargate) not included",
             }));
             if let Some(b) = &mut self.ceiling {
                 let sqs_per_msg = spend.sqs_requests_per_message.max(0.001);
@@ -551,10 +565,12 @@ impl Report {
                 sp.sqs_requests_per_message, sp.receive_delete_requests_per_message, sp.receive_delete_requests_per_message_order_phase, sp.receive_delete_requests_per_message_steady
             );
             s += &format!(
-                "  DynamoDB: {:.3} writes/msg, {:.3} reads/msg; writes per message by stage {:?}\n",
+                "  DynamoDB: {:.3} write requests/msg ({:.3} write units), {:.3} reads/msg; by stage, write requests {:?}, write units {:?}\n",
                 sp.dynamodb_writes_per_message,
+                sp.dynamodb_write_units_per_message,
                 sp.dynamodb_reads_per_message,
-                sp.dynamodb_writes_per_message_by_stage
+                sp.dynamodb_writes_per_message_by_stage,
+                sp.dynamodb_write_units_per_message_by_stage
             );
         } else {
             s += "  requests: not measured (the fleet ran outside the harness)\n";

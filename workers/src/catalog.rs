@@ -77,7 +77,7 @@ impl CatalogFile {
     }
 }
 
-/// Writes every product (stock reset, no reservations) with BatchWriteItem; returns the count.
+/// Writes every product (stock reset) with BatchWriteItem; returns the count.
 ///
 /// # Errors
 /// When DynamoDB refuses the writes.
@@ -96,7 +96,6 @@ pub async fn seed(
                 price: p.price,
                 stock: p.stock,
                 substitute: p.substitute.clone(),
-                reservations: BTreeMap::new(),
             };
             WriteRequest::builder()
                 .put_request(

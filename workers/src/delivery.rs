@@ -45,7 +45,7 @@ pub async fn read_order(
             .send()
     };
     let out = store
-        .call(false, get)
+        .call(0, get)
         .await
         .map_err(|e| store::transient("reading the order", &e))?;
     out.item().cloned().map(store::from_item).transpose()
@@ -128,7 +128,7 @@ impl Delivery {
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .send()
         };
-        match self.store.call(true, update).await {
+        match self.store.call(1, update).await {
             Ok(_) => Ok(()),
             Err(e) => match store::condition_failed_item(&e) {
                 Some(old) if old.is_empty() => Err(unknown_order(&envelope.payload.order_id)),
@@ -221,7 +221,7 @@ impl Delivery {
                 )
                 .send()
         };
-        match self.store.call(true, update).await {
+        match self.store.call(1, update).await {
             Ok(_) => Ok(true),
             Err(e) if store::condition_failed_item(&e).is_some() => Ok(false),
             Err(e) => Err(store::transient("applying the carrier event", &e)),
@@ -247,11 +247,12 @@ fn unknown_order(order_id: &str) -> HandlerError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use fleet_common::contract::Address;
 
-    fn order(rank: Option<u8>, events: &[&str]) -> OrderRecord {
+    /// A packed order `o` with no lines, at delivery `rank`, with `events` applied.
+    pub(crate) fn order(rank: Option<u8>, events: &[&str]) -> OrderRecord {
         OrderRecord {
             pk: "order#o".into(),
             order_id: "o".into(),

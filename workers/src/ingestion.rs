@@ -164,7 +164,7 @@ impl Ingestion {
                 )
                 .send()
         };
-        match self.store.call(true, put).await {
+        match self.store.call(1, put).await {
             Ok(_) => Ok(Seen::New),
             Err(e) => {
                 let Some(old) = store::condition_failed_item(&e) else {

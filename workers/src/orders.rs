@@ -158,7 +158,7 @@ impl Orders {
             };
             let out = self
                 .store
-                .call(false, request)
+                .call(0, request)
                 .await
                 .map_err(|e| store::transient("reading the catalog", &e))?;
             for item in out
@@ -202,7 +202,7 @@ impl Orders {
                 )
                 .send()
         };
-        match self.store.call(true, put).await {
+        match self.store.call(1, put).await {
             Ok(_) => Ok(record.status.clone()),
             Err(e) => {
                 let Some(old) = store::condition_failed_item(&e) else {
@@ -257,7 +257,6 @@ mod tests {
                 price: eur(price),
                 stock: 10,
                 substitute: None,
-                reservations: Default::default(),
             },
         )
     }

@@ -162,7 +162,7 @@ impl Scenario {
                         expected.lines.clear();
                     }
                     lines.push(line(oos, 1));
-                    // Reservations are per order line, so a substitute is taken even when the
+                    // Lines are packed one by one, so a substitute is taken even when the
                     // order has it on another line already.
                     if let Some(sub) = &oos.substitute {
                         expected.lines.push((sub.clone(), Some(oos.sku.clone())));
@@ -385,7 +385,7 @@ pub struct Audit {
     pub orders_rejected: u64,
     /// Expected orders missing or not in their expected state.
     pub lost: u64,
-    /// Effects applied more than once (history entries, reservations, stock moves).
+    /// Effects applied more than once (history entries, stock moves).
     pub duplicate_effects: u64,
     /// Orders that should not exist.
     pub unexpected_orders: u64,
@@ -475,31 +475,26 @@ pub async fn audit(
         .keys()
         .filter(|id| !scenario.expected.contains_key(*id))
         .count() as u64;
-    // Stock: what left the shelf equals what is reserved, and each order line holds at most
-    // one reservation across all products.
-    let mut holders: BTreeMap<&String, u32> = BTreeMap::new();
+    // Stock: what left each shelf equals what the packed orders hold of it, so no stock was
+    // taken twice (or taken for an order that does not show it).
+    let mut shipped: BTreeMap<&str, u64> = BTreeMap::new();
+    for order in orders.values().filter(|o| o.status == "packed") {
+        for line in &order.lines {
+            *shipped.entry(line.sku.as_str()).or_default() += u64::from(line.quantity);
+        }
+    }
     for entry in &catalog.products {
         let Some(p) = products.get(&entry.sku) else {
             continue;
         };
-        let reserved: u64 = p.reservations.values().map(|q| u64::from(*q)).sum();
-        if entry.stock.saturating_sub(p.stock) != reserved {
+        let moved = entry.stock.saturating_sub(p.stock);
+        let held = shipped.get(entry.sku.as_str()).copied().unwrap_or(0);
+        if moved != held {
             a.duplicate_effects += 1;
             a.offend(format!(
-                "{}: stock moved {} but {} reserved",
-                entry.sku,
-                entry.stock.saturating_sub(p.stock),
-                reserved
+                "{}: stock moved {moved} but packed orders hold {held}",
+                entry.sku
             ));
-        }
-        for key in p.reservations.keys() {
-            *holders.entry(key).or_default() += 1;
-        }
-    }
-    for (key, count) in holders {
-        if count > 1 {
-            a.duplicate_effects += u64::from(count - 1);
-            a.offend(format!("order line {key} holds {count} reservations"));
         }
     }
     Ok(a)

@@ -74,13 +74,15 @@ impl Store {
     }
 
     /// Runs one DynamoDB request: waits for the rate limiter, retries throttling with backoff,
-    /// counts writes. Conditional-check failures are returned as they are, for the caller.
+    /// counts write requests and the write units they cost (`write_units`: 0 for a read, 1 for
+    /// a single-item write of an item under 1 KB, [`transaction_units`] for a transaction).
+    /// Conditional-check failures are returned as they are, for the caller.
     ///
     /// # Errors
     /// The SDK error after retries.
     pub async fn call<T, E, F, Fut>(
         &self,
-        write: bool,
+        write_units: u32,
         request: F,
     ) -> Result<T, SdkError<E, DynamoResponse>>
     where
@@ -92,9 +94,11 @@ impl Store {
             if let Some(limiter) = &self.limiter {
                 limiter.until_ready().await;
             }
-            if write {
+            if write_units > 0 {
                 metrics::counter!("fleet_ddb_write_requests_total", "stage" => self.stage)
                     .increment(1);
+                metrics::counter!("fleet_ddb_write_units_total", "stage" => self.stage)
+                    .increment(u64::from(write_units));
             }
             request().await
         };
@@ -109,6 +113,12 @@ impl Store {
             .when(is_throttling)
             .await
     }
+}
+
+/// Write units of a TransactWriteItems of `items` items: DynamoDB charges two per item (under
+/// 1 KB), for the prepare and the commit.
+pub fn transaction_units(items: usize) -> u32 {
+    u32::try_from(items.saturating_mul(2)).unwrap_or(u32::MAX)
 }
 
 /// The SDK's raw response type, as it appears in `SdkError`.
@@ -280,7 +290,7 @@ pub struct HistoryEntry {
     pub event_id: String,
 }
 
-/// A product in the catalog, with its stock and the reservations against it.
+/// A product in the catalog, with its stock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Product {
     /// The sku.
@@ -294,9 +304,6 @@ pub struct Product {
     /// A product that may replace this one when it is out of stock.
     #[serde(default)]
     pub substitute: Option<String>,
-    /// Units reserved, by `<order id>/<line number>`: makes a reservation idempotent.
-    #[serde(default)]
-    pub reservations: BTreeMap<String, u32>,
 }
 
 /// Now, RFC 3339 UTC.

@@ -1,9 +1,15 @@
-//! Warehouse packing: reserves stock for each line (a reservation keyed by order and line inside
-//! the stock item, so a second attempt finds it instead of reserving twice); a line that cannot
-//! be packed is substituted when the catalog names a substitute, else removed; the order is
-//! modified with its history by one write guarded by its status, then handed to delivery.
+//! Warehouse packing: one TransactWriteItems per order takes the stock of every line and records
+//! the packed order, all or nothing. The order's status (`accepted`) is the idempotency record: a
+//! second attempt of the same message finds the order packed and only forwards it, so stock is
+//! never taken twice, an order that fails half-way holds no stock, and nothing grows per order
+//! outside the order itself. When products are short the transaction is cancelled with the
+//! products as they stood (ALL_OLD); those lines are substituted (when the catalog names a
+//! substitute) or removed, and the transaction is tried again with the new plan.
 
-use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
+use std::collections::BTreeMap;
+
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update};
 use fleet_common::contract::{Envelope, OrderRef, ORDER_PACKED, SCHEMA_VERSION};
 use fleet_common::failure::{HandlerError, Reason};
 use fleet_common::runtime::{Message, Outcome, Outgoing, TypedHandler};
@@ -21,16 +27,6 @@ impl Warehouse {
     pub fn new(store: Store) -> Self {
         Self { store }
     }
-}
-
-/// The result of one reservation attempt.
-enum Reservation {
-    /// Reserved now or by an earlier attempt.
-    Held(Product),
-    /// Not enough stock; the product (for its substitute).
-    Short(Product),
-    /// No such product.
-    Unknown,
 }
 
 impl TypedHandler for Warehouse {
@@ -82,11 +78,167 @@ impl TypedHandler for Warehouse {
     }
 }
 
-impl Warehouse {
-    /// Reserves every line and records the result. Returns whether anything was packed.
-    async fn pack(&self, order: &OrderRecord, event_id: &str) -> Result<bool, HandlerError> {
+/// How one ordered line is being packed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Planned {
+    /// The line as it will be recorded (the substitute's sku and name once substituted).
+    line: RecordLine,
+    /// The sku the customer ordered.
+    ordered: String,
+    /// `Some(sku)` while waiting for the substitute's product to be read.
+    pending: Option<String>,
+    /// Out of the order: no stock and no (usable) substitute.
+    removed: bool,
+}
+
+/// The packing plan of one order: which product each line takes its stock from. Pure logic; the
+/// transaction's answers move it forward.
+#[derive(Debug, Clone)]
+struct Plan {
+    lines: Vec<Planned>,
+}
+
+impl Plan {
+    fn new(lines: &[RecordLine]) -> Self {
+        Self {
+            lines: lines
+                .iter()
+                .map(|line| Planned {
+                    line: line.clone(),
+                    ordered: line.sku.clone(),
+                    pending: None,
+                    removed: false,
+                })
+                .collect(),
+        }
+    }
+
+    /// Units to take per product for the lines still in (lines on one product are summed: a
+    /// transaction names each item once).
+    fn takes(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for p in self.lines.iter().filter(|p| !p.removed) {
+            *out.entry(p.line.sku.clone()).or_default() += u64::from(p.line.quantity);
+        }
+        out
+    }
+
+    /// `sku` could not give its units (`product` as it stood; `None` when it does not exist).
+    /// Each line on it moves to the product's substitute if it has not been substituted yet,
+    /// else out. Returns the substitutes whose products must be read before the next attempt.
+    fn short(&mut self, sku: &str, product: Option<&Product>) -> Vec<String> {
+        let substitute = product
+            .and_then(|p| p.substitute.clone())
+            .filter(|sub| sub != sku);
+        let mut wanted = Vec::new();
+        for p in self
+            .lines
+            .iter_mut()
+            .filter(|p| !p.removed && p.line.sku == sku)
+        {
+            match &substitute {
+                Some(sub) if p.line.substituted_for.is_none() => {
+                    p.pending = Some(sub.clone());
+                    if !wanted.contains(sub) {
+                        wanted.push(sub.clone());
+                    }
+                }
+                _ => p.removed = true,
+            }
+        }
+        wanted
+    }
+
+    /// The substitute `sku` read as `product`: the lines waiting for it take it, or leave the
+    /// order when it does not exist.
+    fn substitute(&mut self, sku: &str, product: Option<&Product>) {
+        for p in self
+            .lines
+            .iter_mut()
+            .filter(|p| p.pending.as_deref() == Some(sku))
+        {
+            p.pending = None;
+            match product {
+                Some(product) => {
+                    p.line = RecordLine {
+                        sku: product.pk.clone(),
+                        name: product.name.clone(),
+                        quantity: p.line.quantity,
+                        // The customer pays what they were charged for the original.
+                        unit_price: p.line.unit_price,
+                        substituted_for: Some(p.ordered.clone()),
+                    };
+                }
+                None => p.removed = true,
+            }
+        }
+    }
+
+    /// The lines to record, and (event, note) for the history: substitutions and removals in
+    /// line order.
+    fn outcome(&self) -> (Vec<RecordLine>, Vec<(&'static str, String)>) {
         let mut lines = Vec::new();
-        let mut history = Vec::new();
+        let mut events = Vec::new();
+        for p in &self.lines {
+            if p.removed {
+                events.push(("line_removed", p.ordered.clone()));
+            } else {
+                if p.line.substituted_for.is_some() {
+                    events.push((
+                        "line_substituted",
+                        format!("{} -> {}", p.ordered, p.line.sku),
+                    ));
+                }
+                lines.push(p.line.clone());
+            }
+        }
+        (lines, events)
+    }
+}
+
+impl Warehouse {
+    /// Packs the order in one transaction, re-planned while products are short. Returns whether
+    /// anything was packed.
+    async fn pack(&self, order: &OrderRecord, event_id: &str) -> Result<bool, HandlerError> {
+        let mut plan = Plan::new(&order.lines);
+        // Each round substitutes or removes at least one line, and a line moves at most twice.
+        for _ in 0..=2 * order.lines.len() + 1 {
+            let shortages = match self.commit(order, &plan, event_id).await? {
+                Commit::Recorded(packed) => return Ok(packed),
+                Commit::Short(shortages) => shortages,
+            };
+            let mut wanted = Vec::new();
+            for (sku, product) in &shortages {
+                wanted.extend(plan.short(sku, product.as_ref()));
+            }
+            for sku in wanted {
+                let product = self.product(&sku).await?;
+                plan.substitute(&sku, product.as_ref());
+            }
+        }
+        Err(HandlerError::transient(
+            Reason("packing_unsettled"),
+            format!(
+                "order {} kept changing stock between attempts",
+                order.order_id
+            ),
+        ))
+    }
+
+    /// One attempt: takes the plan's units from every product and records the order, or
+    /// reports which products were short.
+    async fn commit(
+        &self,
+        order: &OrderRecord,
+        plan: &Plan,
+        event_id: &str,
+    ) -> Result<Commit, HandlerError> {
+        let (lines, events) = plan.outcome();
+        let status = if lines.is_empty() {
+            "unpackable"
+        } else {
+            "packed"
+        };
         let now = store::now_rfc3339();
         let entry = |event: &str, note: String| HistoryEntry {
             at: now.clone(),
@@ -95,125 +247,404 @@ impl Warehouse {
             note: Some(note),
             event_id: event_id.to_owned(),
         };
-        for (number, line) in order.lines.iter().enumerate() {
-            let key = format!("{}/{number}", order.order_id);
-            let substitute = match self.reserve(&line.sku, &key, line.quantity).await? {
-                Reservation::Held(_) => {
-                    lines.push(line.clone());
-                    continue;
-                }
-                Reservation::Short(product) => product.substitute,
-                Reservation::Unknown => None,
-            };
-            let replaced = match substitute {
-                Some(sub) => match self.reserve(&sub, &key, line.quantity).await? {
-                    Reservation::Held(product) => Some(product),
-                    _ => None,
-                },
-                None => None,
-            };
-            match replaced {
-                Some(product) => {
-                    history.push(entry(
-                        "line_substituted",
-                        format!("{} -> {}", line.sku, product.pk),
-                    ));
-                    lines.push(RecordLine {
-                        sku: product.pk.clone(),
-                        name: product.name.clone(),
-                        quantity: line.quantity,
-                        // The customer pays what they were charged for the original.
-                        unit_price: line.unit_price,
-                        substituted_for: Some(line.sku.clone()),
-                    });
-                }
-                None => history.push(entry("line_removed", line.sku.clone())),
-            }
-        }
-        let status = if lines.is_empty() {
-            "unpackable"
-        } else {
-            "packed"
-        };
+        let mut history: Vec<HistoryEntry> = events
+            .into_iter()
+            .map(|(event, note)| entry(event, note))
+            .collect();
         history.push(entry(
             status,
             format!("{} of {} lines", lines.len(), order.lines.len()),
         ));
-        let update = || {
+        let record = Update::builder()
+            .table_name(&self.store.tables.orders)
+            .key("pk", s(store::order_key(&order.order_id)))
+            .update_expression("SET #status = :status, #lines = :lines, #history = list_append(#history, :history), #version = #version + :one")
+            .condition_expression("#status = :accepted")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_names("#lines", "lines")
+            .expression_attribute_names("#history", "history")
+            .expression_attribute_names("#version", "version")
+            .expression_attribute_values(":status", s(status))
+            .expression_attribute_values(":accepted", s("accepted"))
+            .expression_attribute_values(":lines", serde_dynamo::to_attribute_value(&lines).expect("lines serialize"))
+            .expression_attribute_values(":history", serde_dynamo::to_attribute_value(&history).expect("history serializes"))
+            .expression_attribute_values(":one", n(1))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .expect("table, key and expression set");
+        let takes = plan.takes();
+        let mut items = vec![TransactWriteItem::builder().update(record).build()];
+        for (sku, quantity) in &takes {
+            let take = Update::builder()
+                .table_name(&self.store.tables.catalog)
+                .key("pk", s(sku))
+                .update_expression("SET stock = stock - :q")
+                .condition_expression("attribute_exists(pk) AND stock >= :q")
+                .expression_attribute_values(":q", n(quantity))
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
+                .build()
+                .expect("table, key and expression set");
+            items.push(TransactWriteItem::builder().update(take).build());
+        }
+        let request = || {
             self.store
                 .client
-                .update_item()
-                .table_name(&self.store.tables.orders)
-                .key("pk", s(store::order_key(&order.order_id)))
-                .update_expression("SET #status = :status, #lines = :lines, #history = list_append(#history, :history), #version = #version + :one")
-                .condition_expression("#status = :accepted")
-                .expression_attribute_names("#status", "status")
-                .expression_attribute_names("#lines", "lines")
-                .expression_attribute_names("#history", "history")
-                .expression_attribute_names("#version", "version")
-                .expression_attribute_values(":status", s(status))
-                .expression_attribute_values(":accepted", s("accepted"))
-                .expression_attribute_values(":lines", serde_dynamo::to_attribute_value(&lines).expect("lines serialize"))
-                .expression_attribute_values(":history", serde_dynamo::to_attribute_value(&history).expect("history serializes"))
-                .expression_attribute_values(":one", n(1))
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
                 .send()
         };
-        match self.store.call(true, update).await {
+        let e = match self
+            .store
+            .call(store::transaction_units(items.len()), request)
+            .await
+        {
             Ok(_) => {
                 info!(order_id = %order.order_id, status, lines = lines.len(), "order packed");
-                Ok(status == "packed")
+                return Ok(Commit::Recorded(status == "packed"));
             }
-            Err(e) => {
-                let Some(old) = store::condition_failed_item(&e) else {
-                    return Err(store::transient("recording the packing", &e));
-                };
-                // Another attempt got there first; its result stands.
-                let old: OrderRecord = store::from_item(old)?;
-                Ok(old.status == "packed")
+            Err(e) => e,
+        };
+        let reasons = match e.as_service_error() {
+            Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
+                c.cancellation_reasons().to_vec()
             }
+            _ => return Err(store::transient("packing the order", &e)),
+        };
+        let failed = |i: usize| {
+            reasons
+                .get(i)
+                .filter(|r| r.code() == Some("ConditionalCheckFailed"))
+        };
+        if let Some(reason) = failed(0) {
+            // Another attempt recorded the order first; its result stands.
+            let old: OrderRecord = store::from_item(reason.item().cloned().unwrap_or_default())?;
+            return Ok(Commit::Recorded(old.status == "packed"));
+        }
+        let mut shortages = Vec::new();
+        for (i, sku) in takes.keys().enumerate() {
+            if let Some(reason) = failed(i + 1) {
+                let old = reason.item().cloned().filter(|item| !item.is_empty());
+                shortages.push((sku.clone(), old.map(store::from_item).transpose()?));
+            }
+        }
+        if shortages.is_empty() {
+            // A conflict with a concurrent transaction, or throttling: try again later.
+            return Err(store::transient("packing the order", &e));
+        }
+        Ok(Commit::Short(shortages))
+    }
+
+    /// Reads a product (consistent read); `None` when it does not exist.
+    async fn product(&self, sku: &str) -> Result<Option<Product>, HandlerError> {
+        let request = || {
+            self.store
+                .client
+                .get_item()
+                .table_name(&self.store.tables.catalog)
+                .key("pk", s(sku))
+                .consistent_read(true)
+                .send()
+        };
+        let out = self
+            .store
+            .call(0, request)
+            .await
+            .map_err(|e| store::transient("reading a product", &e))?;
+        out.item().cloned().map(store::from_item).transpose()
+    }
+}
+
+/// What one packing attempt came to.
+enum Commit {
+    /// The order is recorded (by this attempt or an earlier one); whether it is packed.
+    Recorded(bool),
+    /// These products were short (as they stood; `None`: no such product).
+    Short(Vec<(String, Option<Product>)>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
+    use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsOutput;
+    use aws_sdk_dynamodb::types::error::TransactionCanceledException;
+    use aws_sdk_dynamodb::types::CancellationReason;
+    use aws_smithy_mocks::{mock, mock_client, RuleMode};
+    use fleet_common::contract::{Currency, Money};
+
+    fn line(sku: &str, quantity: u32) -> RecordLine {
+        RecordLine {
+            sku: sku.to_owned(),
+            name: format!("{sku} name"),
+            quantity,
+            unit_price: Money {
+                amount_minor: 500,
+                currency: Currency::try_from("EUR".to_owned()).unwrap(),
+            },
+            substituted_for: None,
         }
     }
 
-    /// Takes `quantity` of `sku` for `key` unless `key` already holds it (one write).
-    async fn reserve(
-        &self,
-        sku: &str,
-        key: &str,
-        quantity: u32,
-    ) -> Result<Reservation, HandlerError> {
-        let update = || {
-            self.store
-                .client
-                .update_item()
-                .table_name(&self.store.tables.catalog)
-                .key("pk", s(sku))
-                .update_expression("SET stock = stock - :q, reservations.#key = :q")
-                .condition_expression("attribute_exists(pk) AND stock >= :q AND attribute_not_exists(reservations.#key)")
-                .expression_attribute_names("#key", key)
-                .expression_attribute_values(":q", n(quantity))
-                .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
-                .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-                .send()
-        };
-        match self.store.call(true, update).await {
-            Ok(out) => Ok(Reservation::Held(store::from_item(
-                out.attributes().cloned().unwrap_or_default(),
-            )?)),
-            Err(e) => {
-                let Some(old) = store::condition_failed_item(&e) else {
-                    return Err(store::transient("reserving stock", &e));
-                };
-                if old.is_empty() {
-                    return Ok(Reservation::Unknown);
-                }
-                let product: Product = store::from_item(old)?;
-                if product.reservations.contains_key(key) {
-                    Ok(Reservation::Held(product))
-                } else {
-                    Ok(Reservation::Short(product))
-                }
-            }
+    fn product(sku: &str, substitute: Option<&str>) -> Product {
+        Product {
+            pk: sku.to_owned(),
+            name: format!("{sku} name"),
+            price: line(sku, 1).unit_price,
+            stock: 0,
+            substitute: substitute.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn lines_on_one_product_are_taken_together() {
+        let plan = Plan::new(&[line("A", 2), line("B", 1), line("A", 3)]);
+        assert_eq!(
+            plan.takes(),
+            BTreeMap::from([("A".to_owned(), 5), ("B".to_owned(), 1)])
+        );
+    }
+
+    #[test]
+    fn a_short_line_takes_its_substitute_at_the_price_charged_then_leaves_if_that_is_short() {
+        let mut plan = Plan::new(&[line("A", 2), line("B", 1)]);
+        assert_eq!(plan.short("A", Some(&product("A", Some("C")))), ["C"]);
+        plan.substitute("C", Some(&product("C", Some("D"))));
+        assert_eq!(
+            plan.takes(),
+            BTreeMap::from([("B".to_owned(), 1), ("C".to_owned(), 2)])
+        );
+        let (lines, events) = plan.outcome();
+        assert_eq!(lines[0].sku, "C");
+        assert_eq!(lines[0].substituted_for.as_deref(), Some("A"));
+        assert_eq!(lines[0].unit_price.amount_minor, 500);
+        assert_eq!(events, [("line_substituted", "A -> C".to_owned())]);
+
+        // A substitute is not substituted in turn.
+        assert!(plan.short("C", Some(&product("C", Some("D")))).is_empty());
+        let (lines, events) = plan.outcome();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(events, [("line_removed", "A".to_owned())]);
+    }
+
+    #[test]
+    fn unknown_products_and_missing_substitutes_remove_the_line() {
+        let mut plan = Plan::new(&[line("A", 1), line("B", 1), line("E", 1)]);
+        assert!(plan.short("A", None).is_empty());
+        assert_eq!(plan.short("B", Some(&product("B", Some("GONE")))), ["GONE"]);
+        plan.substitute("GONE", None);
+        assert!(plan.short("E", Some(&product("E", Some("E")))).is_empty());
+        let (lines, events) = plan.outcome();
+        assert!(lines.is_empty());
+        assert!(plan.takes().is_empty());
+        assert_eq!(
+            events.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+            ["line_removed"; 3]
+        );
+    }
+
+    #[test]
+    fn a_substitute_already_on_the_order_is_taken_once_with_both_quantities() {
+        let mut plan = Plan::new(&[line("A", 1), line("C", 2)]);
+        assert_eq!(plan.short("A", Some(&product("A", Some("C")))), ["C"]);
+        plan.substitute("C", Some(&product("C", None)));
+        assert_eq!(plan.takes(), BTreeMap::from([("C".to_owned(), 3)]));
+        // Both leave when C runs short: the substituted line has had its chance, C has none.
+        assert!(plan.short("C", Some(&product("C", None))).is_empty());
+        assert!(plan.outcome().0.is_empty());
+    }
+
+    fn accepted(lines: &[RecordLine]) -> OrderRecord {
+        let mut order = crate::delivery::tests::order(None, &[]);
+        order.status = "accepted".into();
+        order.lines = lines.to_vec();
+        order
+    }
+
+    fn warehouse(client: aws_sdk_dynamodb::Client) -> Warehouse {
+        let tables = store::Tables {
+            orders: "orders".into(),
+            catalog: "catalog".into(),
+            events: "events".into(),
+        };
+        Warehouse::new(Store::new(client, tables, "warehouse", None))
+    }
+
+    fn envelope() -> Envelope<OrderRef> {
+        Envelope {
+            kind: fleet_common::contract::ORDER_ACCEPTED.to_owned(),
+            schema_version: SCHEMA_VERSION,
+            event_id: "order.accepted:o".into(),
+            occurred_at: "2026-11-23T10:00:00Z".into(),
+            correlation_id: Some("c-1".into()),
+            metadata: None,
+            payload: OrderRef {
+                order_id: "o".into(),
+            },
+        }
+    }
+
+    fn cancelled(reasons: Vec<CancellationReason>) -> TransactWriteItemsError {
+        TransactWriteItemsError::TransactionCanceledException(
+            TransactionCanceledException::builder()
+                .set_cancellation_reasons(Some(reasons))
+                .build(),
+        )
+    }
+
+    fn passed() -> CancellationReason {
+        CancellationReason::builder().code("None").build()
+    }
+
+    fn failed(item: store::Item) -> CancellationReason {
+        CancellationReason::builder()
+            .code("ConditionalCheckFailed")
+            .set_item(Some(item))
+            .build()
+    }
+
+    /// The (table, key) of each item of a transaction request.
+    fn targets(
+        req: &aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsInput,
+    ) -> Vec<(String, String)> {
+        req.transact_items()
+            .iter()
+            .filter_map(|i| i.update())
+            .map(|u| {
+                let key = u.key().get("pk").and_then(|k| k.as_s().ok()).cloned();
+                (u.table_name().to_owned(), key.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_order_is_packed_by_one_transaction_of_the_order_and_its_products() {
+        let order = accepted(&[line("A", 2), line("B", 1), line("A", 1)]);
+        let item = store::to_item(&order);
+        let get = mock!(aws_sdk_dynamodb::Client::get_item).then_output(move || {
+            GetItemOutput::builder()
+                .set_item(Some(item.clone()))
+                .build()
+        });
+        let pack = mock!(aws_sdk_dynamodb::Client::transact_write_items)
+            .match_requests(|req| {
+                targets(req)
+                    == [
+                        ("orders".to_owned(), "order#o".to_owned()),
+                        ("catalog".to_owned(), "A".to_owned()),
+                        ("catalog".to_owned(), "B".to_owned()),
+                    ]
+            })
+            .then_output(|| TransactWriteItemsOutput::builder().build());
+        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&get, &pack]);
+        let out = warehouse(client)
+            .handle(envelope(), &Message::for_test(""))
+            .await
+            .unwrap();
+        assert_eq!(pack.num_calls(), 1, "one write request for the whole order");
+        assert_eq!(out.forward.len(), 1);
+        assert_eq!(out.forward[0].queue, "delivery");
+    }
+
+    #[tokio::test]
+    async fn a_short_product_is_replaced_by_its_substitute_and_the_order_tried_again() {
+        let order = accepted(&[line("A", 2), line("B", 1)]);
+        let order_item = store::to_item(&order);
+        let get_order = mock!(aws_sdk_dynamodb::Client::get_item)
+            .match_requests(|req| req.table_name() == Some("orders"))
+            .then_output(move || {
+                GetItemOutput::builder()
+                    .set_item(Some(order_item.clone()))
+                    .build()
+            });
+        let get_substitute = mock!(aws_sdk_dynamodb::Client::get_item)
+            .match_requests(|req| {
+                req.table_name() == Some("catalog")
+                    && req.key().and_then(|k| k.get("pk")) == Some(&s("C"))
+            })
+            .then_output(|| {
+                GetItemOutput::builder()
+                    .set_item(Some(store::to_item(&product("C", None))))
+                    .build()
+            });
+        let short = mock!(aws_sdk_dynamodb::Client::transact_write_items)
+            .match_requests(|req| targets(req).iter().any(|(_, k)| k == "A"))
+            .then_error(|| {
+                cancelled(vec![
+                    passed(),
+                    failed(store::to_item(&product("A", Some("C")))),
+                    passed(),
+                ])
+            });
+        let packed = mock!(aws_sdk_dynamodb::Client::transact_write_items)
+            .match_requests(|req| {
+                targets(req)
+                    == [
+                        ("orders".to_owned(), "order#o".to_owned()),
+                        ("catalog".to_owned(), "B".to_owned()),
+                        ("catalog".to_owned(), "C".to_owned()),
+                    ]
+            })
+            .then_output(|| TransactWriteItemsOutput::builder().build());
+        let client = mock_client!(
+            aws_sdk_dynamodb,
+            RuleMode::MatchAny,
+            [&get_order, &get_substitute, &short, &packed]
+        );
+        let out = warehouse(client)
+            .handle(envelope(), &Message::for_test(""))
+            .await
+            .unwrap();
+        assert_eq!((short.num_calls(), packed.num_calls()), (1, 1));
+        assert_eq!(get_substitute.num_calls(), 1);
+        assert_eq!(out.forward.len(), 1, "the substituted order goes on");
+    }
+
+    #[tokio::test]
+    async fn an_order_another_attempt_packed_is_forwarded_without_taking_stock_again() {
+        let order = accepted(&[line("A", 1)]);
+        let order_item = store::to_item(&order);
+        let mut done = order.clone();
+        done.status = "packed".into();
+        let done_item = store::to_item(&done);
+        let get = mock!(aws_sdk_dynamodb::Client::get_item).then_output(move || {
+            GetItemOutput::builder()
+                .set_item(Some(order_item.clone()))
+                .build()
+        });
+        let pack = mock!(aws_sdk_dynamodb::Client::transact_write_items)
+            .then_error(move || cancelled(vec![failed(done_item.clone()), passed()]));
+        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&get, &pack]);
+        let out = warehouse(client)
+            .handle(envelope(), &Message::for_test(""))
+            .await
+            .unwrap();
+        assert_eq!(pack.num_calls(), 1, "no second attempt");
+        assert_eq!(out.forward.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_conflict_is_transient() {
+        let order_item = store::to_item(&accepted(&[line("A", 1)]));
+        let get = mock!(aws_sdk_dynamodb::Client::get_item).then_output(move || {
+            GetItemOutput::builder()
+                .set_item(Some(order_item.clone()))
+                .build()
+        });
+        let pack = mock!(aws_sdk_dynamodb::Client::transact_write_items).then_error(|| {
+            cancelled(vec![
+                passed(),
+                CancellationReason::builder()
+                    .code("TransactionConflict")
+                    .build(),
+            ])
+        });
+        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&get, &pack]);
+        let err = warehouse(client)
+            .handle(envelope(), &Message::for_test(""))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HandlerError::Transient { .. }), "{err:?}");
     }
 }
