@@ -479,6 +479,7 @@ impl Report {
             };
             let first = mean(&rss[..third.min(rss.len())]);
             let last = mean(&rss[rss.len().saturating_sub(third)..]);
+            let slope = rss_slope_after_warmup(&series);
             self.worker = Some(serde_json::json!({
                 "cpu_secs": round(p.cpu_secs),
                 "cpu_ms_per_1000_messages": round(p.cpu_secs * 1000.0 / processed * 1000.0),
@@ -486,6 +487,8 @@ impl Report {
                 "rss_mib_first_third_mean": round(first),
                 "rss_mib_last_third_mean": round(last),
                 "rss_growth_mib": round(last - first),
+                "rss_kib_per_1000_messages_after_warmup": slope.map(|k| round(k)),
+                "memory_flat": slope.map(|k| k.abs() <= FLAT_KIB_PER_1000_MESSAGES),
             }));
         }
         self.series = series;
@@ -595,5 +598,74 @@ impl Report {
             s += &format!("  offender: {o}\n");
         }
         s
+    }
+}
+
+/// Memory counts as flat when it grows by at most this much per 1,000 messages after warm-up
+/// (64 MiB over a million messages).
+pub const FLAT_KIB_PER_1000_MESSAGES: f64 = 64.0;
+
+/// How the worker's RSS moves with the messages it processes, in KiB per 1,000 messages: the
+/// least-squares slope of RSS against messages processed, over the samples between 20% and 95%
+/// of the run's messages (allocator and connection-pool warm-up, and the drained tail, left
+/// out). `None` when fewer than 10 samples fall in that window.
+pub fn rss_slope_after_warmup(series: &[Sample]) -> Option<f64> {
+    let total = series.last()?.processed_total;
+    let points: Vec<(f64, f64)> = series
+        .iter()
+        .filter(|s| s.rss_mib > 0.0)
+        .filter(|s| s.processed_total >= 0.2 * total && s.processed_total <= 0.95 * total)
+        .map(|s| (s.processed_total, s.rss_mib))
+        .collect();
+    if points.len() < 10 {
+        return None;
+    }
+    let n = points.len() as f64;
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if sxx == 0.0 {
+        return None;
+    }
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    Some(sxy / sxx * 1000.0 * 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(rss: impl Fn(f64) -> f64) -> Vec<Sample> {
+        (0..=100)
+            .map(|i| {
+                let processed = f64::from(i) * 100.0;
+                Sample {
+                    t_secs: f64::from(i),
+                    processed_total: processed,
+                    rss_mib: rss(processed),
+                    ..Sample::default()
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn warm_up_does_not_count_as_growth_but_steady_growth_does() {
+        // 10 MiB of warm-up over the first 10% of messages, then flat.
+        let warm = run(|m| if m < 1_000.0 { 20.0 + m / 100.0 } else { 30.0 });
+        let slope = rss_slope_after_warmup(&warm).unwrap();
+        assert!(slope.abs() < 0.001, "{slope}");
+
+        // 1 MiB more per 1,000 messages: a leak.
+        let leak = run(|m| 30.0 + m / 1_000.0);
+        let slope = rss_slope_after_warmup(&leak).unwrap();
+        assert!((slope - 1024.0).abs() < 0.01, "{slope}");
+        assert!(slope > FLAT_KIB_PER_1000_MESSAGES);
+    }
+
+    #[test]
+    fn too_few_samples_give_no_verdict() {
+        assert_eq!(rss_slope_after_warmup(&run(|_| 30.0)[..5]), None);
+        assert_eq!(rss_slope_after_warmup(&[]), None);
     }
 }
