@@ -487,7 +487,7 @@ impl Report {
                 "rss_mib_first_third_mean": round(first),
                 "rss_mib_last_third_mean": round(last),
                 "rss_growth_mib": round(last - first),
-                "rss_kib_per_1000_messages_after_warmup": slope.map(|k| round(k)),
+                "rss_kib_per_1000_messages_after_warmup": slope.map(round),
                 "memory_flat": slope.map(|k| k.abs() <= FLAT_KIB_PER_1000_MESSAGES),
             }));
         }
