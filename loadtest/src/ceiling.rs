@@ -182,3 +182,44 @@ pub async fn dynamodb(
         units_per_sec: per_sec,
     })
 }
+
+/// The fleet's own DynamoDB work without queues: `inputs` taken in at the edge and through every
+/// stage by the handlers chained in memory ([`workers::fleet::Inline`]), `loops` at a time, for
+/// `secs` or until the inputs run out. Messages handled per second (in `units_per_sec`; its
+/// `requests_per_sec` is the same figure). The fleet, which adds SQS between the stages, cannot
+/// go faster than this on the same tables.
+///
+/// # Errors
+/// A loop that panicked.
+pub async fn workload(
+    inline: Arc<workers::fleet::Inline>,
+    inputs: Vec<String>,
+    loops: usize,
+    secs: u64,
+) -> anyhow::Result<Ceiling> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let inputs = Arc::new(std::sync::Mutex::new(inputs.into_iter()));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..loops)
+        .map(|_| {
+            let (inline, inputs, handled) = (inline.clone(), inputs.clone(), handled.clone());
+            tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let next = inputs.lock().expect("inputs lock").next();
+                    let Some(body) = next else { break };
+                    let n = inline.run(body).await;
+                    handled.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    let per_sec = handled.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    Ok(Ceiling {
+        requests_per_sec: per_sec,
+        units_per_sec: per_sec,
+    })
+}

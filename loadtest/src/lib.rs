@@ -74,6 +74,31 @@ pub struct Options {
     pub drain_timeout: Duration,
 }
 
+/// The fleet's own DynamoDB work without queues, on scratch tables of their own (so the run's
+/// audit is untouched): orders generated with the run's mix, taken through the four handlers in
+/// memory.
+async fn workload_ceiling(
+    opts: &Options,
+    harness: &Clients,
+    catalog: &CatalogFile,
+    tag: &str,
+    loops: usize,
+) -> anyhow::Result<ceiling::Ceiling> {
+    let scratch_tag = format!("{tag}w");
+    let scratch = opts.config.clone().with_suffix(&scratch_tag);
+    fleet_common::provision::provision(&harness.sqs, &harness.dynamodb, &scratch)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tables = Tables::from_config(&scratch)?;
+    workers::catalog::seed(&harness.dynamodb, &tables.catalog, catalog).await?;
+    // More orders than the backend can take in the time given (≈4 messages each).
+    let orders = usize::try_from(opts.ceiling_secs.saturating_mul(400)).unwrap_or(usize::MAX);
+    let scenario = Scenario::generate(orders, opts.mix, catalog, opts.seed ^ 0x5eed, &scratch_tag);
+    let inputs = scenario.submissions.into_iter().map(|i| i.body).collect();
+    let inline = Arc::new(workers::fleet::Inline::new(&scratch, &harness.dynamodb)?);
+    ceiling::workload(inline, inputs, loops, opts.ceiling_secs).await
+}
+
 /// Runs the load and returns its report (also written to `report_dir`).
 ///
 /// # Errors
@@ -130,7 +155,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             opts.ceiling_secs,
         )
         .await?;
-        report.set_ceilings(sqs, ddb);
+        let workload = if local {
+            Some(workload_ceiling(&opts, &harness, &catalog, &tag, loops).await?)
+        } else {
+            None
+        };
+        report.set_ceilings(sqs, ddb, workload);
     }
 
     let ingest = topology

@@ -63,10 +63,17 @@ pub struct Bound {
     pub sqs: Ceiling,
     /// Raw conditional writes.
     pub dynamodb: Ceiling,
+    /// The fleet's own DynamoDB work without queues: messages per second through the four
+    /// handlers chained in memory (locally; `None` against AWS).
+    pub dynamodb_workload: Option<Ceiling>,
     /// Messages per second SQS allows the fleet, given its SQS requests per message.
     pub sqs_bound_messages_per_sec: f64,
-    /// Messages per second DynamoDB allows the fleet, given its DynamoDB requests per message.
+    /// Messages per second DynamoDB allows the fleet: the workload ceiling when measured, else
+    /// the raw conditional writes over the fleet's DynamoDB requests per message.
     pub dynamodb_bound_messages_per_sec: f64,
+    /// Raw conditional writes over the fleet's DynamoDB requests per message: the bound if every
+    /// request the fleet makes cost what a small conditional put costs.
+    pub dynamodb_simple_put_bound_messages_per_sec: f64,
     /// `sqs` or `dynamodb`.
     pub bounding_backend: String,
     /// Fleet messages per second (at steady state) over the bound, percent.
@@ -183,10 +190,16 @@ impl Report {
         }
     }
 
-    pub(crate) fn set_ceilings(&mut self, sqs: Ceiling, dynamodb: Ceiling) {
+    pub(crate) fn set_ceilings(
+        &mut self,
+        sqs: Ceiling,
+        dynamodb: Ceiling,
+        dynamodb_workload: Option<Ceiling>,
+    ) {
         self.ceiling = Some(Bound {
             sqs,
             dynamodb,
+            dynamodb_workload,
             ..Bound::default()
         });
     }
@@ -444,8 +457,12 @@ impl Report {
                     + spend.dynamodb_reads_per_message)
                     .max(0.001);
                 b.sqs_bound_messages_per_sec = round(b.sqs.requests_per_sec / sqs_per_msg);
-                b.dynamodb_bound_messages_per_sec =
+                b.dynamodb_simple_put_bound_messages_per_sec =
                     round(b.dynamodb.requests_per_sec / ddb_per_msg);
+                b.dynamodb_bound_messages_per_sec = match &b.dynamodb_workload {
+                    Some(w) => round(w.units_per_sec),
+                    None => b.dynamodb_simple_put_bound_messages_per_sec,
+                };
                 let (name, bound) =
                     if b.sqs_bound_messages_per_sec <= b.dynamodb_bound_messages_per_sec {
                         ("sqs", b.sqs_bound_messages_per_sec)
@@ -488,7 +505,10 @@ impl Report {
                 "rss_mib_last_third_mean": round(last),
                 "rss_growth_mib": round(last - first),
                 "rss_kib_per_1000_messages_after_warmup": slope.map(round),
-                "memory_flat": slope.map(|k| k.abs() <= FLAT_KIB_PER_1000_MESSAGES),
+                // A verdict needs enough messages past warm-up to see a slope in.
+                "memory_flat": slope
+                    .filter(|_| processed >= MIN_MESSAGES_FOR_MEMORY_VERDICT)
+                    .map(|k| k.abs() <= FLAT_KIB_PER_1000_MESSAGES),
             }));
         }
         self.series = series;
@@ -583,8 +603,10 @@ impl Report {
         }
         if let Some(b) = &self.ceiling {
             s += &format!(
-                "  ceilings: SQS {:.0} req/s ({:.0} msg/s), DynamoDB {:.0} writes/s → fleet bound {:.0} msg/s by {}; the fleet reached {:.1}% of it\n",
-                b.sqs.requests_per_sec, b.sqs.units_per_sec, b.dynamodb.requests_per_sec,
+                "  ceilings: SQS {:.0} req/s ({:.0} msg/s at the fleet's SQS requests/msg); DynamoDB {:.0} conditional puts/s ({:.0} msg/s if every request cost a put){}\n  → fleet bound {:.0} msg/s by {}; the fleet reached {:.1}% of it\n",
+                b.sqs.requests_per_sec, b.sqs_bound_messages_per_sec, b.dynamodb.requests_per_sec,
+                b.dynamodb_simple_put_bound_messages_per_sec,
+                b.dynamodb_workload.map_or(String::new(), |w| format!(", the fleet's own DynamoDB work without queues {:.0} msg/s", w.units_per_sec)),
                 b.sqs_bound_messages_per_sec.min(b.dynamodb_bound_messages_per_sec), b.bounding_backend, b.fleet_percent_of_bound
             );
         }
@@ -604,6 +626,9 @@ impl Report {
 /// Memory counts as flat when it grows by at most this much per 1,000 messages after warm-up
 /// (64 MiB over a million messages).
 pub const FLAT_KIB_PER_1000_MESSAGES: f64 = 64.0;
+
+/// Fewer messages than this give a slope but no `memory_flat` verdict (warm-up dominates).
+pub const MIN_MESSAGES_FOR_MEMORY_VERDICT: f64 = 10_000.0;
 
 /// How the worker's RSS moves with the messages it processes, in KiB per 1,000 messages: the
 /// least-squares slope of RSS against messages processed, over the samples between 20% and 95%

@@ -325,3 +325,40 @@ async fn a_sigkill_mid_run_ends_in_the_same_state_and_logs_hold_no_personal_data
     }
     assert!(message_lines > 100, "message lines carry their span");
 }
+
+/// The load harness's DynamoDB ceiling runs the handlers chained in memory; it must do the
+/// fleet's real work, or the bound it gives would be a fiction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_memory_chain_does_the_work_the_fleet_does() {
+    let env = TestEnv::new(quick).await;
+    let catalog = env.seed_catalog().await;
+    let scenario = Scenario::generate(60, Mix::default(), &catalog, 31, &env.suffix);
+    let inline = workers::fleet::Inline::new(&env.config, &env.clients.dynamodb).unwrap();
+    let mut handled = 0;
+    for input in &scenario.submissions {
+        handled += inline.run(input.body.clone()).await;
+    }
+    let result = audit(
+        &env.clients.dynamodb,
+        &env.tables(),
+        &scenario,
+        &catalog,
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.lost, 0, "{:?}", result.offenders);
+    assert_eq!(result.duplicate_effects, 0, "{:?}", result.offenders);
+    assert_eq!(result.orders_completed, scenario.expected.len() as u64);
+    let packed = scenario
+        .expected
+        .values()
+        .filter(|e| e.status == "packed")
+        .count();
+    // Every input is handled at the edge; accepted orders go on to the warehouse, packed ones
+    // to delivery.
+    assert!(
+        handled >= scenario.submissions.len() + scenario.expected.len() + packed,
+        "{handled} messages handled"
+    );
+}
