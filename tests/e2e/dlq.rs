@@ -16,7 +16,7 @@ use fleet_e2e::{dlq_binary, workspace_root, TestEnv};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use workers::demo::wait_idle;
-use workers::scenario::{audit, Mix, Scenario};
+use workers::scenario::{Mix, Scenario};
 
 fn dlq(env: &TestEnv, args: &[&str]) -> Output {
     Command::new(dlq_binary())
@@ -327,15 +327,7 @@ async fn a_filtered_redrive_of_a_thousand_moves_exactly_the_matching_at_the_rate
         .unwrap();
     shutdown.cancel();
     fleet.await.unwrap().unwrap();
-    let result = audit(
-        &env.clients.dynamodb,
-        &env.tables(),
-        &scenario,
-        &catalog,
-        false,
-    )
-    .await
-    .unwrap();
+    let result = env.audit(&scenario, &catalog, false).await;
     assert_eq!(result.orders_completed, 150, "{:?}", result.offenders);
     assert_eq!(result.duplicate_effects, 0, "{:?}", result.offenders);
     assert_eq!(

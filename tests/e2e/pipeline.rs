@@ -11,7 +11,7 @@ use fleet_e2e::{worker_binary, TestEnv};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use workers::demo::{dead_letter_mismatches, dead_letters, send_all, wait_idle};
-use workers::scenario::{audit, scan, Mix, Scenario};
+use workers::scenario::{scan, Mix, Scenario};
 
 const PHASE: Duration = Duration::from_secs(300);
 
@@ -108,15 +108,7 @@ async fn five_hundred_mixed_orders_end_as_expected_and_a_second_feed_changes_not
         .await
         .unwrap();
 
-    let first = audit(
-        &env.clients.dynamodb,
-        &env.tables(),
-        &scenario,
-        &catalog,
-        true,
-    )
-    .await
-    .unwrap();
+    let first = env.audit(&scenario, &catalog, true).await;
     assert_eq!(first.lost, 0, "{:?}", first.offenders);
     assert_eq!(first.duplicate_effects, 0, "{:?}", first.offenders);
     assert_eq!(first.unexpected_orders, 0);
@@ -157,15 +149,7 @@ async fn five_hundred_mixed_orders_end_as_expected_and_a_second_feed_changes_not
     let after = snapshot(&env).await;
     assert_same("product (stock)", &before.1, &after.1);
     assert_same("order", &before.0, &after.0);
-    let second = audit(
-        &env.clients.dynamodb,
-        &env.tables(),
-        &scenario,
-        &catalog,
-        true,
-    )
-    .await
-    .unwrap();
+    let second = env.audit(&scenario, &catalog, true).await;
     assert_eq!(second.duplicate_effects, 0, "{:?}", second.offenders);
 }
 
@@ -263,15 +247,7 @@ async fn a_sigkill_mid_run_ends_in_the_same_state_and_logs_hold_no_personal_data
     assert!(asked.elapsed() < Duration::from_secs(8));
     logs.push_str(&second.logs.await.unwrap());
 
-    let result = audit(
-        &env.clients.dynamodb,
-        &env.tables(),
-        &scenario,
-        &catalog,
-        true,
-    )
-    .await
-    .unwrap();
+    let result = env.audit(&scenario, &catalog, true).await;
     assert_eq!(result.lost, 0, "{:?}", result.offenders);
     assert_eq!(result.duplicate_effects, 0, "{:?}", result.offenders);
     assert_eq!(
@@ -338,15 +314,7 @@ async fn the_in_memory_chain_does_the_work_the_fleet_does() {
     for input in &scenario.submissions {
         handled += inline.run(input.body.clone()).await;
     }
-    let result = audit(
-        &env.clients.dynamodb,
-        &env.tables(),
-        &scenario,
-        &catalog,
-        false,
-    )
-    .await
-    .unwrap();
+    let result = env.audit(&scenario, &catalog, false).await;
     assert_eq!(result.lost, 0, "{:?}", result.offenders);
     assert_eq!(result.duplicate_effects, 0, "{:?}", result.offenders);
     assert_eq!(result.orders_completed, scenario.expected.len() as u64);

@@ -204,6 +204,25 @@ impl TestEnv {
         catalog
     }
 
+    /// Audits every order and product of this test against `scenario` (with the delivery
+    /// states when `with_delivery`).
+    pub async fn audit(
+        &self,
+        scenario: &workers::scenario::Scenario,
+        catalog: &workers::catalog::CatalogFile,
+        with_delivery: bool,
+    ) -> workers::scenario::Audit {
+        workers::scenario::audit(
+            &self.clients.dynamodb,
+            &self.tables(),
+            scenario,
+            catalog,
+            with_delivery,
+        )
+        .await
+        .expect("the tables can be read")
+    }
+
     /// The table names of this test.
     pub fn tables(&self) -> workers::store::Tables {
         workers::store::Tables::from_config(&self.config).unwrap()

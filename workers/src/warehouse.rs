@@ -518,25 +518,33 @@ mod tests {
             .collect()
     }
 
+    /// GetItem of the order answers `order`.
+    fn order_read(order: &OrderRecord) -> aws_smithy_mocks::Rule {
+        let item = store::to_item(order);
+        mock!(aws_sdk_dynamodb::Client::get_item)
+            .match_requests(|req| req.table_name() == Some("orders"))
+            .then_output(move || {
+                GetItemOutput::builder()
+                    .set_item(Some(item.clone()))
+                    .build()
+            })
+    }
+
+    /// A transaction of the order and exactly these products succeeds.
+    fn packs(skus: &'static [&'static str]) -> aws_smithy_mocks::Rule {
+        mock!(aws_sdk_dynamodb::Client::transact_write_items)
+            .match_requests(move |req| {
+                let mut want = vec![("orders".to_owned(), "order#o".to_owned())];
+                want.extend(skus.iter().map(|k| ("catalog".to_owned(), (*k).to_owned())));
+                targets(req) == want
+            })
+            .then_output(|| TransactWriteItemsOutput::builder().build())
+    }
+
     #[tokio::test]
     async fn an_order_is_packed_by_one_transaction_of_the_order_and_its_products() {
-        let order = accepted(&[line("A", 2), line("B", 1), line("A", 1)]);
-        let item = store::to_item(&order);
-        let get = mock!(aws_sdk_dynamodb::Client::get_item).then_output(move || {
-            GetItemOutput::builder()
-                .set_item(Some(item.clone()))
-                .build()
-        });
-        let pack = mock!(aws_sdk_dynamodb::Client::transact_write_items)
-            .match_requests(|req| {
-                targets(req)
-                    == [
-                        ("orders".to_owned(), "order#o".to_owned()),
-                        ("catalog".to_owned(), "A".to_owned()),
-                        ("catalog".to_owned(), "B".to_owned()),
-                    ]
-            })
-            .then_output(|| TransactWriteItemsOutput::builder().build());
+        let get = order_read(&accepted(&[line("A", 2), line("B", 1), line("A", 1)]));
+        let pack = packs(&["A", "B"]);
         let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&get, &pack]);
         let out = warehouse(client)
             .handle(envelope(), &Message::for_test(""))
@@ -549,15 +557,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_short_product_is_replaced_by_its_substitute_and_the_order_tried_again() {
-        let order = accepted(&[line("A", 2), line("B", 1)]);
-        let order_item = store::to_item(&order);
-        let get_order = mock!(aws_sdk_dynamodb::Client::get_item)
-            .match_requests(|req| req.table_name() == Some("orders"))
-            .then_output(move || {
-                GetItemOutput::builder()
-                    .set_item(Some(order_item.clone()))
-                    .build()
-            });
+        let get_order = order_read(&accepted(&[line("A", 2), line("B", 1)]));
         let get_substitute = mock!(aws_sdk_dynamodb::Client::get_item)
             .match_requests(|req| {
                 req.table_name() == Some("catalog")
@@ -577,16 +577,7 @@ mod tests {
                     passed(),
                 ])
             });
-        let packed = mock!(aws_sdk_dynamodb::Client::transact_write_items)
-            .match_requests(|req| {
-                targets(req)
-                    == [
-                        ("orders".to_owned(), "order#o".to_owned()),
-                        ("catalog".to_owned(), "B".to_owned()),
-                        ("catalog".to_owned(), "C".to_owned()),
-                    ]
-            })
-            .then_output(|| TransactWriteItemsOutput::builder().build());
+        let packed = packs(&["B", "C"]);
         let client = mock_client!(
             aws_sdk_dynamodb,
             RuleMode::MatchAny,
@@ -604,15 +595,10 @@ mod tests {
     #[tokio::test]
     async fn an_order_another_attempt_packed_is_forwarded_without_taking_stock_again() {
         let order = accepted(&[line("A", 1)]);
-        let order_item = store::to_item(&order);
         let mut done = order.clone();
         done.status = "packed".into();
         let done_item = store::to_item(&done);
-        let get = mock!(aws_sdk_dynamodb::Client::get_item).then_output(move || {
-            GetItemOutput::builder()
-                .set_item(Some(order_item.clone()))
-                .build()
-        });
+        let get = order_read(&order);
         let pack = mock!(aws_sdk_dynamodb::Client::transact_write_items)
             .then_error(move || cancelled(vec![failed(done_item.clone()), passed()]));
         let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&get, &pack]);
@@ -626,12 +612,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_conflict_is_transient() {
-        let order_item = store::to_item(&accepted(&[line("A", 1)]));
-        let get = mock!(aws_sdk_dynamodb::Client::get_item).then_output(move || {
-            GetItemOutput::builder()
-                .set_item(Some(order_item.clone()))
-                .build()
-        });
+        let get = order_read(&accepted(&[line("A", 1)]));
         let pack = mock!(aws_sdk_dynamodb::Client::transact_write_items).then_error(|| {
             cancelled(vec![
                 passed(),
