@@ -1,6 +1,7 @@
 //! What the backends on the target can serve, measured in the same run before the load: a raw
-//! batch receive/delete loop for SQS and raw conditional writes for DynamoDB, at the same
-//! concurrency the fleet uses. The fleet cannot go faster than these allow.
+//! batch receive/delete loop for SQS, raw conditional writes for DynamoDB, and (locally) the
+//! fleet's own DynamoDB work without queues, at the concurrency the fleet uses. The fleet cannot
+//! go faster than these allow. The first fifth of each measurement warms up and is not counted.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,8 +21,44 @@ pub struct Ceiling {
     pub units_per_sec: f64,
 }
 
+/// A measurement window of `secs`: its first fifth warms the backend up (connections, a freshly
+/// started emulator's first requests) and is not counted.
+#[derive(Clone, Copy)]
+struct Window {
+    counted_from: Instant,
+    deadline: Instant,
+}
+
+impl Window {
+    fn new(secs: u64) -> Self {
+        let now = Instant::now();
+        let total = Duration::from_secs(secs);
+        Self {
+            counted_from: now + total / 5,
+            deadline: now + total,
+        }
+    }
+
+    /// Whether to start another request.
+    fn open(self) -> bool {
+        Instant::now() < self.deadline
+    }
+
+    /// Whether a request that completes now counts.
+    fn counts(self) -> bool {
+        Instant::now() >= self.counted_from
+    }
+
+    /// `n` counted completions per second of the counted part.
+    fn rate(self, n: &AtomicU64) -> f64 {
+        n.load(Ordering::Relaxed) as f64 / self.counted_from.elapsed().as_secs_f64().max(0.001)
+    }
+}
+
 /// Receives and deletes batches of ten from a scratch queue filled beforehand, with `loops`
-/// concurrent loops, for `secs`.
+/// concurrent loops, and times the middle of the drain: from the first 10% of the messages
+/// deleted (warm-up) to 90% (before the queue runs dry, when receives come back short or
+/// empty), or until `secs` have passed.
 ///
 /// # Errors
 /// AWS errors.
@@ -40,7 +77,7 @@ pub async fn sqs(
         .queue_url()
         .unwrap_or_default()
         .to_owned();
-    let fill = (loops as u64 * secs * 400).clamp(2_000, 100_000);
+    let fill = (secs * 5_000).clamp(20_000, 100_000);
     futures::stream::iter(0..fill / 10)
         .map(|b| {
             let (sqs, url) = (sqs.clone(), url.clone());
@@ -65,16 +102,13 @@ pub async fn sqs(
         .buffer_unordered(16)
         .try_collect::<Vec<()>>()
         .await?;
-    let requests = Arc::new(AtomicU64::new(0));
-    let messages = Arc::new(AtomicU64::new(0));
+    let drain = Arc::new(Drain::new(fill));
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let started = Instant::now();
     let tasks: Vec<_> = (0..loops)
         .map(|_| {
-            let (sqs, url, requests, messages) =
-                (sqs.clone(), url.clone(), requests.clone(), messages.clone());
+            let (sqs, url, drain) = (sqs.clone(), url.clone(), drain.clone());
             tokio::spawn(async move {
-                while Instant::now() < deadline {
+                while Instant::now() < deadline && !drain.done() {
                     let Ok(out) = sqs
                         .receive_message()
                         .queue_url(&url)
@@ -85,7 +119,6 @@ pub async fn sqs(
                     else {
                         continue;
                     };
-                    requests.fetch_add(1, Ordering::Relaxed);
                     let entries: Vec<_> = out
                         .messages()
                         .iter()
@@ -110,8 +143,8 @@ pub async fn sqs(
                         .await
                         .is_ok()
                     {
-                        requests.fetch_add(1, Ordering::Relaxed);
-                        messages.fetch_add(n, Ordering::Relaxed);
+                        // One receive and one delete for these n messages.
+                        drain.deleted(n, 2);
                     }
                 }
             })
@@ -120,12 +153,61 @@ pub async fn sqs(
     for t in tasks {
         t.await?;
     }
-    let elapsed = started.elapsed().as_secs_f64();
     let _ = sqs.delete_queue().queue_url(&url).send().await;
-    Ok(Ceiling {
-        requests_per_sec: requests.load(Ordering::Relaxed) as f64 / elapsed,
-        units_per_sec: messages.load(Ordering::Relaxed) as f64 / elapsed,
-    })
+    Ok(drain.ceiling())
+}
+
+/// The timed middle of a queue's drain: messages 10%–90% of `total`.
+struct Drain {
+    from: u64,
+    to: u64,
+    deleted: AtomicU64,
+    requests: AtomicU64,
+    messages: AtomicU64,
+    span: std::sync::Mutex<(Option<Instant>, Option<Instant>)>,
+}
+
+impl Drain {
+    fn new(total: u64) -> Self {
+        Self {
+            from: total / 10,
+            to: total * 9 / 10,
+            deleted: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            span: std::sync::Mutex::new((None, None)),
+        }
+    }
+
+    /// `n` messages deleted with `requests` requests.
+    fn deleted(&self, n: u64, requests: u64) {
+        let before = self.deleted.fetch_add(n, Ordering::Relaxed);
+        let after = before + n;
+        let mut span = self.span.lock().expect("drain lock");
+        if before < self.from && after >= self.from {
+            span.0 = Some(Instant::now());
+        } else if before >= self.from && before < self.to {
+            self.requests.fetch_add(requests, Ordering::Relaxed);
+            self.messages.fetch_add(n, Ordering::Relaxed);
+            span.1 = Some(Instant::now());
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.deleted.load(Ordering::Relaxed) >= self.to
+    }
+
+    fn ceiling(&self) -> Ceiling {
+        let span = *self.span.lock().expect("drain lock");
+        let secs = match span {
+            (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+            _ => return Ceiling::default(),
+        };
+        Ceiling {
+            requests_per_sec: self.requests.load(Ordering::Relaxed) as f64 / secs,
+            units_per_sec: self.messages.load(Ordering::Relaxed) as f64 / secs,
+        }
+    }
 }
 
 /// Conditional puts (create-if-absent, as the fleet writes) of fresh items into `table` with
@@ -141,8 +223,7 @@ pub async fn dynamodb(
     secs: u64,
 ) -> anyhow::Result<Ceiling> {
     let writes = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let started = Instant::now();
+    let window = Window::new(secs);
     let expires = (time::OffsetDateTime::now_utc().unix_timestamp() + 3600).to_string();
     let tasks: Vec<_> = (0..loops)
         .map(|_| {
@@ -154,7 +235,7 @@ pub async fn dynamodb(
                 expires.clone(),
             );
             tokio::spawn(async move {
-                while Instant::now() < deadline {
+                while window.open() {
                     let mut put = ddb
                         .put_item()
                         .table_name(&table)
@@ -166,7 +247,7 @@ pub async fn dynamodb(
                     if let Some(attr) = &ttl {
                         put = put.item(attr, AttributeValue::N(expires.clone()));
                     }
-                    if put.send().await.is_ok() {
+                    if put.send().await.is_ok() && window.counts() {
                         writes.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -176,7 +257,7 @@ pub async fn dynamodb(
     for t in tasks {
         t.await?;
     }
-    let per_sec = writes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let per_sec = window.rate(&writes);
     Ok(Ceiling {
         requests_per_sec: per_sec,
         units_per_sec: per_sec,
@@ -199,17 +280,18 @@ pub async fn workload(
 ) -> anyhow::Result<Ceiling> {
     let handled = Arc::new(AtomicU64::new(0));
     let inputs = Arc::new(std::sync::Mutex::new(inputs.into_iter()));
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let started = Instant::now();
+    let window = Window::new(secs);
     let tasks: Vec<_> = (0..loops)
         .map(|_| {
             let (inline, inputs, handled) = (inline.clone(), inputs.clone(), handled.clone());
             tokio::spawn(async move {
-                while Instant::now() < deadline {
+                while window.open() {
                     let next = inputs.lock().expect("inputs lock").next();
                     let Some(body) = next else { break };
                     let n = inline.run(body).await;
-                    handled.fetch_add(n as u64, Ordering::Relaxed);
+                    if window.counts() {
+                        handled.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
             })
         })
@@ -217,9 +299,37 @@ pub async fn workload(
     for t in tasks {
         t.await?;
     }
-    let per_sec = handled.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let per_sec = window.rate(&handled);
     Ok(Ceiling {
         requests_per_sec: per_sec,
         units_per_sec: per_sec,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drain_counts_only_its_middle() {
+        let drain = Drain::new(100);
+        for _ in 0..10 {
+            drain.deleted(10, 2);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(drain.done());
+        // Batches that start at 10, 20, … 80: the warm-up and the dry tail are left out.
+        assert_eq!(drain.messages.load(Ordering::Relaxed), 80);
+        assert_eq!(drain.requests.load(Ordering::Relaxed), 16);
+        let c = drain.ceiling();
+        assert!(c.units_per_sec > 0.0);
+        assert!((c.units_per_sec / c.requests_per_sec - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_drain_that_never_left_warm_up_measures_nothing() {
+        let drain = Drain::new(1_000);
+        drain.deleted(10, 2);
+        assert_eq!(drain.ceiling().units_per_sec, 0.0);
+    }
 }
