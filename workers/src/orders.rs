@@ -29,6 +29,10 @@ impl Orders {
 /// The checks of an order against the catalog: empty when it is acceptable.
 pub fn check_order(order: &OrderSubmitted, catalog: &HashMap<String, Product>) -> Vec<String> {
     let mut reasons = Vec::new();
+    if order.lines.len() > crate::warehouse::MAX_PRODUCTS_PER_ORDER {
+        // One packing transaction takes stock from at most this many products.
+        reasons.push(format!("too_many_lines:{}", order.lines.len()));
+    }
     let mut seen = BTreeSet::new();
     for line in &order.lines {
         if !seen.insert(&line.sku) {
@@ -303,5 +307,19 @@ mod tests {
             check_order(&order(&[("A", 100), ("A", 100)]), &catalog),
             vec!["duplicate_sku:A"]
         );
+    }
+
+    #[test]
+    fn an_order_one_packing_transaction_cannot_hold_is_rejected() {
+        let skus: Vec<String> = (0..=crate::warehouse::MAX_PRODUCTS_PER_ORDER)
+            .map(|i| format!("P{i}"))
+            .collect();
+        let catalog: HashMap<_, _> = skus.iter().map(|s| product(s, 100)).collect();
+        let lines: Vec<(&str, i64)> = skus.iter().map(|s| (s.as_str(), 100)).collect();
+        assert_eq!(
+            check_order(&order(&lines), &catalog),
+            vec![format!("too_many_lines:{}", lines.len())]
+        );
+        assert!(check_order(&order(&lines[1..]), &catalog).is_empty());
     }
 }

@@ -17,6 +17,10 @@ use tracing::info;
 
 use crate::store::{self, n, s, HistoryEntry, OrderRecord, Product, RecordLine, Store};
 
+/// The most products one order can take stock from: a TransactWriteItems holds 100 items, the
+/// order and one per product. The orders stage rejects larger orders.
+pub const MAX_PRODUCTS_PER_ORDER: usize = 99;
+
 /// The packing worker.
 pub struct Warehouse {
     store: Store,
@@ -201,6 +205,16 @@ impl Warehouse {
     /// anything was packed.
     async fn pack(&self, order: &OrderRecord, event_id: &str) -> Result<bool, HandlerError> {
         let mut plan = Plan::new(&order.lines);
+        if plan.takes().len() > MAX_PRODUCTS_PER_ORDER {
+            return Err(HandlerError::permanent(
+                Reason("order_too_large"),
+                format!(
+                    "order {} takes stock from {} products; one transaction holds {MAX_PRODUCTS_PER_ORDER}",
+                    order.order_id,
+                    plan.takes().len()
+                ),
+            ));
+        }
         // Each round substitutes or removes at least one line, and a line moves at most twice.
         for _ in 0..=2 * order.lines.len() + 1 {
             let shortages = match self.commit(order, &plan, event_id).await? {
@@ -627,5 +641,22 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, HandlerError::Transient { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn an_order_too_large_for_one_transaction_is_dead_lettered_without_writing() {
+        let lines: Vec<RecordLine> = (0..=MAX_PRODUCTS_PER_ORDER)
+            .map(|i| line(&format!("P{i}"), 1))
+            .collect();
+        let get = order_read(&accepted(&lines));
+        let pack = packs(&[]);
+        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&get, &pack]);
+        let err = warehouse(client)
+            .handle(envelope(), &Message::for_test(""))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, HandlerError::Permanent { .. }), "{err:?}");
+        assert_eq!(err.reason().0, "order_too_large");
+        assert_eq!(pack.num_calls(), 0);
     }
 }
