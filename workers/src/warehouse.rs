@@ -7,9 +7,11 @@
 //! substitute) or removed, and the transaction is tried again with the new plan.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use fleet_common::contract::{Envelope, OrderRef, ORDER_PACKED, SCHEMA_VERSION};
 use fleet_common::failure::{HandlerError, Reason};
 use fleet_common::runtime::{Message, Outcome, Outgoing, TypedHandler};
@@ -215,12 +217,30 @@ impl Warehouse {
                 ),
             ));
         }
-        // Each round substitutes or removes at least one line, and a line moves at most twice.
-        for _ in 0..=2 * order.lines.len() + 1 {
+        // A transaction that meets another on a hot product is cancelled (TransactionConflict):
+        // try again here after a short jittered pause, before handing it back to the queue.
+        let mut conflicts = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(20))
+            .with_max_delay(Duration::from_millis(500))
+            .with_max_times(4)
+            .with_jitter()
+            .build();
+        // Each short round substitutes or removes at least one line, and a line moves at most
+        // twice.
+        let mut short_rounds = 0;
+        while short_rounds <= 2 * order.lines.len() + 1 {
             let shortages = match self.commit(order, &plan, event_id).await? {
                 Commit::Recorded(packed) => return Ok(packed),
+                Commit::Conflict(error) => match conflicts.next() {
+                    Some(pause) => {
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                    None => return Err(error),
+                },
                 Commit::Short(shortages) => shortages,
             };
+            short_rounds += 1;
             let mut wanted = Vec::new();
             for (sku, product) in &shortages {
                 wanted.extend(plan.short(sku, product.as_ref()));
@@ -343,11 +363,18 @@ impl Warehouse {
                 shortages.push((sku.clone(), old.map(store::from_item).transpose()?));
             }
         }
-        if shortages.is_empty() {
-            // A conflict with a concurrent transaction, or throttling: try again later.
-            return Err(store::transient("packing the order", &e));
+        if !shortages.is_empty() {
+            return Ok(Commit::Short(shortages));
         }
-        Ok(Commit::Short(shortages))
+        let error = store::transient("packing the order", &e);
+        if reasons
+            .iter()
+            .any(|r| r.code() == Some("TransactionConflict"))
+        {
+            return Ok(Commit::Conflict(error));
+        }
+        // Throttling or anything else: the queue tries again later.
+        Err(error)
     }
 
     /// Reads a product (consistent read); `None` when it does not exist.
@@ -376,6 +403,8 @@ enum Commit {
     Recorded(bool),
     /// These products were short (as they stood; `None`: no such product).
     Short(Vec<(String, Option<Product>)>),
+    /// Cancelled by a concurrent transaction on one of its items; nothing was written.
+    Conflict(HandlerError),
 }
 
 #[cfg(test)]
@@ -624,23 +653,47 @@ mod tests {
         assert_eq!(out.forward.len(), 1);
     }
 
+    fn conflict() -> TransactWriteItemsError {
+        cancelled(vec![
+            passed(),
+            CancellationReason::builder()
+                .code("TransactionConflict")
+                .build(),
+        ])
+    }
+
     #[tokio::test]
-    async fn a_transaction_conflict_is_transient() {
-        let get = order_read(&accepted(&[line("A", 1)]));
-        let pack = mock!(aws_sdk_dynamodb::Client::transact_write_items).then_error(|| {
-            cancelled(vec![
-                passed(),
-                CancellationReason::builder()
-                    .code("TransactionConflict")
-                    .build(),
-            ])
-        });
-        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&get, &pack]);
+    async fn a_transaction_conflict_is_tried_again_at_once_then_left_to_the_queue() {
+        let order = accepted(&[line("A", 1)]);
+        let get = order_read(&order);
+        let conflicted = mock!(aws_sdk_dynamodb::Client::transact_write_items).then_error(conflict);
+        let pack = packs(&["A"]);
+        let client = mock_client!(
+            aws_sdk_dynamodb,
+            RuleMode::Sequential,
+            [&get, &conflicted, &pack]
+        );
+        let out = warehouse(client)
+            .handle(envelope(), &Message::for_test(""))
+            .await
+            .unwrap();
+        assert_eq!((conflicted.num_calls(), pack.num_calls()), (1, 1));
+        assert_eq!(out.forward.len(), 1);
+
+        // A conflict that does not clear: transient, for the queue's longer backoff.
+        let get = order_read(&order);
+        let always = mock!(aws_sdk_dynamodb::Client::transact_write_items).then_error(conflict);
+        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&get, &always]);
         let err = warehouse(client)
             .handle(envelope(), &Message::for_test(""))
             .await
             .unwrap_err();
         assert!(matches!(err, HandlerError::Transient { .. }), "{err:?}");
+        assert_eq!(
+            always.num_calls(),
+            5,
+            "the first attempt and four quick retries"
+        );
     }
 
     #[tokio::test]
