@@ -175,6 +175,22 @@ fn check_resources(config: &FleetConfig, t: &Value) -> Vec<String> {
             ));
         }
     }
+    // Threat D-4: every table has an alarm on its read and write throttling.
+    let alarms: Vec<String> = of_type(t, "AWS::CloudWatch::Alarm")
+        .values()
+        .map(|a| a["Properties"].to_string())
+        .collect();
+    for id in tables.keys() {
+        let table = format!(r#"{{"Ref":"{id}"}}"#);
+        let watched = alarms.iter().any(|a| {
+            a.contains(&table)
+                && a.contains("ReadThrottleEvents")
+                && a.contains("WriteThrottleEvents")
+        });
+        if !watched {
+            problems.push(format!("table {id}: no alarm on its throttling"));
+        }
+    }
     for p in tables.values().map(|r| &r["Properties"]) {
         let name = p["TableName"].as_str().unwrap_or_default();
         if !seen.contains(name) {
@@ -350,6 +366,21 @@ fn a_queue_renamed_in_config_only_is_caught() {
     assert!(check_resources(&slower, &t)
         .iter()
         .any(|p| p.contains("maxReceiveCount")));
+}
+
+#[test]
+fn a_table_without_a_throttling_alarm_is_caught() {
+    let config = config("production.toml");
+    let mut t = template();
+    t["Resources"]
+        .as_object_mut()
+        .unwrap()
+        .remove("CatalogTableThrottleAlarm")
+        .expect("the template has the catalog's throttling alarm");
+    assert_eq!(
+        check_resources(&config, &t),
+        vec!["table CatalogTable: no alarm on its throttling".to_owned()]
+    );
 }
 
 #[test]
