@@ -92,6 +92,18 @@ pub fn is_loopback_url(url: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The DynamoDB operations that write, as counted by [`RequestCounter`].
+pub const DYNAMODB_WRITE_OPERATIONS: [&str; 5] = [
+    "PutItem",
+    "UpdateItem",
+    "DeleteItem",
+    "BatchWriteItem",
+    "TransactWriteItems",
+];
+
+/// The DynamoDB operations that read, as counted by [`RequestCounter`].
+pub const DYNAMODB_READ_OPERATIONS: [&str; 4] = ["GetItem", "BatchGetItem", "Query", "Scan"];
+
 /// Counts requests per service and operation, and exports them as the
 /// `fleet_aws_requests_total{service, operation}` metric.
 #[derive(Clone, Debug, Default)]

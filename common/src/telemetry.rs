@@ -43,6 +43,16 @@ pub fn init_tracing(format: LogFormat) {
     };
 }
 
+/// Logs for the command-line tools (`dlq`, `loadtest`): compact lines on stderr, `RUST_LOG`
+/// filters (default `warn`, so that only problems interrupt the command's own output).
+pub fn init_cli_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Installs the global metrics recorder (Prometheus + EMF) once per process and returns it.
 pub fn init_metrics() -> Metrics {
     METRICS

@@ -106,12 +106,7 @@ fn parse_mix(s: &str) -> Result<Mix, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    fleet_common::telemetry::init_cli_tracing();
     let config = match FleetConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {

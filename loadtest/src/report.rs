@@ -13,6 +13,7 @@ use workers::store::OrderRecord;
 use crate::ceiling::Ceiling;
 use crate::probe::{self, Metrics, ProcessSample};
 use crate::{svg, Options, Pace};
+use fleet_common::aws::{DYNAMODB_READ_OPERATIONS, DYNAMODB_WRITE_OPERATIONS};
 
 /// List prices used for the cost estimate (USD, us-east-1, on-demand, no free tier). Edit here
 /// when AWS changes them.
@@ -308,17 +309,11 @@ impl Report {
                 }
             };
             let get = |map: &BTreeMap<String, f64>, op: &str| map.get(op).copied().unwrap_or(0.0);
-            let writes: f64 = [
-                "PutItem",
-                "UpdateItem",
-                "DeleteItem",
-                "BatchWriteItem",
-                "TransactWriteItems",
-            ]
-            .iter()
-            .map(|op| get(&ddb, op))
-            .sum();
-            let reads: f64 = ["GetItem", "BatchGetItem", "Query", "Scan"]
+            let writes: f64 = DYNAMODB_WRITE_OPERATIONS
+                .iter()
+                .map(|op| get(&ddb, op))
+                .sum();
+            let reads: f64 = DYNAMODB_READ_OPERATIONS
                 .iter()
                 .map(|op| get(&ddb, op))
                 .sum();

@@ -141,16 +141,10 @@ pub async fn run(config: FleetConfig, options: &Options) -> anyhow::Result<Summa
             round3(n as f64 / processed as f64)
         }
     };
-    let writes = [
-        "PutItem",
-        "UpdateItem",
-        "DeleteItem",
-        "BatchWriteItem",
-        "TransactWriteItems",
-    ]
-    .iter()
-    .map(|op| count(&format!("dynamodb.{op}")))
-    .sum();
+    let writes = fleet_common::aws::DYNAMODB_WRITE_OPERATIONS
+        .iter()
+        .map(|op| count(&format!("dynamodb.{op}")))
+        .sum();
     if !audit.offenders.is_empty() {
         tracing::warn!(offenders = ?audit.offenders, "audit found problems");
     }
