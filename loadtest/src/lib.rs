@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use workers::catalog::CatalogFile;
 use workers::scenario::{self, Input, Mix, Scenario};
-use workers::store::{OrderRecord, Tables};
+use workers::store::Tables;
 
 use crate::report::{Report, Sample};
 
@@ -204,9 +204,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     drain(&harness.sqs, &topology, opts.drain_timeout).await?;
     let phase1 = load_started.elapsed();
     let metrics_after_orders = match &fleet {
-        Some(f) => Some(probe::parse(
-            &probe::http_get(f.metrics_addr, "/metrics").await?,
-        )),
+        Some(f) => Some(f.scrape().await?),
         None => None,
     };
     if opts.carrier_events {
@@ -224,9 +222,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let elapsed = started.elapsed();
     let samples = sampler.stop().await;
     let final_metrics = match &fleet {
-        Some(f) => Some(probe::parse(
-            &probe::http_get(f.metrics_addr, "/metrics").await?,
-        )),
+        Some(f) => Some(f.scrape().await?),
         None => None,
     };
     let process = fleet.as_ref().and_then(|f| probe::sample_process(f.pid));
@@ -235,7 +231,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     }
 
     eprintln!("auditing every order…");
-    let audit = scenario::audit(
+    let (audit, orders) = scenario::audit_with_orders(
         &harness.dynamodb,
         &tables,
         &scenario,
@@ -250,13 +246,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         expected_dead.remove(&("delivery".to_owned(), "unknown_order".to_owned()));
     }
     let unexpected = workers::demo::dead_letter_mismatches(&dead, &expected_dead);
-    let records: Vec<OrderRecord> = scenario::scan(&harness.dynamodb, &tables.orders)
-        .await?
-        .into_iter()
-        .filter_map(|i| serde_dynamo::from_item(i).ok())
-        .collect();
     let sent = sent_at.lock().expect("sent lock").clone();
-    report.set_latency(&records, &sent);
+    report.set_latency(orders.values(), &sent);
     report.set_audit(&audit, unexpected);
     report.set_load(
         elapsed,
@@ -371,6 +362,13 @@ struct FleetProcess {
 }
 
 impl FleetProcess {
+    /// The fleet's counters, from its `/metrics` endpoint.
+    async fn scrape(&self) -> anyhow::Result<probe::Metrics> {
+        Ok(probe::parse(
+            &probe::http_get(self.metrics_addr, "/metrics").await?,
+        ))
+    }
+
     async fn start(
         opts: &Options,
         config: &FleetConfig,

@@ -205,9 +205,9 @@ impl Report {
         });
     }
 
-    pub(crate) fn set_latency(
+    pub(crate) fn set_latency<'a>(
         &mut self,
-        records: &[OrderRecord],
+        records: impl IntoIterator<Item = &'a OrderRecord>,
         sent: &BTreeMap<String, OffsetDateTime>,
     ) {
         let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3).expect("bounds");

@@ -412,6 +412,25 @@ pub async fn audit(
     catalog: &CatalogFile,
     with_delivery: bool,
 ) -> anyhow::Result<Audit> {
+    Ok(
+        audit_with_orders(client, tables, scenario, catalog, with_delivery)
+            .await?
+            .0,
+    )
+}
+
+/// [`audit`], also returning the orders it read (by order id), for callers that look at them
+/// further without reading the table again.
+///
+/// # Errors
+/// When DynamoDB cannot be read.
+pub async fn audit_with_orders(
+    client: &aws_sdk_dynamodb::Client,
+    tables: &store::Tables,
+    scenario: &Scenario,
+    catalog: &CatalogFile,
+    with_delivery: bool,
+) -> anyhow::Result<(Audit, BTreeMap<String, OrderRecord>)> {
     let orders: BTreeMap<String, OrderRecord> = scan(client, &tables.orders)
         .await?
         .into_iter()
@@ -497,7 +516,7 @@ pub async fn audit(
             ));
         }
     }
-    Ok(a)
+    Ok((a, orders))
 }
 
 /// Every item of a table.
