@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
+use workers::scenario::Input;
 
 /// A backend's measured capacity.
 #[derive(Debug, Clone, Copy, Serialize, Default)]
@@ -82,21 +83,13 @@ pub async fn sqs(
         .map(|b| {
             let (sqs, url) = (sqs.clone(), url.clone());
             async move {
-                let entries = (0..10)
-                    .map(|i| {
-                        SendMessageBatchRequestEntry::builder()
-                            .id(i.to_string())
-                            .message_body(format!("ceiling {b}/{i}"))
-                            .build()
-                            .expect("entry")
+                let batch: Vec<Input> = (0..10)
+                    .map(|i| Input {
+                        body: format!("ceiling {b}/{i}"),
+                        order_id: None,
                     })
                     .collect();
-                sqs.send_message_batch()
-                    .queue_url(url)
-                    .set_entries(Some(entries))
-                    .send()
-                    .await
-                    .map(|_| ())
+                workers::demo::send_batch(&sqs, &url, &batch).await
             }
         })
         .buffer_unordered(16)

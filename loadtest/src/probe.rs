@@ -49,6 +49,22 @@ pub fn sum(metrics: &Metrics, name: &str, having: &[&str]) -> f64 {
         .sum()
 }
 
+/// The distinct values of `label` on the series of metric `name`.
+pub fn label_values(
+    metrics: &Metrics,
+    name: &str,
+    label: &str,
+) -> std::collections::BTreeSet<String> {
+    let prefix = format!("{name}{{");
+    let marker = format!("{label}=\"");
+    metrics
+        .keys()
+        .filter(|k| k.starts_with(&prefix))
+        .filter_map(|k| k.split(marker.as_str()).nth(1)?.split('"').next())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// CPU seconds (user + system) and resident memory of a process, from /proc.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct ProcessSample {
@@ -100,6 +116,11 @@ mod tests {
         assert_eq!(sum(&m, "fleet_aws_requests_total", &[]), 20.0);
         assert_eq!(sum(&m, "fleet_in_flight", &[]), 2.0);
         assert_eq!(sum(&m, "fleet_aws", &[]), 0.0, "names match whole");
+        assert_eq!(
+            label_values(&m, "fleet_aws_requests_total", "service"),
+            ["dynamodb".to_owned(), "sqs".to_owned()].into()
+        );
+        assert!(label_values(&m, "fleet_in_flight", "stage").is_empty());
     }
 
     #[test]

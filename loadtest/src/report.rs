@@ -320,17 +320,8 @@ impl Report {
             let write_units = probe::sum(m, "fleet_ddb_write_units_total", &[]);
             let mut by_stage = BTreeMap::new();
             let mut units_by_stage = BTreeMap::new();
-            for key in m
-                .keys()
-                .filter(|k| k.starts_with("fleet_ddb_write_requests_total{"))
-            {
-                let Some(stage) = key
-                    .split("stage=\"")
-                    .nth(1)
-                    .and_then(|s| s.split('"').next())
-                else {
-                    continue;
-                };
+            for stage in probe::label_values(m, "fleet_ddb_write_requests_total", "stage") {
+                let stage = stage.as_str();
                 let stage_writes = probe::sum(
                     m,
                     "fleet_ddb_write_requests_total",
@@ -379,17 +370,7 @@ impl Report {
                 dynamodb_requests: ddb.clone(),
                 ..Spend::default()
             };
-            for key in m.keys().filter(|k| k.starts_with("fleet_receives_total{")) {
-                let Some(queue) = key
-                    .split("queue=\"")
-                    .nth(1)
-                    .and_then(|s| s.split('"').next())
-                else {
-                    continue;
-                };
-                if spend.receives_by_queue.contains_key(queue) {
-                    continue;
-                }
+            for queue in probe::label_values(m, "fleet_receives_total", "queue") {
                 let q = format!("queue=\"{queue}\"");
                 let all = probe::sum(m, "fleet_receives_total", &[&q]);
                 let empty = probe::sum(m, "fleet_receives_total", &[&q, "empty=\"true\""]);
