@@ -207,13 +207,13 @@ impl Warehouse {
     /// anything was packed.
     async fn pack(&self, order: &OrderRecord, event_id: &str) -> Result<bool, HandlerError> {
         let mut plan = Plan::new(&order.lines);
-        if plan.takes().len() > MAX_PRODUCTS_PER_ORDER {
+        let products = plan.takes().len();
+        if products > MAX_PRODUCTS_PER_ORDER {
             return Err(HandlerError::permanent(
                 Reason("order_too_large"),
                 format!(
-                    "order {} takes stock from {} products; one transaction holds {MAX_PRODUCTS_PER_ORDER}",
-                    order.order_id,
-                    plan.takes().len()
+                    "order {} takes stock from {products} products; one transaction holds {MAX_PRODUCTS_PER_ORDER}",
+                    order.order_id
                 ),
             ));
         }
