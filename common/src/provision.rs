@@ -72,6 +72,19 @@ pub async fn provision(
     for queue in config.queues.values() {
         report.extend(provision_queue(sqs, queue).await?);
     }
+    report.extend(provision_tables(dynamodb, config).await?);
+    Ok(report)
+}
+
+/// Creates every table of `config` that is missing (keys, TTL); idempotent.
+///
+/// # Errors
+/// When DynamoDB refuses a call.
+pub async fn provision_tables(
+    dynamodb: &aws_sdk_dynamodb::Client,
+    config: &FleetConfig,
+) -> Result<Vec<Provisioned>, ProvisionError> {
+    let mut report = Vec::new();
     for table in config.tables.values() {
         report.push(provision_table(dynamodb, table).await?);
     }

@@ -86,7 +86,7 @@ async fn workload_ceiling(
 ) -> anyhow::Result<ceiling::Ceiling> {
     let scratch_tag = format!("{tag}w");
     let scratch = opts.config.clone().with_suffix(&scratch_tag);
-    fleet_common::provision::provision(&harness.sqs, &harness.dynamodb, &scratch)
+    fleet_common::provision::provision_tables(&harness.dynamodb, &scratch)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let tables = Tables::from_config(&scratch)?;
