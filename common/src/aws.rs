@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
@@ -37,6 +38,16 @@ impl Clients {
 
     /// Builds both clients from an already loaded [`SdkConfig`].
     pub fn from_sdk_config(shared: &SdkConfig, aws: &AwsConfig, requests: RequestCounter) -> Self {
+        Self::assemble(shared, aws, requests, None)
+    }
+
+    /// Both clients; with `faults`, their HTTP client (`inner`) wrapped by the fault plan.
+    fn assemble(
+        shared: &SdkConfig,
+        aws: &AwsConfig,
+        requests: RequestCounter,
+        faults: Option<(&crate::faults::FaultPlan, SharedHttpClient)>,
+    ) -> Self {
         let mut sqs =
             aws_sdk_sqs::config::Builder::from(shared).interceptor(requests.for_service("sqs"));
         if let Some(url) = &aws.sqs_endpoint_url {
@@ -47,12 +58,68 @@ impl Clients {
         if let Some(url) = &aws.dynamodb_endpoint_url {
             ddb = ddb.endpoint_url(url);
         }
+        if let Some((plan, inner)) = faults {
+            sqs = sqs.http_client(plan.wrap("sqs", inner.clone()));
+            ddb = ddb.http_client(plan.wrap("dynamodb", inner));
+        }
         Self {
             sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
             dynamodb: aws_sdk_dynamodb::Client::from_conf(ddb.build()),
             requests,
         }
     }
+}
+
+impl Clients {
+    /// The clients of a running worker: the consumer runtime and the stores own every retry
+    /// (`backon`: one layer, see [`crate::runtime`] and the workers' `Store::call`), so the
+    /// SDK's own retries are off, and every request has a deadline (`aws.connect_timeout_ms`,
+    /// `aws.attempt_timeout_ms`). With `faults`, requests meet that fault plan: only when every
+    /// endpoint is on loopback (the emulators), else this refuses.
+    ///
+    /// # Errors
+    /// A fault plan with an endpoint that is not on loopback.
+    pub async fn for_workers(
+        aws: &AwsConfig,
+        faults: Option<&crate::faults::FaultPlan>,
+    ) -> Result<Self, String> {
+        if faults.is_some() && !all_local(aws) {
+            return Err(format!(
+                "{} is set, but fault injection is honoured only with loopback endpoints (aws.sqs_endpoint_url, aws.dynamodb_endpoint_url)",
+                crate::faults::FAULTS_ENV
+            ));
+        }
+        let mut shared = load_sdk_config(aws).await.into_builder();
+        shared.set_retry_config(Some(aws_config::retry::RetryConfig::disabled()));
+        shared.set_timeout_config(Some(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(aws.connect_timeout())
+                .operation_attempt_timeout(aws.attempt_timeout())
+                .build(),
+        ));
+        let shared = shared.build();
+        let faults = match faults {
+            Some(plan) => Some((
+                plan,
+                shared
+                    .http_client()
+                    .ok_or("the SDK config has no HTTP client to inject faults into")?,
+            )),
+            None => None,
+        };
+        Ok(Self::assemble(
+            &shared,
+            aws,
+            RequestCounter::default(),
+            faults,
+        ))
+    }
+}
+
+fn all_local(aws: &AwsConfig) -> bool {
+    [&aws.sqs_endpoint_url, &aws.dynamodb_endpoint_url]
+        .iter()
+        .all(|url| url.as_deref().is_some_and(is_loopback_url))
 }
 
 /// Loads the shared SDK config: the standard AWS chain, the config's region, and — when every
@@ -63,10 +130,7 @@ pub async fn load_sdk_config(aws: &AwsConfig) -> SdkConfig {
     if let Some(region) = &aws.region {
         loader = loader.region(Region::new(region.clone()));
     }
-    let all_local = [&aws.sqs_endpoint_url, &aws.dynamodb_endpoint_url]
-        .iter()
-        .all(|url| url.as_deref().is_some_and(is_loopback_url));
-    if all_local {
+    if all_local(aws) {
         loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
             "local-emulator",
             "local-emulator",

@@ -76,8 +76,8 @@ pub struct FleetConfig {
     pub ingestion: IngestionConfig,
 }
 
-/// Where AWS is.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// Where AWS is, and how long a call to it may take.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// Region; when absent the standard chain decides (AWS_REGION, profile).
@@ -86,6 +86,46 @@ pub struct AwsConfig {
     pub sqs_endpoint_url: Option<String>,
     /// DynamoDB endpoint override, for the local emulator. Absent in production.
     pub dynamodb_endpoint_url: Option<String>,
+    /// Longest wait for a connection to AWS, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Longest a single AWS request may take, answer included, in milliseconds (a long poll
+    /// gets its wait on top). A hung call fails with a timeout and is retried like any
+    /// transient failure.
+    #[serde(default = "default_attempt_timeout_ms")]
+    pub attempt_timeout_ms: u64,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        Self {
+            region: None,
+            sqs_endpoint_url: None,
+            dynamodb_endpoint_url: None,
+            connect_timeout_ms: default_connect_timeout_ms(),
+            attempt_timeout_ms: default_attempt_timeout_ms(),
+        }
+    }
+}
+
+impl AwsConfig {
+    /// The longest a single AWS request may take.
+    pub fn attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.attempt_timeout_ms)
+    }
+
+    /// The longest wait for a connection.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+const fn default_connect_timeout_ms() -> u64 {
+    3_000
+}
+
+const fn default_attempt_timeout_ms() -> u64 {
+    10_000
 }
 
 /// Log format.
@@ -413,6 +453,17 @@ impl FleetConfig {
     /// # Errors
     /// The first violated rule, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("aws.connect_timeout_ms", self.aws.connect_timeout_ms),
+            ("aws.attempt_timeout_ms", self.aws.attempt_timeout_ms),
+        ] {
+            if !(100..=120_000).contains(&value) {
+                return Err(ConfigError::invalid(
+                    key.to_owned(),
+                    "must be between 100 and 120000 (milliseconds)",
+                ));
+            }
+        }
         for (key, q) in &self.queues {
             let at = |f: &str| format!("queues.{key}.{f}");
             if q.name.is_empty() || q.name.len() > 80 - 4 {

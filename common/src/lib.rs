@@ -9,6 +9,7 @@ pub mod config;
 pub mod contract;
 pub mod events;
 pub mod failure;
+pub mod faults;
 pub mod health;
 pub mod provision;
 pub mod redact;

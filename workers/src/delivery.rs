@@ -118,13 +118,15 @@ impl Delivery {
                 .table_name(&self.store.tables.orders)
                 .key("pk", s(store::order_key(&envelope.payload.order_id)))
                 .update_expression("SET delivery_status = :s, delivery_rank = :r, #history = list_append(#history, :h), #version = #version + :one")
-                .condition_expression("attribute_exists(pk) AND attribute_not_exists(delivery_rank)")
+                // A record written before optional fields were left out holds delivery_rank as NULL.
+                .condition_expression("attribute_exists(pk) AND (attribute_not_exists(delivery_rank) OR attribute_type(delivery_rank, :null))")
                 .expression_attribute_names("#history", "history")
                 .expression_attribute_names("#version", "version")
                 .expression_attribute_values(":s", s(status.as_str()))
                 .expression_attribute_values(":r", n(status.rank()))
                 .expression_attribute_values(":h", serde_dynamo::to_attribute_value(vec![entry.clone()]).expect("history serializes"))
                 .expression_attribute_values(":one", n(1))
+                .expression_attribute_values(":null", s("NULL"))
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .send()
         };

@@ -67,6 +67,12 @@ pub struct Expected {
     pub reasons: Vec<String>,
     /// The delivery status it must reach, when carrier events are sent for it.
     pub delivery: Option<&'static str>,
+    /// The submission as sent: the record replicates it.
+    pub submitted: Option<OrderSubmitted>,
+    /// The submitting event's id.
+    pub event_id: String,
+    /// The distinct carrier events sent for it: (event id, status).
+    pub carrier: Vec<(String, DeliveryStatus)>,
 }
 
 /// A generated load.
@@ -130,6 +136,9 @@ impl Scenario {
                 lines: lines.iter().map(|l| (l.sku.clone(), None)).collect(),
                 reasons: vec![],
                 delivery: None,
+                submitted: None,
+                event_id: event_id.clone(),
+                carrier: vec![],
             };
             match kind {
                 Some(0) | Some(1) => {}
@@ -146,11 +155,12 @@ impl Scenario {
                 }
                 Some(3) => {
                     lines[0].sku = format!("NOPE-{i:05}");
-                    expected = rejected(vec![format!("unknown_sku:{}", lines[0].sku)]);
+                    expected = rejected(&event_id, vec![format!("unknown_sku:{}", lines[0].sku)]);
                 }
                 Some(4) => {
                     lines[0].unit_price.amount_minor += 1;
-                    expected = rejected(vec![format!("price_mismatch:{}", lines[0].sku)]);
+                    expected =
+                        rejected(&event_id, vec![format!("price_mismatch:{}", lines[0].sku)]);
                 }
                 _ => {
                     let oos = out_of_stock
@@ -172,13 +182,14 @@ impl Scenario {
                     }
                 }
             }
-            let body = submission(
+            let (body, submitted) = submission(
                 &order_id,
                 &event_id,
                 &format!("u-{}", i % 97),
                 lines,
                 &mut rng,
             );
+            expected.submitted = Some(submitted);
             s.submissions.push(Input {
                 body: body.clone(),
                 order_id: Some(order_id.clone()),
@@ -192,6 +203,7 @@ impl Scenario {
             if expected.status == "packed" {
                 expected.delivery = Some("delivered");
                 let mut events = carrier_events(&order_id);
+                expected.carrier = carrier_statuses(&order_id);
                 // Some carriers repeat themselves.
                 if rng.random_bool(0.2) {
                     let again = events[rng.random_range(0..events.len())].clone();
@@ -223,12 +235,15 @@ impl Scenario {
     }
 }
 
-fn rejected(reasons: Vec<String>) -> Expected {
+fn rejected(event_id: &str, reasons: Vec<String>) -> Expected {
     Expected {
         status: "rejected",
         lines: vec![],
         reasons,
         delivery: None,
+        submitted: None,
+        event_id: event_id.to_owned(),
+        carrier: vec![],
     }
 }
 
@@ -277,7 +292,7 @@ fn submission(
     user_id: &str,
     lines: Vec<OrderLine>,
     rng: &mut impl Rng,
-) -> String {
+) -> (String, OrderSubmitted) {
     let (_, email, address) = personal_data(rng);
     let payload = OrderSubmitted {
         order_id: order_id.into(),
@@ -287,11 +302,12 @@ fn submission(
         delivery_address: address,
         payment_reference: format!("pay_{:012x}", rng.random::<u64>() & 0xffff_ffff_ffff),
     };
-    envelope(
+    let body = envelope(
         ORDER_SUBMITTED,
         event_id,
-        serde_json::to_value(payload).expect("payload serializes"),
-    )
+        serde_json::to_value(&payload).expect("payload serializes"),
+    );
+    (body, payload)
 }
 
 fn envelope(kind: &str, event_id: &str, payload: serde_json::Value) -> String {
@@ -303,21 +319,24 @@ fn envelope(kind: &str, event_id: &str, payload: serde_json::Value) -> String {
 }
 
 fn malformed(rng: &mut impl Rng, order_id: &str, event_id: &str) -> (String, &'static str) {
-    let valid = serde_json::from_str::<serde_json::Value>(&submission(
-        order_id,
-        event_id,
-        "u-x",
-        vec![OrderLine {
-            sku: "SKU-0001".into(),
-            quantity: 1,
-            unit_price: Money {
-                amount_minor: 100,
-                currency: fleet_common::contract::Currency::try_from("EUR".to_owned())
-                    .expect("valid"),
-            },
-        }],
-        rng,
-    ))
+    let valid = serde_json::from_str::<serde_json::Value>(
+        &submission(
+            order_id,
+            event_id,
+            "u-x",
+            vec![OrderLine {
+                sku: "SKU-0001".into(),
+                quantity: 1,
+                unit_price: Money {
+                    amount_minor: 100,
+                    currency: fleet_common::contract::Currency::try_from("EUR".to_owned())
+                        .expect("valid"),
+                },
+            }],
+            rng,
+        )
+        .0,
+    )
     .expect("valid JSON");
     match rng.random_range(0..5) {
         0 => (
@@ -350,7 +369,8 @@ fn malformed(rng: &mut impl Rng, order_id: &str, event_id: &str) -> (String, &'s
     }
 }
 
-fn carrier_events(order_id: &str) -> Vec<Input> {
+/// The carrier events of an order: (event id, status), in the order the carrier sends them.
+fn carrier_statuses(order_id: &str) -> Vec<(String, DeliveryStatus)> {
     [
         DeliveryStatus::LabelCreated,
         DeliveryStatus::InTransit,
@@ -359,11 +379,18 @@ fn carrier_events(order_id: &str) -> Vec<Input> {
     ]
     .iter()
     .enumerate()
-    .map(|(k, status)| Input {
-        body: carrier_body(order_id, &format!("{order_id}-c{k}"), *status),
-        order_id: Some(order_id.to_owned()),
-    })
+    .map(|(k, status)| (format!("{order_id}-c{k}"), *status))
     .collect()
+}
+
+fn carrier_events(order_id: &str) -> Vec<Input> {
+    carrier_statuses(order_id)
+        .into_iter()
+        .map(|(event_id, status)| Input {
+            body: carrier_body(order_id, &event_id, status),
+            order_id: Some(order_id.to_owned()),
+        })
+        .collect()
 }
 
 fn carrier_body(order_id: &str, event_id: &str, status: DeliveryStatus) -> String {
@@ -447,37 +474,26 @@ pub async fn audit_with_orders(
         orders_expected: scenario.expected.len() as u64,
         ..Audit::default()
     };
+    let names: BTreeMap<&str, &str> = catalog
+        .products
+        .iter()
+        .map(|p| (p.sku.as_str(), p.name.as_str()))
+        .collect();
     for (id, want) in &scenario.expected {
         let Some(order) = orders.get(id) else {
             a.lost += 1;
             a.offend(format!("{id}: missing"));
             continue;
         };
-        let lines: Vec<(String, Option<String>)> = order
-            .lines
-            .iter()
-            .map(|l| (l.sku.clone(), l.substituted_for.clone()))
-            .collect();
-        let state_ok = order.status == want.status
-            && (want.status == "rejected" || lines == want.lines)
-            && want
-                .reasons
-                .iter()
-                .all(|r| order.rejection_reasons.contains(r))
-            && (!with_delivery
-                || want.delivery.is_none()
-                || order.delivery_status.as_deref() == want.delivery);
-        if state_ok {
+        let differences = record_differences(order, want, &names, with_delivery);
+        if differences.is_empty() {
             a.orders_completed += 1;
             if want.status == "rejected" {
                 a.orders_rejected += 1;
             }
         } else {
             a.lost += 1;
-            a.offend(format!(
-                "{id}: status {} lines {:?} delivery {:?}, expected {} {:?} {:?}",
-                order.status, lines, order.delivery_status, want.status, want.lines, want.delivery
-            ));
+            a.offend(format!("{id}: {}", differences.join("; ")));
         }
         let mut seen = BTreeSet::new();
         for h in &order.history {
@@ -517,6 +533,305 @@ pub async fn audit_with_orders(
         }
     }
     Ok((a, orders))
+}
+
+/// One history entry as the audit compares it: (stage, event, event id, note). Carrier
+/// entries are compared without their note, which says whether the event arrived late: that
+/// depends on arrival order, which no run controls.
+type EntryKey = (String, String, String, Option<String>);
+
+/// Every field of `order` that differs from what an undisturbed run leaves for `want` (empty
+/// when the record is exactly as expected). `with_delivery`: the order's carrier events were
+/// sent; without them a packed order ends awaiting the carrier.
+pub fn record_differences(
+    order: &OrderRecord,
+    want: &Expected,
+    names: &BTreeMap<&str, &str>,
+    with_delivery: bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |field: &str, ok: bool, got: String, expected: String| {
+        if !ok {
+            out.push(format!("{field} is {got}, expected {expected}"));
+        }
+    };
+    check(
+        "status",
+        order.status == want.status,
+        order.status.clone(),
+        want.status.to_owned(),
+    );
+    check(
+        "event_id",
+        order.event_id == want.event_id,
+        order.event_id.clone(),
+        want.event_id.clone(),
+    );
+    check(
+        "correlation_id",
+        !order.correlation_id.is_empty(),
+        "empty".into(),
+        "set".into(),
+    );
+    check(
+        "source",
+        order.source.as_deref().is_some_and(|s| !s.is_empty()),
+        format!("{:?}", order.source),
+        "the edge's stamp".into(),
+    );
+    let Some(sub) = &want.submitted else {
+        check("submission", false, "unknown".into(), "known".into());
+        return out;
+    };
+    check(
+        "pk",
+        order.pk == store::order_key(&sub.order_id),
+        order.pk.clone(),
+        store::order_key(&sub.order_id),
+    );
+    check(
+        "user_id",
+        order.user_id == sub.user_id,
+        "another user".into(),
+        "the submitted one".into(),
+    );
+    check(
+        "email",
+        order.email == sub.email,
+        "another e-mail".into(),
+        "the submitted one".into(),
+    );
+    check(
+        "delivery_address",
+        order.delivery_address == sub.delivery_address,
+        "another address".into(),
+        "the submitted one".into(),
+    );
+    check(
+        "payment_reference",
+        order.payment_reference == sub.payment_reference,
+        "another reference".into(),
+        "the submitted one".into(),
+    );
+    check(
+        "payload_hash",
+        order.payload_hash == fleet_common::contract::fingerprint(sub),
+        order.payload_hash.clone(),
+        "the submission's fingerprint".into(),
+    );
+    let mut reasons = order.rejection_reasons.clone();
+    reasons.sort();
+    let mut want_reasons = want.reasons.clone();
+    want_reasons.sort();
+    check(
+        "rejection_reasons",
+        reasons == want_reasons,
+        format!("{reasons:?}"),
+        format!("{want_reasons:?}"),
+    );
+    let lines = expected_lines(want, sub, names);
+    check(
+        "lines",
+        order.lines == lines,
+        format!("{:?}", order.lines),
+        format!("{lines:?}"),
+    );
+    let delivery = match (want.status, with_delivery) {
+        ("packed", true) => want
+            .carrier
+            .iter()
+            .map(|(_, s)| *s)
+            .max_by_key(|s| s.rank())
+            .or(Some(DeliveryStatus::AwaitingCarrier)),
+        ("packed", false) => Some(DeliveryStatus::AwaitingCarrier),
+        _ => None,
+    };
+    check(
+        "delivery_status",
+        order.delivery_status.as_deref() == delivery.map(DeliveryStatus::as_str),
+        format!("{:?}", order.delivery_status),
+        format!("{:?}", delivery.map(DeliveryStatus::as_str)),
+    );
+    check(
+        "delivery_rank",
+        order.delivery_rank == delivery.map(DeliveryStatus::rank),
+        format!("{:?}", order.delivery_rank),
+        format!("{:?}", delivery.map(DeliveryStatus::rank)),
+    );
+    let carrier: &[(String, DeliveryStatus)] = if with_delivery && want.status == "packed" {
+        &want.carrier
+    } else {
+        &[]
+    };
+    let events: BTreeMap<&str, &str> = order
+        .delivery_events
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.split('#').next().unwrap_or_default()))
+        .collect();
+    let want_events: BTreeMap<&str, &str> = carrier
+        .iter()
+        .map(|(k, s)| (k.as_str(), s.as_str()))
+        .collect();
+    check(
+        "delivery_events",
+        events == want_events,
+        format!("{events:?}"),
+        format!("{want_events:?}"),
+    );
+    let history: BTreeSet<EntryKey> = order
+        .history
+        .iter()
+        .map(|h| {
+            let carrier_entry = h.stage == "delivery" && h.event_id != order_packed_id(sub);
+            (
+                h.stage.clone(),
+                h.event.clone(),
+                h.event_id.clone(),
+                if carrier_entry { None } else { h.note.clone() },
+            )
+        })
+        .collect();
+    let want_history = expected_history(want, sub, carrier);
+    check(
+        "history",
+        history == want_history.iter().cloned().collect(),
+        format!("{history:?}"),
+        format!("{want_history:?}"),
+    );
+    // The stages' entries come in pipeline order: orders, warehouse, then delivery.
+    let stages: Vec<&str> = order.history.iter().map(|h| h.stage.as_str()).collect();
+    let mut sorted = stages.clone();
+    sorted.sort_by_key(|s| {
+        ["orders", "warehouse", "delivery"]
+            .iter()
+            .position(|x| x == s)
+    });
+    check(
+        "history order",
+        stages == sorted,
+        format!("{stages:?}"),
+        "orders, warehouse, delivery".into(),
+    );
+    let version = 1
+        + u32::from(want.status != "rejected")
+        + u32::from(want.status == "packed")
+        + carrier.len() as u32;
+    check(
+        "version",
+        order.version == version,
+        order.version.to_string(),
+        version.to_string(),
+    );
+    out
+}
+
+fn order_packed_id(sub: &OrderSubmitted) -> String {
+    format!("{}:{}", fleet_common::contract::ORDER_PACKED, sub.order_id)
+}
+
+/// The lines an undisturbed run records: as submitted (named from the catalog) for a rejected
+/// order; as packed, with substitutes at the price charged, for the others.
+fn expected_lines(
+    want: &Expected,
+    sub: &OrderSubmitted,
+    names: &BTreeMap<&str, &str>,
+) -> Vec<store::RecordLine> {
+    let named = |sku: &str| names.get(sku).copied().unwrap_or_default().to_owned();
+    if want.status == "rejected" {
+        return sub
+            .lines
+            .iter()
+            .map(|l| store::RecordLine {
+                sku: l.sku.clone(),
+                name: named(&l.sku),
+                quantity: l.quantity,
+                unit_price: l.unit_price,
+                substituted_for: None,
+            })
+            .collect();
+    }
+    want.lines
+        .iter()
+        .filter_map(|(sku, substituted_for)| {
+            let ordered = substituted_for.as_deref().unwrap_or(sku);
+            let line = sub.lines.iter().find(|l| l.sku == ordered)?;
+            Some(store::RecordLine {
+                sku: sku.clone(),
+                name: named(sku),
+                quantity: line.quantity,
+                unit_price: line.unit_price,
+                substituted_for: substituted_for.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The history an undisturbed run writes: the orders stage's verdict; the warehouse's
+/// substitutions, removals and result; awaiting the carrier; each carrier event once.
+fn expected_history(
+    want: &Expected,
+    sub: &OrderSubmitted,
+    carrier: &[(String, DeliveryStatus)],
+) -> Vec<EntryKey> {
+    let entry = |stage: &str, event: &str, event_id: String, note: Option<String>| {
+        (stage.to_owned(), event.to_owned(), event_id, note)
+    };
+    let rejected = want.status == "rejected";
+    let mut out = vec![entry(
+        "orders",
+        if rejected { "rejected" } else { "accepted" },
+        want.event_id.clone(),
+        rejected.then(|| want.reasons.join(",")),
+    )];
+    if rejected {
+        return out;
+    }
+    let accepted = format!(
+        "{}:{}",
+        fleet_common::contract::ORDER_ACCEPTED,
+        sub.order_id
+    );
+    let packed_lines: BTreeSet<&str> = want.lines.iter().map(|(s, _)| s.as_str()).collect();
+    let substituted: BTreeMap<&str, &str> = want
+        .lines
+        .iter()
+        .filter_map(|(s, f)| f.as_deref().map(|f| (f, s.as_str())))
+        .collect();
+    for line in &sub.lines {
+        if let Some(to) = substituted.get(line.sku.as_str()) {
+            out.push(entry(
+                "warehouse",
+                "line_substituted",
+                accepted.clone(),
+                Some(format!("{} -> {to}", line.sku)),
+            ));
+        } else if !packed_lines.contains(line.sku.as_str()) {
+            out.push(entry(
+                "warehouse",
+                "line_removed",
+                accepted.clone(),
+                Some(line.sku.clone()),
+            ));
+        }
+    }
+    out.push(entry(
+        "warehouse",
+        want.status,
+        accepted,
+        Some(format!("{} of {} lines", want.lines.len(), sub.lines.len())),
+    ));
+    if want.status == "packed" {
+        out.push(entry(
+            "delivery",
+            DeliveryStatus::AwaitingCarrier.as_str(),
+            order_packed_id(sub),
+            None,
+        ));
+        for (event_id, status) in carrier {
+            out.push(entry("delivery", status.as_str(), event_id.clone(), None));
+        }
+    }
+    out
 }
 
 /// Every item of a table.

@@ -212,6 +212,9 @@ pub fn order_key(order_id: &str) -> String {
 
 /// The order record: the source of truth for an order. Holds personal data (address, e-mail)
 /// at rest (encrypted); never logged.
+///
+/// An absent optional field is left out of the item, never written as DynamoDB NULL: the
+/// stages' conditions test `attribute_not_exists(...)`, which a NULL attribute fails.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderRecord {
     /// `order#<id>`.
@@ -230,7 +233,7 @@ pub struct OrderRecord {
     /// Replicated delivery address.
     pub delivery_address: Address,
     /// Customer e-mail, when given.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
     /// The payment provider's reference.
     pub payment_reference: String,
@@ -241,15 +244,15 @@ pub struct OrderRecord {
     /// Fingerprint of the submitted payload (conflict detection).
     pub payload_hash: String,
     /// Source of the submission.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// What happened to the order, in order.
     pub history: Vec<HistoryEntry>,
     /// Where the shipment is, once packed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery_status: Option<String>,
     /// Rank of `delivery_status`; a status never replaces a higher one.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery_rank: Option<u8>,
     /// Carrier events applied, by event id (idempotency of delivery updates).
     #[serde(default)]
@@ -270,7 +273,7 @@ pub struct RecordLine {
     /// Price per unit at the time of the order.
     pub unit_price: Money,
     /// The product this line replaced, when substituted at packing.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub substituted_for: Option<String>,
 }
 
@@ -284,7 +287,7 @@ pub struct HistoryEntry {
     /// What happened (`accepted`, `line_substituted`, `in_transit`…).
     pub event: String,
     /// Details (ids and codes only).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     /// The event that caused it.
     pub event_id: String,
@@ -311,4 +314,45 @@ pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .expect("now formats")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absent_optional_fields_are_left_out_of_the_item_not_written_as_null() {
+        // `attribute_not_exists(delivery_rank)` fails on a NULL attribute: a packed order
+        // written with NULLs could never start awaiting the carrier.
+        let mut order = crate::delivery::tests::order(None, &[]);
+        order.lines.push(RecordLine {
+            sku: "A".into(),
+            name: "a".into(),
+            quantity: 1,
+            unit_price: Money {
+                amount_minor: 1,
+                currency: fleet_common::contract::Currency::try_from("EUR".to_owned()).unwrap(),
+            },
+            substituted_for: None,
+        });
+        order.history.push(HistoryEntry {
+            at: now_rfc3339(),
+            stage: "orders".into(),
+            event: "accepted".into(),
+            note: None,
+            event_id: "e".into(),
+        });
+        let item = to_item(&order);
+        for field in ["delivery_rank", "delivery_status", "email", "source"] {
+            assert!(
+                !item.contains_key(field),
+                "{field} written: {:?}",
+                item.get(field)
+            );
+        }
+        let nulls = format!("{item:?}");
+        assert!(!nulls.contains("Null("), "no NULL anywhere: {nulls}");
+        let back: OrderRecord = from_item(item).unwrap();
+        assert_eq!(back, order, "the record reads back unchanged");
+    }
 }
