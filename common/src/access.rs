@@ -39,7 +39,8 @@ pub const ROLES: &[RoleAccess] = &[
         role: "ingestion",
         consumes: "ingest",
         sends_to: &["orders", "delivery"],
-        tables: &[("events", &["dynamodb:PutItem"])],
+        // The edge keeps no record: each stage's conditional write is the idempotency.
+        tables: &[],
     },
     RoleAccess {
         role: "orders",

@@ -101,9 +101,12 @@ impl Clients {
         let faults = match faults {
             Some(plan) => Some((
                 plan,
-                shared
-                    .http_client()
-                    .ok_or("the SDK config has no HTTP client to inject faults into")?,
+                // The SDK's default client (rustls with aws-lc), made here so it can be wrapped.
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
+                    ))
+                    .build_https(),
             )),
             None => None,
         };

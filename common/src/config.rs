@@ -66,7 +66,7 @@ pub struct FleetConfig {
     /// Every work queue, keyed by the logical name the workers use (`ingest`, `orders`, …).
     /// Each gets a dead-letter queue named `<name>-dlq` (before `.fifo` for FIFO queues).
     pub queues: BTreeMap<String, QueueConfig>,
-    /// Every DynamoDB table, keyed by logical name (`orders`, `catalog`, `events`).
+    /// Every DynamoDB table, keyed by logical name (`orders`, `catalog`).
     #[serde(default)]
     pub tables: BTreeMap<String, TableConfig>,
     /// One consumer per worker role, keyed by role (`ingestion`, `orders`, `warehouse`, `delivery`).
@@ -321,9 +321,10 @@ pub struct IngestionConfig {
     /// The `source` stamped on messages whose upstream did not name one.
     #[serde(default = "default_source")]
     pub default_source: String,
-    /// How long an ingestion dedup record lives (DynamoDB TTL), in hours.
-    #[serde(default = "default_dedup_ttl_hours")]
-    pub dedup_ttl_hours: u32,
+    /// Deprecated and ignored: the edge no longer keeps a dedup record (each stage's
+    /// conditional write is the idempotency). Still accepted so that older files load.
+    #[serde(default, skip_serializing)]
+    pub dedup_ttl_hours: Option<u32>,
 }
 
 impl Default for IngestionConfig {
@@ -331,7 +332,7 @@ impl Default for IngestionConfig {
         Self {
             max_body_bytes: default_max_body_bytes(),
             default_source: default_source(),
-            dedup_ttl_hours: default_dedup_ttl_hours(),
+            dedup_ttl_hours: None,
         }
     }
 }
@@ -340,9 +341,6 @@ const fn default_max_body_bytes() -> usize {
 }
 fn default_source() -> String {
     "unknown".to_owned()
-}
-const fn default_dedup_ttl_hours() -> u32 {
-    24 * 7
 }
 
 impl FleetConfig {

@@ -246,7 +246,11 @@ fn same_attribute(name: &QueueAttributeName, current: Option<&String>, wanted: &
     current == wanted
 }
 
-async fn provision_table(
+/// Creates `table` if absent (or brings its TTL setting in line); idempotent.
+///
+/// # Errors
+/// When DynamoDB refuses.
+pub async fn provision_table(
     ddb: &aws_sdk_dynamodb::Client,
     table: &TableConfig,
 ) -> Result<Provisioned, ProvisionError> {

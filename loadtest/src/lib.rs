@@ -145,12 +145,25 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             .max()
             .unwrap_or(16)
             .min(32);
+        anyhow::ensure!(
+            local,
+            "backend ceilings are measured on the local emulators only: pass --ceiling-secs 0 on AWS"
+        );
         let sqs = ceiling::sqs(&harness.sqs, &tag, loops / 4 + 1, opts.ceiling_secs).await?;
-        let events = config.table("events")?;
+        // A scratch table of its own: the fleet's tables hold only the fleet's records.
+        let scratch = fleet_common::config::TableConfig {
+            name: format!("{tag}-ceiling-puts"),
+            partition_key: "pk".into(),
+            sort_key: None,
+            ttl_attribute: Some("expires_at".into()),
+        };
+        fleet_common::provision::provision_table(&harness.dynamodb, &scratch)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let ddb = ceiling::dynamodb(
             &harness.dynamodb,
-            &events.name,
-            events.ttl_attribute.as_deref(),
+            &scratch.name,
+            scratch.ttl_attribute.as_deref(),
             loops,
             opts.ceiling_secs,
         )

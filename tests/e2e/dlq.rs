@@ -19,13 +19,7 @@ use workers::demo::wait_idle;
 use workers::scenario::{Mix, Scenario};
 
 fn dlq(env: &TestEnv, args: &[&str]) -> Output {
-    Command::new(dlq_binary())
-        .args(["--config", "config/fleet.toml"])
-        .args(args)
-        .current_dir(workspace_root())
-        .envs(env.env_overrides())
-        .output()
-        .expect("dlq runs")
+    env.dlq(args)
 }
 
 fn json_of(out: &Output) -> Value {

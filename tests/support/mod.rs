@@ -287,3 +287,70 @@ fn binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// The four roles running in this test's process, on worker clients (SDK retries off, request
+/// deadlines on), with a fault plan when one is given.
+pub struct RunningFleet {
+    /// Cancel to stop the fleet.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<Vec<workers::fleet::RoleStats>>>,
+    /// The plan the fleet's requests meet, with what it injected.
+    pub faults: Option<fleet_common::faults::FaultPlan>,
+    /// The fleet's health, as `/healthz` would report it.
+    pub health: fleet_common::health::Health,
+}
+
+impl RunningFleet {
+    /// Stops the fleet gracefully and returns each role's counters.
+    pub async fn stop(self) -> Vec<workers::fleet::RoleStats> {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("the fleet task ends")
+            .expect("the fleet ran")
+    }
+}
+
+impl TestEnv {
+    /// Starts every role in this process; `faults` is a fault plan (`FLEET_FAULTS` syntax).
+    pub async fn start_fleet(&self, faults: Option<&str>) -> RunningFleet {
+        let faults =
+            faults.map(|f| fleet_common::faults::FaultPlan::parse(f).expect("the plan parses"));
+        let clients = Clients::for_workers(&self.config.aws, faults.as_ref())
+            .await
+            .expect("worker clients");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let health = fleet_common::health::Health::default();
+        let task = {
+            let (config, shutdown, health) =
+                (self.config.clone(), shutdown.clone(), health.clone());
+            tokio::spawn(async move {
+                workers::fleet::run(
+                    &config,
+                    &clients,
+                    &workers::fleet::expand_roles("all"),
+                    health,
+                    shutdown,
+                )
+                .await
+            })
+        };
+        RunningFleet {
+            shutdown,
+            task,
+            faults,
+            health,
+        }
+    }
+
+    /// Runs the `dlq` binary on this test's queues and tables.
+    pub fn dlq(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(dlq_binary())
+            .args(["--config", "config/fleet.toml"])
+            .args(args)
+            .current_dir(workspace_root())
+            .envs(self.env_overrides())
+            .output()
+            .expect("dlq runs")
+    }
+}

@@ -72,7 +72,9 @@ pub struct Options {
 pub async fn run(config: FleetConfig, options: &Options) -> anyhow::Result<Summary> {
     let tag = format!("demo-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let config = config.with_suffix(&tag);
-    let fleet = Clients::from_config(&config.aws).await;
+    let fleet = Clients::for_workers(&config.aws, None)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let producer = Clients::from_config(&config.aws).await;
     fleet_common::provision::provision(&producer.sqs, &producer.dynamodb, &config)
         .await

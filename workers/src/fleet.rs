@@ -62,7 +62,7 @@ pub async fn run(
         let (task, role_stats) = match role.as_str() {
             "ingestion" => spawn(
                 clients,
-                ingestion::Ingestion::new(store, config.ingestion.clone()),
+                ingestion::Ingestion::new(config.ingestion.clone()),
                 settings,
                 &health,
                 &shutdown,
@@ -149,7 +149,7 @@ impl Inline {
             ))
         };
         Ok(Self {
-            ingestion: ingestion::Ingestion::new(store("ingestion")?, config.ingestion.clone()),
+            ingestion: ingestion::Ingestion::new(config.ingestion.clone()),
             orders: Json(orders::Orders::new(store("orders")?)),
             warehouse: Json(warehouse::Warehouse::new(store("warehouse")?)),
             delivery: Json(delivery::Delivery::new(store("delivery")?)),

@@ -1,9 +1,15 @@
 //! Ingestion: the untrusted edge (threat T-1). Enforces the size limit and the schema, rejects
-//! unknown types and fields, keeps or creates the correlation id, stamps source metadata,
-//! drops duplicates of an event id, and routes by type. Every rejection is dead-lettered with
-//! its reason; nothing is dropped silently.
+//! unknown types and fields, keeps or creates the correlation id, stamps source metadata, and
+//! routes by type. Every rejection is dead-lettered with its reason; nothing is dropped silently.
+//!
+//! The edge keeps no idempotency record of its own: every copy of an event that passes it is
+//! forwarded, and the next stage's conditional write (the order keyed by its id, a carrier event
+//! keyed by its id inside the order) absorbs the copies. An edge record written before the
+//! forward is durable would drop a copy whose first forward never landed (a redrive, an upstream
+//! retry while the first copy is pending): the order would be lost. Dropping the record is also
+//! the cheaper design: no write per message at the edge, and the write a duplicate then costs
+//! downstream is paid only by duplicates.
 
-use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
 use fleet_common::attribution::{CORRELATION_ID, RECEIVED_AT, REQUEST_ID, SOURCE};
 use fleet_common::config::IngestionConfig;
 use fleet_common::contract::{
@@ -13,7 +19,7 @@ use fleet_common::failure::{HandlerError, Reason};
 use fleet_common::runtime::{describe_json_error, Handler, Message, Outcome, Outgoing};
 use tracing::info;
 
-use crate::store::{self, n, s, Store};
+use crate::store;
 
 /// Message attribute an upstream may set to name itself.
 pub const UPSTREAM_SOURCE: &str = "source";
@@ -22,14 +28,13 @@ pub const UPSTREAM_REQUEST_ID: &str = "request-id";
 
 /// The ingestion worker.
 pub struct Ingestion {
-    store: Store,
     limits: IngestionConfig,
 }
 
 impl Ingestion {
-    /// An ingestion worker writing its idempotency records through `store`.
-    pub fn new(store: Store, limits: IngestionConfig) -> Self {
-        Self { store, limits }
+    /// An ingestion worker with the edge's limits.
+    pub fn new(limits: IngestionConfig) -> Self {
+        Self { limits }
     }
 }
 
@@ -43,20 +48,6 @@ pub fn route(kind: &str) -> Option<&'static str> {
         DELIVERY_STATUS_REPORTED => Some("delivery"),
         _ => None,
     }
-}
-
-/// What the edge knows about an event id already.
-enum Seen {
-    /// First time: the record is ours now.
-    New,
-    /// This very SQS message came back (a crash or a failed forward): forward again, with the
-    /// correlation id and receive time recorded the first time.
-    Redelivered {
-        correlation_id: String,
-        received_at: String,
-    },
-    /// Another message with the same event and payload: a duplicate from upstream.
-    Duplicate,
 }
 
 impl Handler for Ingestion {
@@ -82,35 +73,13 @@ impl Handler for Ingestion {
             })?;
         let next = route(kind).expect("every external type has a route");
 
-        let fingerprint = contract::fingerprint(&(&envelope.kind, &envelope.payload));
+        // The upstream's correlation id, else one derived from the event id: every copy of an
+        // event (a redelivery, a redrive, an upstream retry) carries the same one.
         let correlation_id = envelope
             .correlation_id
             .clone()
             .or_else(|| message.correlation_id.clone().filter(|c| valid_id(c)))
-            .unwrap_or_else(|| format!("c-{}", uuid::Uuid::new_v4().simple()));
-        let received_at = store::now_rfc3339();
-        let (correlation_id, received_at) = match self
-            .claim(
-                &envelope.event_id,
-                message,
-                &fingerprint,
-                &correlation_id,
-                &received_at,
-            )
-            .await?
-        {
-            Seen::New => (correlation_id, received_at),
-            Seen::Redelivered {
-                correlation_id,
-                received_at,
-            } => (correlation_id, received_at),
-            Seen::Duplicate => {
-                metrics::counter!("fleet_duplicates_dropped_total", "stage" => "ingestion")
-                    .increment(1);
-                info!(event_id = %envelope.event_id, kind, "duplicate event dropped");
-                return Ok(Outcome::done());
-            }
-        };
+            .unwrap_or_else(|| derived_correlation_id(&envelope.event_id));
 
         // Source metadata is always the edge's own: an upstream cannot pre-stamp it.
         let metadata = SourceMetadata {
@@ -118,7 +87,7 @@ impl Handler for Ingestion {
                 .unwrap_or_else(|| self.limits.default_source.clone()),
             request_id: upstream_label(message.attributes.get(UPSTREAM_REQUEST_ID))
                 .unwrap_or_else(|| message.message_id.clone()),
-            received_at,
+            received_at: store::now_rfc3339(),
         };
         envelope.correlation_id = Some(correlation_id.clone());
         envelope.metadata = Some(metadata.clone());
@@ -134,64 +103,10 @@ impl Handler for Ingestion {
     }
 }
 
-impl Ingestion {
-    /// Records the event id with a conditional put (one write); on a conflict the old record,
-    /// returned by the same request, tells redelivery, duplicate and conflict apart.
-    async fn claim(
-        &self,
-        event_id: &str,
-        message: &Message,
-        fingerprint: &str,
-        correlation_id: &str,
-        received_at: &str,
-    ) -> Result<Seen, HandlerError> {
-        let expires_at = time::OffsetDateTime::now_utc().unix_timestamp()
-            + i64::from(self.limits.dedup_ttl_hours) * 3600;
-        let put = || {
-            self.store
-                .client
-                .put_item()
-                .table_name(&self.store.tables.events)
-                .item("pk", s(format!("ingest#{event_id}")))
-                .item("fingerprint", s(fingerprint))
-                .item("message_id", s(&message.message_id))
-                .item("correlation_id", s(correlation_id))
-                .item("received_at", s(received_at))
-                .item("expires_at", n(expires_at))
-                .condition_expression("attribute_not_exists(pk)")
-                .return_values_on_condition_check_failure(
-                    ReturnValuesOnConditionCheckFailure::AllOld,
-                )
-                .send()
-        };
-        match self.store.call(1, put).await {
-            Ok(_) => Ok(Seen::New),
-            Err(e) => {
-                let Some(old) = store::condition_failed_item(&e) else {
-                    return Err(store::transient("recording the event id", &e));
-                };
-                let text = |k: &str| {
-                    old.get(k)
-                        .and_then(|v| v.as_s().ok())
-                        .cloned()
-                        .unwrap_or_default()
-                };
-                if text("fingerprint") != fingerprint {
-                    return Err(HandlerError::permanent(
-                        Reason::IDEMPOTENCY_CONFLICT,
-                        format!("event id {event_id} was first seen with a different payload"),
-                    ));
-                }
-                if text("message_id") == message.message_id {
-                    return Ok(Seen::Redelivered {
-                        correlation_id: text("correlation_id"),
-                        received_at: text("received_at"),
-                    });
-                }
-                Ok(Seen::Duplicate)
-            }
-        }
-    }
+/// A correlation id for an event whose upstream sent none: the same for every copy of it.
+fn derived_correlation_id(event_id: &str) -> String {
+    let hash = contract::fingerprint(&event_id);
+    format!("c-{}", &hash[..32])
 }
 
 fn valid_id(s: &str) -> bool {
@@ -209,20 +124,9 @@ fn upstream_label(value: Option<&String>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_sdk_dynamodb::operation::put_item::{PutItemError, PutItemOutput};
-    use aws_sdk_dynamodb::types::error::ConditionalCheckFailedException;
-    use aws_smithy_mocks::{mock, mock_client, RuleMode};
 
-    fn ingestion(client: aws_sdk_dynamodb::Client) -> Ingestion {
-        let tables = store::Tables {
-            orders: "o".into(),
-            catalog: "c".into(),
-            events: "e".into(),
-        };
-        Ingestion::new(
-            Store::new(client, tables, "ingestion", None),
-            IngestionConfig::default(),
-        )
+    fn ingestion() -> Ingestion {
+        Ingestion::new(IngestionConfig::default())
     }
 
     fn order_body() -> String {
@@ -239,18 +143,9 @@ mod tests {
         .to_string()
     }
 
-    fn no_ddb() -> aws_sdk_dynamodb::Client {
-        let never = mock!(aws_sdk_dynamodb::Client::put_item)
-            .then_output(|| PutItemOutput::builder().build());
-        mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&never])
-    }
-
     #[tokio::test]
-    async fn a_valid_order_is_stamped_and_routed_with_a_new_correlation_id() {
-        let put = mock!(aws_sdk_dynamodb::Client::put_item)
-            .then_output(|| PutItemOutput::builder().build());
-        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&put]);
-        let out = ingestion(client)
+    async fn a_valid_order_is_stamped_and_routed_with_a_correlation_id() {
+        let out = ingestion()
             .handle(&Message::for_test(order_body()))
             .await
             .unwrap();
@@ -261,12 +156,11 @@ mod tests {
         assert!(corr.starts_with("c-"));
         assert_eq!(fwd.attributes[CORRELATION_ID], corr);
         assert_eq!(env["metadata"]["source"], "unknown");
-        assert_eq!(put.num_calls(), 1, "one write per message");
     }
 
     #[tokio::test]
     async fn rejections_are_permanent_with_a_reason() {
-        let ingest = ingestion(no_ddb());
+        let ingest = ingestion();
         let cases = [
             ("{not json", "malformed_json"),
             (
@@ -286,51 +180,25 @@ mod tests {
         }
     }
 
-    fn seen_before(fingerprint: String, message_id: &'static str) -> aws_sdk_dynamodb::Client {
-        let put = mock!(aws_sdk_dynamodb::Client::put_item).then_error(move || {
-            PutItemError::ConditionalCheckFailedException(
-                ConditionalCheckFailedException::builder()
-                    .item("fingerprint", s(fingerprint.clone()))
-                    .item("message_id", s(message_id))
-                    .item("correlation_id", s("c-first"))
-                    .item("received_at", s("2026-11-23T10:00:01Z"))
-                    .build(),
-            )
-        });
-        mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&put])
-    }
-
-    fn fingerprint_of(body: &str) -> String {
-        let env: Envelope<serde_json::Value> = serde_json::from_str(body).unwrap();
-        contract::fingerprint(&(&env.kind, &env.payload))
-    }
-
     #[tokio::test]
-    async fn a_duplicate_from_upstream_is_dropped_and_a_conflict_dead_lettered() {
-        let body = order_body();
-        let out = ingestion(seen_before(fingerprint_of(&body), "another-message"))
-            .handle(&Message::for_test(body.clone()))
-            .await
-            .unwrap();
-        assert!(out.forward.is_empty(), "a duplicate is not forwarded");
-
-        let err = ingestion(seen_before("other".into(), "another-message"))
-            .handle(&Message::for_test(body))
-            .await
-            .unwrap_err();
-        assert_eq!(err.reason(), Reason::IDEMPOTENCY_CONFLICT);
-    }
-
-    #[tokio::test]
-    async fn a_redelivery_of_the_same_message_forwards_again_with_the_first_correlation_id() {
-        let body = order_body();
-        let mut message = Message::for_test(body.clone());
-        message.message_id = "m-1".into();
-        let out = ingestion(seen_before(fingerprint_of(&body), "m-1"))
-            .handle(&message)
-            .await
-            .unwrap();
-        assert_eq!(out.forward.len(), 1);
-        assert_eq!(out.forward[0].attributes[CORRELATION_ID], "c-first");
+    async fn every_copy_of_an_event_is_forwarded_with_the_same_correlation_id() {
+        // A redelivery, a redrive (a new SQS message id) and an upstream retry all reach the
+        // next stage, whose conditional write absorbs them; none is dropped at the edge.
+        let mut first = Message::for_test(order_body());
+        first.message_id = "m-1".into();
+        let mut redriven = Message::for_test(order_body());
+        redriven.message_id = "m-2".into();
+        let a = ingestion().handle(&first).await.unwrap();
+        let b = ingestion().handle(&redriven).await.unwrap();
+        assert_eq!(a.forward.len(), 1);
+        assert_eq!(
+            b.forward.len(),
+            1,
+            "a copy with a new message id is forwarded"
+        );
+        assert_eq!(
+            a.forward[0].attributes[CORRELATION_ID],
+            b.forward[0].attributes[CORRELATION_ID]
+        );
     }
 }

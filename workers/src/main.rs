@@ -184,7 +184,16 @@ async fn healthcheck(addr: std::net::SocketAddr) -> anyhow::Result<()> {
 async fn run_roles(config: FleetConfig, role: Role) -> anyhow::Result<()> {
     let metrics = telemetry::init_metrics();
     telemetry::spawn_exporters(&metrics, &config.observability, role.name());
-    let clients = Clients::from_config(&config.aws).await;
+    let faults = fleet_common::faults::FaultPlan::from_env()?;
+    let clients = Clients::for_workers(&config.aws, faults.as_ref())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if config.ingestion.dedup_ttl_hours.is_some() {
+        tracing::warn!("ingestion.dedup_ttl_hours is ignored: the edge keeps no dedup record any more (remove the key)");
+    }
+    if let Some(plan) = &faults {
+        tracing::warn!(rules = ?plan.rules(), "fault injection is on (FLEET_FAULTS)");
+    }
     let shutdown = CancellationToken::new();
     let health = Health::default();
     let addr = health::serve(

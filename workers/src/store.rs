@@ -26,8 +26,6 @@ pub struct Tables {
     pub orders: String,
     /// Catalog and inventory (pk = sku).
     pub catalog: String,
-    /// Idempotency records of the edge (pk `ingest#<event id>`, TTL).
-    pub events: String,
 }
 
 impl Tables {
@@ -39,7 +37,6 @@ impl Tables {
         Ok(Self {
             orders: config.table("orders")?.name.clone(),
             catalog: config.table("catalog")?.name.clone(),
-            events: config.table("events")?.name.clone(),
         })
     }
 }

@@ -509,7 +509,6 @@ mod tests {
         let tables = store::Tables {
             orders: "orders".into(),
             catalog: "catalog".into(),
-            events: "events".into(),
         };
         Warehouse::new(Store::new(client, tables, "warehouse", None))
     }
