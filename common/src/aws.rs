@@ -98,18 +98,15 @@ impl Clients {
                 .build(),
         ));
         let shared = shared.build();
-        let faults = match faults {
-            Some(plan) => Some((
-                plan,
-                // The SDK's default client (rustls with aws-lc), made here so it can be wrapped.
-                aws_smithy_http_client::Builder::new()
-                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
-                    ))
-                    .build_https(),
-            )),
-            None => None,
-        };
+        // The SDK's default client (rustls with aws-lc), made here so it can be wrapped.
+        let faults = faults.map(|plan| {
+            let inner = aws_smithy_http_client::Builder::new()
+                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::AwsLc,
+                ))
+                .build_https();
+            (plan, inner)
+        });
         Ok(Self::assemble(
             &shared,
             aws,

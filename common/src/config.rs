@@ -158,6 +158,10 @@ pub struct ObservabilityConfig {
     /// The CloudWatch namespace of EMF metrics.
     #[serde(default = "default_emf_namespace")]
     pub emf_namespace: String,
+    /// `/healthz` fails when a poller that is not waiting for room has completed no receive for
+    /// this long (a wedged poller), so the orchestrator replaces the task.
+    #[serde(default = "default_poller_stale_secs")]
+    pub poller_stale_secs: u32,
 }
 
 impl Default for ObservabilityConfig {
@@ -168,8 +172,13 @@ impl Default for ObservabilityConfig {
             emf: false,
             emf_interval_secs: default_emf_interval_secs(),
             emf_namespace: default_emf_namespace(),
+            poller_stale_secs: default_poller_stale_secs(),
         }
     }
+}
+
+const fn default_poller_stale_secs() -> u32 {
+    120
 }
 
 fn default_listen_addr() -> SocketAddr {
@@ -276,6 +285,22 @@ pub struct WorkerConfig {
     pub batch_window_ms: u64,
     /// Cap on DynamoDB requests per second from this worker (governor); absent = no cap.
     pub downstream_rate_per_sec: Option<NonZeroU32>,
+    /// Longest one run of the handler may take; past it the attempt fails as
+    /// `handler_deadline_exceeded` (transient), and `/healthz` fails while a job that cannot be
+    /// stopped outlives it.
+    #[serde(default = "default_handler_deadline_secs")]
+    pub handler_deadline_secs: u32,
+    /// How long a throttled message is retried in place (slowing the consumer, holding its
+    /// visibility) before it goes back to the queue as one failed attempt.
+    #[serde(default = "default_throttle_patience_secs")]
+    pub throttle_patience_secs: u32,
+}
+
+const fn default_handler_deadline_secs() -> u32 {
+    120
+}
+const fn default_throttle_patience_secs() -> u32 {
+    300
 }
 
 const fn default_pollers() -> NonZeroUsize {
@@ -308,6 +333,14 @@ impl WorkerConfig {
     /// The shutdown deadline.
     pub fn shutdown_deadline(&self) -> Duration {
         Duration::from_secs(self.shutdown_deadline_secs.into())
+    }
+    /// The handler deadline.
+    pub fn handler_deadline(&self) -> Duration {
+        Duration::from_secs(self.handler_deadline_secs.into())
+    }
+    /// How long throttling is retried in place.
+    pub fn throttle_patience(&self) -> Duration {
+        Duration::from_secs(self.throttle_patience_secs.into())
     }
 }
 
@@ -541,6 +574,18 @@ impl FleetConfig {
                 return Err(ConfigError::invalid(
                     at("receive_wait_secs"),
                     "must be 0–20",
+                ));
+            }
+            if w.handler_deadline_secs == 0 || w.handler_deadline_secs > 43_200 {
+                return Err(ConfigError::invalid(
+                    at("handler_deadline_secs"),
+                    "must be 1–43200 (a message stays invisible at most 12 hours)",
+                ));
+            }
+            if u64::from(w.throttle_patience_secs) > 43_200 {
+                return Err(ConfigError::invalid(
+                    at("throttle_patience_secs"),
+                    "must be at most 43200 (a message stays invisible at most 12 hours)",
                 ));
             }
             if w.heartbeat_interval_secs == 0

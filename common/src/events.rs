@@ -112,3 +112,32 @@ pub fn released(queue: &str, count: usize) {
     metrics::counter!("fleet_released_total", "queue" => queue.to_owned()).increment(count as u64);
     info!(queue, count, "released unfinished messages to the queue");
 }
+
+/// A downstream throttled a message's handler: the consumer's concurrency limit is now
+/// `limit`, and the message is tried again in place after `pause` (its attempts untouched).
+pub fn throttled(queue: &str, limit: usize, pause: Duration) {
+    metrics::counter!("fleet_throttled_total", "queue" => queue.to_owned()).increment(1);
+    concurrency_limit(queue, limit);
+    info!(
+        queue,
+        limit,
+        pause_ms = pause.as_millis() as u64,
+        "throttled downstream; slowing down and retrying in place"
+    );
+}
+
+/// The consumer's adaptive concurrency limit (AIMD) is now `limit`.
+pub fn concurrency_limit(queue: &str, limit: usize) {
+    metrics::gauge!("fleet_concurrency_limit", "queue" => queue.to_owned()).set(limit as f64);
+}
+
+/// A handler ran past its deadline and was stopped.
+pub fn handler_deadline_exceeded(queue: &str, deadline: Duration) {
+    metrics::counter!("fleet_handler_deadline_exceeded_total", "queue" => queue.to_owned())
+        .increment(1);
+    warn!(
+        queue,
+        deadline_secs = deadline.as_secs(),
+        "handler ran past its deadline; the attempt fails"
+    );
+}

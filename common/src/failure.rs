@@ -33,6 +33,22 @@ impl Reason {
     pub const HANDLER_PANIC: Reason = Reason("handler_panic");
     /// Forwarding to the next queue failed.
     pub const FORWARD_FAILED: Reason = Reason("forward_failed");
+    /// DynamoDB throttled the request (also inside a transaction). The runtime slows down and
+    /// retries in place: throttling alone does not use up a message's attempts.
+    pub const THROTTLED: Reason = Reason("throttled");
+    /// A downstream call did not answer within its deadline.
+    pub const DOWNSTREAM_TIMEOUT: Reason = Reason("downstream_timeout");
+    /// The handler ran past `handler_deadline_secs`.
+    pub const HANDLER_DEADLINE_EXCEEDED: Reason = Reason("handler_deadline_exceeded");
+    /// DynamoDB refused the request as invalid (permanent: retrying sends the same request).
+    pub const INVALID_REQUEST: Reason = Reason("invalid_request");
+    /// An item would exceed DynamoDB's 400 KB item limit.
+    pub const ITEM_TOO_LARGE: Reason = Reason("item_too_large");
+    /// The worker's role may not do what the handler asked (a deployment fault: fix the grant,
+    /// then redrive).
+    pub const ACCESS_DENIED: Reason = Reason("access_denied");
+    /// A table the handler writes does not exist (a deployment fault).
+    pub const TABLE_NOT_FOUND: Reason = Reason("table_not_found");
 }
 
 /// What went wrong in a handler, and so what the runtime does with the message.
@@ -67,6 +83,17 @@ impl HandlerError {
             detail: detail.into(),
             retry_after: None,
         }
+    }
+
+    /// Throttled by a downstream service: transient, and handled apart (see
+    /// [`Reason::THROTTLED`]).
+    pub fn throttled(detail: impl Into<String>) -> Self {
+        Self::transient(Reason::THROTTLED, detail)
+    }
+
+    /// Whether this is a throttling failure.
+    pub fn is_throttled(&self) -> bool {
+        matches!(self, Self::Transient { reason, .. } if *reason == Reason::THROTTLED)
     }
 
     /// A permanent failure.

@@ -96,3 +96,119 @@ async fn an_order_whose_forward_failed_until_dead_lettered_is_placed_after_a_red
     let dead = dead_letters(&env.clients.sqs, &env.topology).await.unwrap();
     assert!(dead.is_empty(), "nothing left in a DLQ: {dead:?}");
 }
+
+/// Defect: under sustained DynamoDB throttling every message burned its attempts in seconds
+/// and landed in a DLQ as `downstream_unavailable`, while the pollers kept receiving at full
+/// speed. A throttled fleet slows down and retries in place; throttling alone uses no attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_throttling_slows_the_fleet_and_dead_letters_nothing() {
+    let env = TestEnv::new(|c| {
+        quick(c);
+        for w in c.workers.values_mut() {
+            w.max_attempts = 2;
+        }
+    })
+    .await;
+    let catalog = env.seed_catalog().await;
+    let scenario = Scenario::generate(60, valid_only(), &catalog, 7, &env.suffix);
+    // Every DynamoDB request is throttled for the first 8 s (transactions as
+    // TransactionCanceled/ThrottlingError), then none.
+    let fleet = env
+        .start_fleet(Some("dynamodb:*:throttle:1:burst=8s/1h"))
+        .await;
+    send_all(&env.clients.sqs, &env.url("ingest"), &scenario.submissions)
+        .await
+        .unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE)
+        .await
+        .unwrap();
+    let injected = fleet.faults.as_ref().unwrap().injected();
+    let stats = fleet.stop().await;
+    assert!(
+        injected.values().sum::<u64>() > 60,
+        "the throttling was real: {injected:?}"
+    );
+    let orders = stats.iter().find(|s| s.role == "orders").unwrap();
+    let throttled = orders
+        .stats
+        .throttled
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let lowest = orders
+        .stats
+        .lowest_concurrency_limit
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(throttled > 0, "orders met the throttling");
+    assert!(
+        (1..=8).contains(&lowest),
+        "the concurrency limit came down from 32 (lowest {lowest})"
+    );
+    let dead = dead_letters(&env.clients.sqs, &env.topology).await.unwrap();
+    assert!(dead.is_empty(), "throttling dead-lettered: {dead:?}");
+    let audit = env.audit(&scenario, &catalog, false).await;
+    assert_eq!(audit.lost, 0, "{:?}", audit.offenders);
+    assert_eq!(audit.duplicate_effects, 0, "{:?}", audit.offenders);
+}
+
+/// Defect: no call had a deadline, and `/healthz` said ok whatever happened. A hung receive
+/// now times out, and a poller that completes no receive fails the health check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_receive_times_out_and_fails_the_health_check_until_it_recovers() {
+    let env = TestEnv::new(|c| {
+        quick(c);
+        c.aws.attempt_timeout_ms = 500;
+    })
+    .await;
+    let fleet = env
+        .start_fleet(Some("sqs:ReceiveMessage:hang:1:burst=6s/1h"))
+        .await;
+    fleet.health.set_poller_stale(Duration::from_secs(3));
+    assert!(fleet.health.check().is_ok(), "healthy at the start");
+    assert!(
+        wait_until(Duration::from_secs(6), || async {
+            fleet.health.check().is_err()
+        })
+        .await,
+        "a poller that completes no receive fails /healthz"
+    );
+    let why = fleet.health.check().unwrap_err();
+    assert!(why.contains("completed no receive"), "{why}");
+    // The hang ends: the receives time out, are retried and complete again.
+    assert!(
+        wait_until(Duration::from_secs(40), || async {
+            fleet.health.check().is_ok()
+        })
+        .await,
+        "healthy again once receives complete"
+    );
+    fleet.stop().await;
+}
+
+/// DynamoDB calls that hang end at `aws.attempt_timeout_ms` and are retried: the orders are
+/// placed, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_dynamodb_calls_time_out_and_the_orders_still_complete_once() {
+    let env = TestEnv::new(|c| {
+        quick(c);
+        c.aws.attempt_timeout_ms = 300;
+    })
+    .await;
+    let catalog = env.seed_catalog().await;
+    let scenario = Scenario::generate(30, valid_only(), &catalog, 9, &env.suffix);
+    let fleet = env
+        .start_fleet(Some("dynamodb:*:hang:0.3:burst=10s/1h"))
+        .await;
+    send_all(&env.clients.sqs, &env.url("ingest"), &scenario.submissions)
+        .await
+        .unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE)
+        .await
+        .unwrap();
+    let injected = fleet.faults.as_ref().unwrap().injected();
+    fleet.stop().await;
+    assert!(injected.values().sum::<u64>() > 0, "{injected:?}");
+    let audit = env.audit(&scenario, &catalog, false).await;
+    assert_eq!(audit.lost, 0, "{:?}", audit.offenders);
+    assert_eq!(audit.duplicate_effects, 0, "{:?}", audit.offenders);
+    let dead = dead_letters(&env.clients.sqs, &env.topology).await.unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
+}

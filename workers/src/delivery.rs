@@ -47,7 +47,7 @@ pub async fn read_order(
     let out = store
         .call(0, get)
         .await
-        .map_err(|e| store::transient("reading the order", &e))?;
+        .map_err(|e| store::failure("reading the order", &e))?;
     out.item().cloned().map(store::from_item).transpose()
 }
 
@@ -135,7 +135,7 @@ impl Delivery {
             Err(e) => match store::condition_failed_item(&e) {
                 Some(old) if old.is_empty() => Err(unknown_order(&envelope.payload.order_id)),
                 Some(_) => Ok(()), // already awaiting or further along
-                None => Err(store::transient(
+                None => Err(store::failure(
                     "marking the order as awaiting the carrier",
                     &e,
                 )),
@@ -226,7 +226,7 @@ impl Delivery {
         match self.store.call(1, update).await {
             Ok(_) => Ok(true),
             Err(e) if store::condition_failed_item(&e).is_some() => Ok(false),
-            Err(e) => Err(store::transient("applying the carrier event", &e)),
+            Err(e) => Err(store::failure("applying the carrier event", &e)),
         }
     }
 }

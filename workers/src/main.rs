@@ -196,6 +196,9 @@ async fn run_roles(config: FleetConfig, role: Role) -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     let health = Health::default();
+    health.set_poller_stale(Duration::from_secs(
+        config.observability.poller_stale_secs.into(),
+    ));
     let addr = health::serve(
         config.observability.listen_addr,
         health.clone(),

@@ -164,7 +164,7 @@ impl Orders {
                 .store
                 .call(0, request)
                 .await
-                .map_err(|e| store::transient("reading the catalog", &e))?;
+                .map_err(|e| store::failure("reading the catalog", &e))?;
             for item in out
                 .responses()
                 .and_then(|r| r.get(&self.store.tables.catalog))
@@ -210,7 +210,7 @@ impl Orders {
             Ok(_) => Ok(record.status.clone()),
             Err(e) => {
                 let Some(old) = store::condition_failed_item(&e) else {
-                    return Err(store::transient("writing the order", &e));
+                    return Err(store::failure("writing the order", &e));
                 };
                 let old: OrderRecord = store::from_item(old)?;
                 if old.event_id == record.event_id && old.payload_hash == record.payload_hash {

@@ -70,10 +70,16 @@ impl Store {
         }
     }
 
-    /// Runs one DynamoDB request: waits for the rate limiter, retries throttling with backoff,
+    /// Runs one DynamoDB request: waits for the rate limiter, retries what is worth retrying
+    /// (throttling, a server error, a timeout, a dropped connection) with jittered backoff,
     /// counts write requests and the write units they cost (`write_units`: 0 for a read, 1 for
     /// a single-item write of an item under 1 KB, [`transaction_units`] for a transaction).
     /// Conditional-check failures are returned as they are, for the caller.
+    ///
+    /// This is the only retry layer under a handler (the workers' SDK clients retry nothing,
+    /// see `Clients::for_workers`): at most [`CALL_ATTEMPTS`] HTTP requests per call, each
+    /// bounded by `aws.attempt_timeout_ms`. Throttling that outlasts them goes back to the
+    /// runtime as [`HandlerError::throttled`], which slows the consumer and retries in place.
     ///
     /// # Errors
     /// The SDK error after retries.
@@ -104,13 +110,16 @@ impl Store {
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(25))
                     .with_max_delay(Duration::from_secs(1))
-                    .with_max_times(5)
+                    .with_max_times(CALL_ATTEMPTS - 1)
                     .with_jitter(),
             )
-            .when(is_throttling)
+            .when(is_retryable)
             .await
     }
 }
+
+/// HTTP requests at most per [`Store::call`]: the first and four retries.
+pub const CALL_ATTEMPTS: usize = 5;
 
 /// Write units of a TransactWriteItems of `items` items: DynamoDB charges two per item (under
 /// 1 KB), for the prepare and the commit.
@@ -132,16 +141,71 @@ fn is_throttling<E: ProvideErrorMetadata>(e: &SdkError<E, DynamoResponse>) -> bo
     )
 }
 
-/// A DynamoDB failure as a handler error: transient (the SDK and [`Store::call`] have already
-/// retried; SQS visibility gives the next, longer pause). Details go to logs only.
-pub fn transient<E>(what: &str, e: &SdkError<E, DynamoResponse>) -> HandlerError
+/// Worth another attempt: throttling, a server error, a timeout, a dropped connection or an
+/// unreadable answer. A conditional-check failure, a validation error or a denial is not.
+fn is_retryable<E: ProvideErrorMetadata>(e: &SdkError<E, DynamoResponse>) -> bool {
+    match e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(s) => {
+            is_throttling(e)
+                || s.raw().status().is_server_error()
+                || matches!(
+                    e.code(),
+                    Some(
+                        "InternalServerError"
+                            | "ServiceUnavailable"
+                            | "TransactionInProgressException"
+                    )
+                )
+        }
+        _ => false,
+    }
+}
+
+/// A throttling cancellation reason inside a TransactionCanceledException.
+pub fn is_throttling_reason(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("ThrottlingError" | "ProvisionedThroughputExceeded" | "RequestLimitExceeded")
+    )
+}
+
+/// A DynamoDB failure (other than a conditional-check failure, which callers read themselves)
+/// as a handler error, classified: throttling is [`HandlerError::throttled`]; a request
+/// DynamoDB refuses as invalid (an item over 400 KB among them), a denied request and a missing
+/// table are permanent, each with its reason, since sending it again cannot help; the rest
+/// (timeouts, server errors, dropped connections) is transient. Details go to logs only.
+pub fn failure<E>(what: &str, e: &SdkError<E, DynamoResponse>) -> HandlerError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    HandlerError::transient(
-        Reason::DOWNSTREAM_UNAVAILABLE,
-        format!("{what}: {}", e.code().unwrap_or("request failed")),
-    )
+    let code = e.code().unwrap_or("request failed");
+    let detail = format!("{what}: {code}");
+    if is_throttling(e) {
+        return HandlerError::throttled(detail);
+    }
+    match (e, e.code()) {
+        (SdkError::TimeoutError(_), _) => {
+            HandlerError::transient(Reason::DOWNSTREAM_TIMEOUT, format!("{what}: timed out"))
+        }
+        (_, Some("ValidationException")) => {
+            let message = e.message().unwrap_or_default().to_ascii_lowercase();
+            if message.contains("item size") || message.contains("size has exceeded") {
+                HandlerError::permanent(Reason::ITEM_TOO_LARGE, detail)
+            } else {
+                HandlerError::permanent(Reason::INVALID_REQUEST, detail)
+            }
+        }
+        (_, Some("AccessDeniedException")) => {
+            HandlerError::permanent(Reason::ACCESS_DENIED, detail)
+        }
+        (_, Some("ResourceNotFoundException")) => {
+            HandlerError::permanent(Reason::TABLE_NOT_FOUND, detail)
+        }
+        _ => HandlerError::transient(Reason::DOWNSTREAM_UNAVAILABLE, detail),
+    }
 }
 
 /// The item of a conditional-check failure (ReturnValuesOnConditionCheckFailure = ALL_OLD),
@@ -316,6 +380,7 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_common::faults::FaultPlan;
 
     #[test]
     fn absent_optional_fields_are_left_out_of_the_item_not_written_as_null() {
@@ -351,5 +416,135 @@ mod tests {
         assert!(!nulls.contains("Null("), "no NULL anywhere: {nulls}");
         let back: OrderRecord = from_item(item).unwrap();
         assert_eq!(back, order, "the record reads back unchanged");
+    }
+
+    /// A store on worker clients whose every DynamoDB request meets `faults` (nothing listens
+    /// on the endpoint: every request the plan lets through would fail to connect).
+    async fn faulty_store(faults: &str, attempt_timeout_ms: u64) -> (Store, FaultPlan) {
+        let plan = FaultPlan::parse(faults).unwrap();
+        let aws = fleet_common::config::AwsConfig {
+            region: Some("us-east-1".into()),
+            sqs_endpoint_url: Some("http://127.0.0.1:9".into()),
+            dynamodb_endpoint_url: Some("http://127.0.0.1:9".into()),
+            attempt_timeout_ms,
+            ..Default::default()
+        };
+        let clients = fleet_common::aws::Clients::for_workers(&aws, Some(&plan))
+            .await
+            .unwrap();
+        let tables = Tables {
+            orders: "o".into(),
+            catalog: "c".into(),
+        };
+        (Store::new(clients.dynamodb, tables, "orders", None), plan)
+    }
+
+    async fn put(store: &Store) -> HandlerError {
+        let request = || {
+            store
+                .client
+                .put_item()
+                .table_name(&store.tables.orders)
+                .item("pk", s("order#o"))
+                .send()
+        };
+        let e = store.call(1, request).await.unwrap_err();
+        failure("writing the order", &e)
+    }
+
+    #[tokio::test]
+    async fn one_retry_layer_five_requests_at_most_per_call() {
+        // The SDK's own retries are off under the store's: a failing call is sent
+        // CALL_ATTEMPTS times, not 3 × 5.
+        let (store, plan) = faulty_store("dynamodb:*:error:1", 1_000).await;
+        let e = put(&store).await;
+        assert_eq!(e.reason(), Reason::DOWNSTREAM_UNAVAILABLE);
+        assert!(matches!(e, HandlerError::Transient { .. }));
+        assert_eq!(
+            plan.injected().values().sum::<u64>(),
+            CALL_ATTEMPTS as u64,
+            "{:?}",
+            plan.injected()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hung_call_ends_at_its_deadline_as_a_transient_timeout() {
+        let (store, plan) = faulty_store("dynamodb:*:hang:1", 200).await;
+        let started = std::time::Instant::now();
+        let e = put(&store).await;
+        assert_eq!(e.reason(), Reason::DOWNSTREAM_TIMEOUT, "{e}");
+        assert_eq!(plan.injected().values().sum::<u64>(), CALL_ATTEMPTS as u64);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn throttling_that_outlasts_the_retries_is_reported_as_throttling() {
+        let (store, plan) = faulty_store("dynamodb:*:throttle:1", 1_000).await;
+        let e = put(&store).await;
+        assert!(e.is_throttled(), "{e}");
+        assert_eq!(plan.injected().values().sum::<u64>(), CALL_ATTEMPTS as u64);
+    }
+
+    fn rejected_with(code: &'static str, message: &'static str) -> aws_sdk_dynamodb::Client {
+        let rule = aws_smithy_mocks::mock!(aws_sdk_dynamodb::Client::put_item).then_http_response(
+            move || {
+                aws_smithy_runtime_api::http::Response::new(
+                    aws_smithy_runtime_api::http::StatusCode::try_from(400).unwrap(),
+                    aws_smithy_types::body::SdkBody::from(format!(
+                        r#"{{"__type":"com.amazonaws.dynamodb.v20120810#{code}","message":"{message}"}}"#
+                    )),
+                )
+            },
+        );
+        aws_smithy_mocks::mock_client!(
+            aws_sdk_dynamodb,
+            aws_smithy_mocks::RuleMode::MatchAny,
+            [&rule]
+        )
+    }
+
+    #[tokio::test]
+    async fn requests_dynamodb_refuses_are_permanent_with_their_own_reasons() {
+        let cases = [
+            (
+                "ValidationException",
+                "Item size has exceeded the maximum allowed size",
+                Reason::ITEM_TOO_LARGE,
+            ),
+            (
+                "ValidationException",
+                "One or more parameter values were invalid",
+                Reason::INVALID_REQUEST,
+            ),
+            (
+                "AccessDeniedException",
+                "not authorized to perform: dynamodb:PutItem",
+                Reason::ACCESS_DENIED,
+            ),
+            (
+                "ResourceNotFoundException",
+                "Requested resource not found",
+                Reason::TABLE_NOT_FOUND,
+            ),
+        ];
+        for (code, message, reason) in cases {
+            let store = Store::new(
+                rejected_with(code, message),
+                Tables {
+                    orders: "o".into(),
+                    catalog: "c".into(),
+                },
+                "orders",
+                None,
+            );
+            let e = put(&store).await;
+            assert!(matches!(e, HandlerError::Permanent { .. }), "{code}: {e}");
+            assert_eq!(e.reason(), reason, "{code}");
+        }
     }
 }

@@ -344,7 +344,7 @@ impl Warehouse {
             Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
                 c.cancellation_reasons().to_vec()
             }
-            _ => return Err(store::transient("packing the order", &e)),
+            _ => return Err(store::failure("packing the order", &e)),
         };
         let failed = |i: usize| {
             reasons
@@ -366,7 +366,17 @@ impl Warehouse {
         if !shortages.is_empty() {
             return Ok(Commit::Short(shortages));
         }
-        let error = store::transient("packing the order", &e);
+        if reasons
+            .iter()
+            .any(|r| store::is_throttling_reason(r.code()))
+        {
+            // Throttling inside a transaction is throttling: the runtime slows down and
+            // tries again in place.
+            return Err(HandlerError::throttled(
+                "packing the order: TransactionCanceled (ThrottlingError)",
+            ));
+        }
+        let error = store::failure("packing the order", &e);
         if reasons
             .iter()
             .any(|r| r.code() == Some("TransactionConflict"))
@@ -392,7 +402,7 @@ impl Warehouse {
             .store
             .call(0, request)
             .await
-            .map_err(|e| store::transient("reading a product", &e))?;
+            .map_err(|e| store::failure("reading a product", &e))?;
         out.item().cloned().map(store::from_item).transpose()
     }
 }
@@ -693,6 +703,26 @@ mod tests {
             5,
             "the first attempt and four quick retries"
         );
+    }
+
+    #[tokio::test]
+    async fn throttling_inside_the_transaction_is_reported_as_throttling() {
+        let order = accepted(&[line("A", 1)]);
+        let get = order_read(&order);
+        let throttled = mock!(aws_sdk_dynamodb::Client::transact_write_items).then_error(|| {
+            cancelled(vec![
+                CancellationReason::builder()
+                    .code("ThrottlingError")
+                    .build(),
+                CancellationReason::builder().code("None").build(),
+            ])
+        });
+        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&get, &throttled]);
+        let err = warehouse(client)
+            .handle(envelope(), &Message::for_test(""))
+            .await
+            .unwrap_err();
+        assert!(err.is_throttled(), "{err:?}");
     }
 
     #[tokio::test]

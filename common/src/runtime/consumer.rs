@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error_span, info, warn, Instrument};
 
 use super::batcher::{Batcher, EntryResult};
+use super::concurrency::Concurrency;
 use super::message::{Handler, Message, Outcome, Outgoing};
 use crate::attribution::{self, Attribution, CORRELATION_ID, RECEIVED_AT, REQUEST_ID, SOURCE};
 use crate::config::WorkerConfig;
@@ -52,12 +53,38 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     /// Messages released (made visible) at shutdown.
     pub released: AtomicU64,
+    /// Handler runs throttled downstream and retried in place.
+    pub throttled: AtomicU64,
+    /// The lowest the adaptive concurrency limit went (0 = never lowered).
+    pub lowest_concurrency_limit: AtomicU64,
 }
 
 impl Stats {
     fn bump(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
+}
+
+/// What became of a message after a handler run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// It left the queue: done, or in the DLQ.
+    Left,
+    /// It stays on the queue, hidden until its retry.
+    Stays,
+    /// The caller holds it and retries in place after this delay (FIFO groups).
+    RetryIn(Duration),
+}
+
+/// The visibility, in whole seconds, that hides a message for `delay` when it was received
+/// `held` ago: rounded up (a 300 ms delay must not become 0, an immediate redelivery), and
+/// within SQS's limit of 12 hours from the receive, less a margin for the request itself.
+fn retry_visibility(delay: Duration, held: Duration) -> i32 {
+    let limit = MAX_VISIBILITY
+        .saturating_sub(held)
+        .saturating_sub(Duration::from_secs(5));
+    let secs = delay.min(limit).as_secs_f64().ceil();
+    secs as i32
 }
 
 /// Everything a consumer needs besides its handler.
@@ -87,6 +114,10 @@ struct Inner<H> {
     topology: Topology,
     /// The in-flight cap: one permit per message from receive to acknowledgement.
     capacity: Arc<Semaphore>,
+    /// The adaptive limit under the cap: halved by throttling, grown back by successes.
+    concurrency: Concurrency,
+    /// Cancelled when shutdown starts: throttled jobs stop retrying in place.
+    stopping: CancellationToken,
     /// Receipt handles of messages in flight, to release them at shutdown.
     in_flight: Mutex<HashMap<String, String>>,
     acks: Batcher<String>,
@@ -146,6 +177,8 @@ impl<H: Handler> Consumer<H> {
                 handler,
                 sqs,
                 capacity: Arc::new(Semaphore::new(worker.max_in_flight.get())),
+                concurrency: Concurrency::new(worker.max_in_flight.get()),
+                stopping: CancellationToken::new(),
                 role,
                 pair,
                 worker,
@@ -179,12 +212,14 @@ impl<H: Handler> Consumer<H> {
             "consumer started"
         );
         inner.health.set_ready(true);
+        events::concurrency_limit(&inner.pair.queue.name, inner.concurrency.limit());
         for _ in 0..inner.worker.pollers.get() {
             pollers.spawn(Arc::clone(&inner).poll_loop(shutdown.clone(), jobs.clone()));
         }
         pollers.close();
 
         shutdown.cancelled().await;
+        inner.stopping.cancel();
         inner.health.set_ready(false);
         let deadline = Instant::now() + inner.worker.shutdown_deadline();
         info!(worker = %inner.role, deadline_secs = inner.worker.shutdown_deadline_secs, "shutting down: polling stops, in-flight jobs finish");
@@ -211,12 +246,17 @@ impl<H: Handler> Consumer<H> {
 impl<H: Handler> Inner<H> {
     async fn poll_loop(self: Arc<Self>, shutdown: CancellationToken, jobs: TaskTracker) {
         let mut failures: u32 = 0;
+        let probe = self
+            .health
+            .poller(format!("{}/{}", self.role, self.pair.queue.name));
         loop {
+            probe.waiting_for_room(true);
             let permits = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 permits = self.reserve_batch() => permits,
             };
+            probe.waiting_for_room(false);
             let receive = self.receive(permits.num_permits());
             tokio::pin!(receive);
             let received = tokio::select! {
@@ -235,7 +275,7 @@ impl<H: Handler> Inner<H> {
             match received {
                 Ok(messages) => {
                     failures = 0;
-                    self.health.beat();
+                    probe.received();
                     let partial = !messages.is_empty() && messages.len() < permits.num_permits();
                     self.dispatch(messages, permits, &jobs);
                     if partial && self.worker.batch_window_ms > 0 {
@@ -263,10 +303,23 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    /// Waits for at least one free slot, then briefly (100 ms, or the batching window when it
-    /// is longer) for enough to ask for a full batch.
+    /// Waits for room under the adaptive concurrency limit and for at least one free slot,
+    /// then briefly (100 ms, or the batching window when it is longer) for enough to ask for a
+    /// full batch, never more than the limit leaves room for.
     async fn reserve_batch(&self) -> OwnedSemaphorePermit {
-        let want = (self.worker.batch_size as usize).min(self.worker.max_in_flight.get());
+        let max = self.worker.max_in_flight.get();
+        let room = loop {
+            let in_use = max - self.capacity.available_permits();
+            let room = self.concurrency.room(in_use);
+            if room > 0 {
+                break room;
+            }
+            // Jobs finishing and the limit growing both make room: look again soon.
+            self.concurrency
+                .wait_for_room(Duration::from_millis(50))
+                .await;
+        };
+        let want = (self.worker.batch_size as usize).min(max).min(room);
         let mut permits = Arc::clone(&self.capacity)
             .acquire_owned()
             .await
@@ -290,6 +343,23 @@ impl<H: Handler> Inner<H> {
     }
 
     async fn receive(&self, max: usize) -> Result<Vec<Message>, String> {
+        // A long poll waits up to `receive_wait_secs` for messages before it answers: its
+        // deadline is the client's per-request deadline plus that wait.
+        let wait = Duration::from_secs(self.worker.receive_wait_secs.into());
+        let deadline = self
+            .sqs
+            .config()
+            .timeout_config()
+            .and_then(|t| t.operation_attempt_timeout())
+            .map(|t| t + wait);
+        let mut override_timeouts = aws_sdk_sqs::config::Builder::default();
+        if let Some(deadline) = deadline {
+            override_timeouts = override_timeouts.timeout_config(
+                aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(deadline)
+                    .build(),
+            );
+        }
         let out = self
             .sqs
             .receive_message()
@@ -298,6 +368,8 @@ impl<H: Handler> Inner<H> {
             .wait_time_seconds(self.worker.receive_wait_secs as i32)
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
+            .customize()
+            .config_override(override_timeouts)
             .send()
             .await
             .map_err(|e| crate::sdk_error_message(&e))?;
@@ -344,20 +416,71 @@ impl<H: Handler> Inner<H> {
         self.report_in_flight();
     }
 
-    /// A FIFO group's messages of one receive, strictly in order: once one is not done (sent
-    /// back for a retry), the ones after it are released so they cannot overtake it.
+    /// A FIFO group's messages of one receive, strictly in order. All of them are held, and
+    /// heartbeated, until each is done: a transient failure is retried here, in place, after
+    /// its backoff (counting the attempt), so that no later message overtakes it and none is
+    /// handed back to SQS, where every new receive would raise its receive count toward the
+    /// DLQ. Shutdown releases whatever is still held.
     async fn run_group(self: Arc<Self>, group: Vec<(Message, OwnedSemaphorePermit)>) {
-        let mut rest = group.into_iter();
-        while let Some((m, permit)) = rest.next() {
-            let done = self.process(m).await;
-            drop(permit);
-            if !done {
-                let left: Vec<_> = rest.by_ref().collect();
-                self.release(left.iter().map(|(m, _)| m.receipt_handle.clone()).collect())
-                    .await;
-                break;
+        let held: Vec<String> = group
+            .iter()
+            .map(|(m, _)| m.receipt_handle.clone())
+            .collect();
+        {
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            for (m, _) in &group {
+                in_flight.insert(m.message_id.clone(), m.receipt_handle.clone());
             }
         }
+        let held = Mutex::new(held);
+        let work = async {
+            let mut rest = group.into_iter();
+            while let Some((m, permit)) = rest.next() {
+                let mut extra_attempts = 0;
+                loop {
+                    let attempt = m.receive_count + extra_attempts;
+                    let result = self.run_handler(&m).await;
+                    match self.settle(&m, attempt, result, true).await {
+                        Settled::Left => break,
+                        Settled::RetryIn(delay) => {
+                            tokio::select! {
+                                () = tokio::time::sleep(delay) => extra_attempts += 1,
+                                () = self.stopping.cancelled() => {
+                                    // Released with the rest of the group, below.
+                                    let left: Vec<_> = std::iter::once(m.receipt_handle.clone())
+                                        .chain(rest.map(|(m, _)| m.receipt_handle))
+                                        .collect();
+                                    self.release(left).await;
+                                    return;
+                                }
+                            }
+                        }
+                        Settled::Stays => {
+                            let left: Vec<_> = rest.map(|(m, _)| m.receipt_handle).collect();
+                            self.release(left).await;
+                            return;
+                        }
+                    }
+                }
+                held.lock()
+                    .expect("held lock")
+                    .retain(|r| *r != m.receipt_handle);
+                self.in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .remove(&m.message_id);
+                drop(permit);
+            }
+        };
+        tokio::select! {
+            () = work => {}
+            never = self.heartbeat_all(&held) => match never {},
+        }
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+        for r in held.lock().expect("held lock").iter() {
+            in_flight.retain(|_, receipt| receipt != r);
+        }
+        drop(in_flight);
         self.report_in_flight();
     }
 
@@ -366,8 +489,35 @@ impl<H: Handler> Inner<H> {
         events::in_flight(&self.pair.queue.name, in_use);
     }
 
-    /// Runs the handler with a heartbeat, then acknowledges, retries or dead-letters.
-    /// Returns whether the message left the queue (done or dead-lettered).
+    /// Runs the handler once, within its deadline; a panic is a transient failure.
+    async fn run_handler(&self, message: &Message) -> Result<Outcome, HandlerError> {
+        let deadline = self.worker.handler_deadline();
+        let _job = self.health.job(self.pair.queue.name.clone(), deadline);
+        let started = Instant::now();
+        let work = AssertUnwindSafe(self.handler.handle(message)).catch_unwind();
+        let result = match tokio::time::timeout(deadline, work).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => Err(HandlerError::transient(
+                Reason::HANDLER_PANIC,
+                panic_text(&panic),
+            )),
+            Err(_) => {
+                events::handler_deadline_exceeded(&self.pair.queue.name, deadline);
+                Err(HandlerError::transient(
+                    Reason::HANDLER_DEADLINE_EXCEEDED,
+                    format!("the handler ran past its {} s deadline", deadline.as_secs()),
+                ))
+            }
+        };
+        events::handled(&self.pair.queue.name, started.elapsed(), message.age());
+        result
+    }
+
+    /// Runs the handler, with a heartbeat, until the message is settled: done (acknowledged),
+    /// retried later, or dead-lettered. Throttling is retried here, in place, while the
+    /// consumer's concurrency limit shrinks, for up to `throttle_patience_secs`: throttling
+    /// alone does not use up the message's attempts. Returns whether the message left the
+    /// queue.
     async fn process(&self, message: Message) -> bool {
         let correlation_id = message
             .correlation_id
@@ -388,30 +538,100 @@ impl<H: Handler> Inner<H> {
                 .lock()
                 .expect("in-flight lock")
                 .insert(message.message_id.clone(), message.receipt_handle.clone());
-            let started = Instant::now();
-            let work = AssertUnwindSafe(self.handler.handle(&message)).catch_unwind();
+            let work = async {
+                let first_throttle: Option<Instant> = None;
+                let mut first_throttle = first_throttle;
+                let mut throttled_rounds = 0;
+                loop {
+                    let result = self.run_handler(&message).await;
+                    let throttled = matches!(&result, Err(e) if e.is_throttled());
+                    if !throttled {
+                        return result;
+                    }
+                    let since = *first_throttle.get_or_insert_with(Instant::now);
+                    throttled_rounds += 1;
+                    let pause = retry_delay(
+                        throttled_rounds,
+                        Duration::from_millis(200),
+                        Duration::from_secs(10),
+                    );
+                    let limit = self.concurrency.throttled();
+                    Stats::bump(&self.stats.throttled, 1);
+                    let lowest = &self.stats.lowest_concurrency_limit;
+                    let current = lowest.load(Ordering::Relaxed);
+                    if current == 0 || (limit as u64) < current {
+                        lowest.store(limit as u64, Ordering::Relaxed);
+                    }
+                    events::concurrency_limit(&self.pair.queue.name, limit);
+                    if self.stopping.is_cancelled()
+                        || since.elapsed() + pause > self.worker.throttle_patience()
+                    {
+                        return result;
+                    }
+                    events::throttled(&self.pair.queue.name, limit, pause);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.stopping.cancelled() => return result,
+                    }
+                }
+            };
             let result = tokio::select! {
-                result = work => result.unwrap_or_else(|panic| Err(HandlerError::transient(Reason::HANDLER_PANIC, panic_text(&panic)))),
+                result = work => result,
                 never = self.heartbeat(&message.receipt_handle) => match never {},
             };
-            events::handled(&self.pair.queue.name, started.elapsed(), message.age());
-            let left_queue = match result {
-                Ok(outcome) => match self.forward(&message, outcome).await {
-                    Ok(()) => {
-                        self.acknowledge(&message).await;
-                        Stats::bump(&self.stats.succeeded, 1);
-                        events::succeeded(&self.pair.queue.name, started.elapsed());
-                        true
-                    }
-                    Err(e) => self.fail(&message, HandlerError::transient(Reason::FORWARD_FAILED, e)).await,
-                },
-                Err(error) => self.fail(&message, error).await,
-            };
-            self.in_flight.lock().expect("in-flight lock").remove(&message.message_id);
+            let left_queue = matches!(
+                self.settle(&message, message.receive_count, result, false)
+                    .await,
+                Settled::Left
+            );
+            self.in_flight
+                .lock()
+                .expect("in-flight lock")
+                .remove(&message.message_id);
             left_queue
         }
         .instrument(span)
         .await
+    }
+
+    /// Acts on a handler's result: forwards and acknowledges, or fails the message (attempt
+    /// number `attempt`). `hold`: a transient failure is retried by the caller in place (FIFO)
+    /// instead of by changing the message's visibility.
+    async fn settle(
+        &self,
+        message: &Message,
+        attempt: u32,
+        result: Result<Outcome, HandlerError>,
+        hold: bool,
+    ) -> Settled {
+        match result {
+            Ok(outcome) => {
+                let started = Instant::now();
+                match self.forward(message, outcome).await {
+                    Ok(()) => {
+                        self.acknowledge(message).await;
+                        let before = self.concurrency.limit();
+                        let after = self.concurrency.succeeded();
+                        if after != before {
+                            events::concurrency_limit(&self.pair.queue.name, after);
+                        }
+                        Stats::bump(&self.stats.succeeded, 1);
+                        events::succeeded(&self.pair.queue.name, started.elapsed());
+                        Settled::Left
+                    }
+                    Err(e) => {
+                        self.fail(
+                            message,
+                            attempt,
+                            HandlerError::transient(Reason::FORWARD_FAILED, e),
+                            hold,
+                        )
+                        .await
+                    }
+                }
+            }
+            Err(error) => self.fail(message, attempt, error, hold).await,
+        }
     }
 
     /// Extends the message's visibility every heartbeat interval, for as long as it is polled.
@@ -430,6 +650,41 @@ impl<H: Handler> Inner<H> {
                 .send()
                 .await;
             events::heartbeat(&self.pair.queue.name, result.is_ok());
+        }
+    }
+
+    /// Extends the visibility of every message in `held` (a FIFO group's) every heartbeat
+    /// interval, for as long as it is polled.
+    async fn heartbeat_all(&self, held: &Mutex<Vec<String>>) -> std::convert::Infallible {
+        let every = self.worker.heartbeat_interval();
+        let extend_to = self.pair.settings.visibility_timeout_secs as i32;
+        let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+        loop {
+            ticks.tick().await;
+            let receipts = held.lock().expect("held lock").clone();
+            for chunk in receipts.chunks(SQS_BATCH) {
+                let entries = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        ChangeMessageVisibilityBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(r)
+                            .visibility_timeout(extend_to)
+                            .build()
+                            .expect("id and receipt handle are set")
+                    })
+                    .collect();
+                let result = self
+                    .sqs
+                    .change_message_visibility_batch()
+                    .queue_url(&self.pair.queue.url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await;
+                let ok = result.as_ref().is_ok_and(|out| out.failed().is_empty());
+                events::heartbeat(&self.pair.queue.name, ok);
+            }
         }
     }
 
@@ -471,15 +726,11 @@ impl<H: Handler> Inner<H> {
             } else {
                 None
             },
-            // Deterministic, so a retried forward is deduplicated by a FIFO target.
+            // Derived from what a retry does not change, so a retried forward is deduplicated
+            // by a FIFO target (a body holds times that change from one attempt to the next).
             deduplication_id: fifo.then(|| {
-                out.deduplication_id.unwrap_or_else(|| {
-                    format!(
-                        "{}-{:016x}",
-                        incoming.message_id,
-                        fnv1a(out.body.as_bytes())
-                    )
-                })
+                out.deduplication_id
+                    .unwrap_or_else(|| stable_deduplication_id(incoming, &out.queue, &out.body))
             }),
             body: out.body,
             attributes,
@@ -492,8 +743,16 @@ impl<H: Handler> Inner<H> {
         let _ = self.acks.submit(message.receipt_handle.clone()).await;
     }
 
-    /// Retry later, or dead-letter. Returns whether the message left the queue.
-    async fn fail(&self, message: &Message, error: HandlerError) -> bool {
+    /// Retry later, or dead-letter; `attempt` is the attempt that failed. A transient failure
+    /// with attempts left is hidden for its backoff (or, with `hold`, handed back to the caller
+    /// to retry in place after it).
+    async fn fail(
+        &self,
+        message: &Message,
+        attempt: u32,
+        error: HandlerError,
+        hold: bool,
+    ) -> Settled {
         let queue = &self.pair.queue.name;
         let detail = redact(error.detail());
         let class = match &error {
@@ -501,19 +760,23 @@ impl<H: Handler> Inner<H> {
                 retry_after,
                 reason,
                 ..
-            } if message.receive_count < self.worker.max_attempts => {
+            } if attempt < self.worker.max_attempts => {
                 let delay = retry_after.unwrap_or_else(|| {
                     retry_delay(
-                        message.receive_count,
+                        attempt,
                         Duration::from_millis(self.worker.backoff_min_ms),
                         Duration::from_secs(self.worker.backoff_max_secs),
                     )
                 });
-                self.set_visibility(&message.receipt_handle, delay.min(MAX_VISIBILITY))
-                    .await;
                 Stats::bump(&self.stats.retried, 1);
-                events::retried(queue, reason.0, message.receive_count, delay, &detail);
-                return false;
+                events::retried(queue, reason.0, attempt, delay, &detail);
+                if hold {
+                    return Settled::RetryIn(delay);
+                }
+                let visibility = retry_visibility(delay, message.received.elapsed());
+                self.set_visibility(&message.receipt_handle, visibility)
+                    .await;
+                return Settled::Stays;
             }
             HandlerError::Transient { .. } => FailureClass::AttemptsExhausted,
             HandlerError::Permanent { .. } => FailureClass::Permanent,
@@ -525,7 +788,7 @@ impl<H: Handler> Inner<H> {
             detail,
             worker: self.role.clone(),
             source_queue: queue.clone(),
-            attempts: message.receive_count,
+            attempts: attempt,
             first_failed_at: message.first_received_at.unwrap_or(now),
             last_failed_at: now,
             correlation_id: message.correlation_id.clone(),
@@ -540,16 +803,23 @@ impl<H: Handler> Inner<H> {
                     queue,
                     &attribution.reason,
                     class,
-                    message.receive_count,
+                    attempt,
                     &attribution.detail,
                 );
-                true
+                Settled::Left
             }
             Err(e) => {
                 events::dead_letter_failed(queue, &e);
                 let delay = Duration::from_millis(self.worker.backoff_min_ms);
-                self.set_visibility(&message.receipt_handle, delay).await;
-                false
+                if hold {
+                    return Settled::RetryIn(delay);
+                }
+                self.set_visibility(
+                    &message.receipt_handle,
+                    retry_visibility(delay, message.received.elapsed()),
+                )
+                .await;
+                Settled::Stays
             }
         }
     }
@@ -593,13 +863,13 @@ impl<H: Handler> Inner<H> {
             .await
     }
 
-    async fn set_visibility(&self, receipt: &str, visibility: Duration) {
+    async fn set_visibility(&self, receipt: &str, visibility_secs: i32) {
         let result = self
             .sqs
             .change_message_visibility()
             .queue_url(&self.pair.queue.url)
             .receipt_handle(receipt)
-            .visibility_timeout(visibility.as_secs() as i32)
+            .visibility_timeout(visibility_secs)
             .send()
             .await;
         if let Err(e) = result {
@@ -639,6 +909,23 @@ impl<H: Handler> Inner<H> {
         }
         Stats::bump(&self.stats.released, count as u64);
         events::released(&self.pair.queue.name, count);
+    }
+}
+
+/// A FIFO deduplication id for a forward of `incoming` to `queue`: from the outgoing
+/// envelope's event id when it has one (the same on every attempt and every redrive), else
+/// from the incoming message's id and the target.
+fn stable_deduplication_id(incoming: &Message, queue: &str, body: &str) -> String {
+    let event_id = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("event_id")
+                .and_then(|e| e.as_str())
+                .map(str::to_owned)
+        });
+    match event_id {
+        Some(id) => format!("{queue}-{:016x}", fnv1a(id.as_bytes())),
+        None => format!("{}-{:016x}", incoming.message_id, fnv1a(queue.as_bytes())),
     }
 }
 
@@ -991,6 +1278,52 @@ mod tests {
         assert_eq!(results[0], Ok(()));
         assert!(results[1].is_err());
         assert_eq!(send.num_calls(), 2, "one call per destination queue");
+    }
+
+    #[test]
+    fn retry_visibility_rounds_up_and_stays_within_twelve_hours_of_the_receive() {
+        assert_eq!(
+            retry_visibility(Duration::from_millis(300), Duration::ZERO),
+            1
+        );
+        assert_eq!(
+            retry_visibility(Duration::from_millis(1500), Duration::ZERO),
+            2
+        );
+        assert_eq!(
+            retry_visibility(Duration::from_secs(60), Duration::ZERO),
+            60
+        );
+        // Held for 11 h 59 min: at most what is left of the 12 hours, less the margin.
+        let held = MAX_VISIBILITY - Duration::from_secs(60);
+        assert_eq!(retry_visibility(Duration::from_secs(3600), held), 55);
+        assert_eq!(
+            retry_visibility(Duration::from_secs(3600), MAX_VISIBILITY),
+            0,
+            "past the limit: visible again at once rather than refused"
+        );
+    }
+
+    #[test]
+    fn forward_deduplication_ids_do_not_change_with_the_body_of_a_retry() {
+        let incoming = Message::for_test("{}");
+        let first = r#"{"type":"order.accepted","event_id":"order.accepted:o-1","occurred_at":"2026-11-25T10:00:00Z"}"#;
+        let retry = r#"{"type":"order.accepted","event_id":"order.accepted:o-1","occurred_at":"2026-11-25T10:00:07Z"}"#;
+        assert_eq!(
+            stable_deduplication_id(&incoming, "warehouse", first),
+            stable_deduplication_id(&incoming, "warehouse", retry)
+        );
+        let mut redriven = Message::for_test("{}");
+        redriven.message_id = "another".into();
+        assert_eq!(
+            stable_deduplication_id(&incoming, "warehouse", first),
+            stable_deduplication_id(&redriven, "warehouse", retry),
+            "a redriven copy forwards the same event"
+        );
+        assert_ne!(
+            stable_deduplication_id(&incoming, "warehouse", first),
+            stable_deduplication_id(&incoming, "delivery", first)
+        );
     }
 
     #[test]

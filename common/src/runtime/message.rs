@@ -37,6 +37,8 @@ pub struct Message {
     pub group_id: Option<String>,
     /// FIFO deduplication id.
     pub deduplication_id: Option<String>,
+    /// When this process received it (SQS limits visibility to 12 hours from the receive).
+    pub received: std::time::Instant,
 }
 
 impl Message {
@@ -68,6 +70,7 @@ impl Message {
             sent_at: millis(MessageSystemAttributeName::SentTimestamp),
             group_id: sys(MessageSystemAttributeName::MessageGroupId),
             deduplication_id: sys(MessageSystemAttributeName::MessageDeduplicationId),
+            received: std::time::Instant::now(),
         })
     }
 
@@ -85,6 +88,7 @@ impl Message {
             sent_at: Some(OffsetDateTime::now_utc()),
             group_id: None,
             deduplication_id: None,
+            received: std::time::Instant::now(),
         }
     }
 

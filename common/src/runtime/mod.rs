@@ -1,9 +1,11 @@
 //! The consumer runtime every worker gets. See [`Consumer`].
 
 mod batcher;
+mod concurrency;
 mod consumer;
 mod message;
 
 pub use batcher::{Batcher, EntryResult};
+pub use concurrency::Concurrency;
 pub use consumer::{Consumer, ConsumerSettings, Stats};
 pub use message::{describe_json_error, Handler, Json, Message, Outcome, Outgoing, TypedHandler};
