@@ -298,17 +298,50 @@ pub fn schema_for_type(kind: &str) -> Option<Schema> {
 }
 
 /// A stable fingerprint (SHA-256, hex) of a value's JSON form: equal payloads, equal
-/// fingerprints. Used to tell a redelivery from a conflicting reuse of an event id.
+/// fingerprints, whatever the order of keys in the JSON and whatever serde_json's features
+/// (`preserve_order`, which some dependencies switch on, keeps keys in insertion order). Used
+/// to tell a redelivery from a conflicting reuse of an event id.
 pub fn fingerprint<T: Serialize>(value: &T) -> String {
     use sha2::Digest;
-    // serde_json maps are ordered by key, so the text is canonical for our types.
-    let canonical = serde_json::to_value(value)
-        .map(|v| v.to_string())
-        .unwrap_or_default();
+    let mut canonical = String::new();
+    if let Ok(v) = serde_json::to_value(value) {
+        write_canonical(&v, &mut canonical);
+    }
     sha2::Sha256::digest(canonical.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// JSON text with every object's keys sorted, at every depth.
+fn write_canonical(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(&map[k], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 /// The published schema file of a type.
@@ -562,5 +595,17 @@ mod tests {
     fn delivery_statuses_are_ranked() {
         assert!(DeliveryStatus::Delivered.rank() > DeliveryStatus::InTransit.rank());
         assert!(DeliveryStatus::LabelCreated.rank() > DeliveryStatus::AwaitingCarrier.rank());
+    }
+
+    #[test]
+    fn fingerprints_do_not_depend_on_key_order() {
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b":1,"a":{"y":[1,{"q":2,"p":3}],"x":"s"}}"#).unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"a":{"x":"s","y":[1,{"p":3,"q":2}]},"b":1}"#).unwrap();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        let c: serde_json::Value =
+            serde_json::from_str(r#"{"a":{"x":"s","y":[{"p":3,"q":2},1]},"b":1}"#).unwrap();
+        assert_ne!(fingerprint(&a), fingerprint(&c), "array order matters");
     }
 }

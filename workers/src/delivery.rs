@@ -51,6 +51,12 @@ pub async fn read_order(
     out.item().cloned().map(store::from_item).transpose()
 }
 
+/// The most carrier events one order takes: each adds to the order's history and event map,
+/// and so to the item's size (toward DynamoDB's 400 KB) and to the cost of every later write.
+/// A shipment's real life is a handful of events; past this, a chatty or hostile sender is cut
+/// off with a permanent `too_many_events`.
+pub const MAX_CARRIER_EVENTS: usize = 50;
+
 /// What a carrier event does to an order whose shipment is at `current`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Transition {
@@ -60,12 +66,44 @@ pub enum Transition {
     Advance,
     /// The event is older news: recorded in the history, status unchanged.
     RecordOnly,
+    /// The event id was applied before with another payload.
+    Conflict,
+    /// The order holds [`MAX_CARRIER_EVENTS`] already.
+    TooMany,
 }
 
-/// Decides a carrier event against the order (pure: the state machine).
-pub fn transition(order: &OrderRecord, event_id: &str, status: DeliveryStatus) -> Transition {
-    if order.delivery_events.contains_key(event_id) {
-        Transition::AlreadyApplied
+/// How an applied carrier event is recorded in `delivery_events`: its status and a short
+/// fingerprint of its payload, so that a reuse of the id with another payload is seen.
+pub fn event_record(status: DeliveryStatus, fingerprint: &str) -> String {
+    format!(
+        "{}#{}",
+        status.as_str(),
+        &fingerprint[..fingerprint.len().min(16)]
+    )
+}
+
+/// Decides a carrier event (id, status, payload fingerprint) against the order (pure: the
+/// state machine).
+pub fn transition(
+    order: &OrderRecord,
+    event_id: &str,
+    status: DeliveryStatus,
+    fingerprint: &str,
+) -> Transition {
+    if let Some(recorded) = order.delivery_events.get(event_id) {
+        let same = match recorded.split_once('#') {
+            Some(_) => *recorded == event_record(status, fingerprint),
+            // Recorded before fingerprints were kept: the status is what can be compared.
+            None => recorded == status.as_str(),
+        };
+        return if same {
+            Transition::AlreadyApplied
+        } else {
+            Transition::Conflict
+        };
+    }
+    if order.delivery_events.len() >= MAX_CARRIER_EVENTS {
+        Transition::TooMany
     } else if order.delivery_rank.is_none_or(|rank| status.rank() > rank) {
         Transition::Advance
     } else {
@@ -147,6 +185,7 @@ impl Delivery {
     /// the order as it now stands.
     async fn apply(&self, envelope: &Envelope<DeliveryStatusReported>) -> Result<(), HandlerError> {
         let event = &envelope.payload;
+        let fingerprint = fleet_common::contract::fingerprint(event);
         for _ in 0..5 {
             let order = read_order(&self.store, &event.order_id)
                 .await?
@@ -157,13 +196,37 @@ impl Delivery {
                     format!("order {} is {}, not packed", event.order_id, order.status),
                 ));
             }
-            let decision = transition(&order, &envelope.event_id, event.status);
-            if decision == Transition::AlreadyApplied {
-                metrics::counter!("fleet_duplicates_dropped_total", "stage" => "delivery")
-                    .increment(1);
-                return Ok(());
+            let decision = transition(&order, &envelope.event_id, event.status, &fingerprint);
+            match decision {
+                Transition::AlreadyApplied => {
+                    metrics::counter!("fleet_duplicates_dropped_total", "stage" => "delivery")
+                        .increment(1);
+                    return Ok(());
+                }
+                Transition::Conflict => {
+                    return Err(HandlerError::permanent(
+                        Reason::IDEMPOTENCY_CONFLICT,
+                        format!(
+                            "carrier event {} was applied to order {} with another payload",
+                            envelope.event_id, event.order_id
+                        ),
+                    ))
+                }
+                Transition::TooMany => {
+                    return Err(HandlerError::permanent(
+                        Reason("too_many_events"),
+                        format!(
+                            "order {} holds {MAX_CARRIER_EVENTS} carrier events already",
+                            event.order_id
+                        ),
+                    ))
+                }
+                Transition::Advance | Transition::RecordOnly => {}
             }
-            if self.write(&order, envelope, &decision).await? {
+            if self
+                .write(&order, envelope, &decision, &fingerprint)
+                .await?
+            {
                 info!(order_id = %event.order_id, status = event.status.as_str(), ?decision, "carrier event applied");
                 return Ok(());
             }
@@ -180,6 +243,7 @@ impl Delivery {
         order: &OrderRecord,
         envelope: &Envelope<DeliveryStatusReported>,
         decision: &Transition,
+        fingerprint: &str,
     ) -> Result<bool, HandlerError> {
         let event = &envelope.payload;
         let advance = *decision == Transition::Advance;
@@ -200,7 +264,7 @@ impl Delivery {
                 .expression_attribute_names("#history", "history")
                 .expression_attribute_names("#version", "version")
                 .expression_attribute_names("#event", &envelope.event_id)
-                .expression_attribute_values(":event", s(event.status.as_str()))
+                .expression_attribute_values(":event", s(event_record(event.status, fingerprint)))
                 .expression_attribute_values(
                     ":h",
                     serde_dynamo::to_attribute_value(vec![entry.clone()])
@@ -282,7 +346,12 @@ pub(crate) mod tests {
             delivery_rank: rank,
             delivery_events: events
                 .iter()
-                .map(|e| ((*e).to_owned(), "x".to_owned()))
+                .map(|e| {
+                    (
+                        (*e).to_owned(),
+                        event_record(DeliveryStatus::LabelCreated, "f"),
+                    )
+                })
                 .collect(),
             version: 1,
         }
@@ -292,24 +361,78 @@ pub(crate) mod tests {
     fn the_state_machine_never_moves_backwards() {
         use DeliveryStatus::*;
         assert_eq!(
-            transition(&order(None, &[]), "e1", LabelCreated),
+            transition(&order(None, &[]), "e1", LabelCreated, "f"),
             Transition::Advance
         );
         assert_eq!(
-            transition(&order(Some(InTransit.rank()), &[]), "e2", Delivered),
+            transition(&order(Some(InTransit.rank()), &[]), "e2", Delivered, "f"),
             Transition::Advance
         );
         assert_eq!(
-            transition(&order(Some(Delivered.rank()), &[]), "e3", InTransit),
+            transition(&order(Some(Delivered.rank()), &[]), "e3", InTransit, "f"),
             Transition::RecordOnly
         );
         assert_eq!(
-            transition(&order(Some(InTransit.rank()), &[]), "e4", InTransit),
+            transition(&order(Some(InTransit.rank()), &[]), "e4", InTransit, "f"),
             Transition::RecordOnly
         );
         assert_eq!(
-            transition(&order(Some(LabelCreated.rank()), &["e5"]), "e5", Delivered),
+            transition(
+                &order(Some(LabelCreated.rank()), &["e5"]),
+                "e5",
+                LabelCreated,
+                "f"
+            ),
             Transition::AlreadyApplied
+        );
+    }
+
+    #[test]
+    fn the_same_event_id_with_another_payload_is_a_conflict() {
+        use DeliveryStatus::*;
+        let o = order(Some(LabelCreated.rank()), &["e5"]);
+        assert_eq!(transition(&o, "e5", Delivered, "f"), Transition::Conflict);
+        assert_eq!(
+            transition(&o, "e5", LabelCreated, "another"),
+            Transition::Conflict,
+            "same status, another time or reference"
+        );
+        // Recorded before fingerprints: the status decides.
+        let mut legacy = order(Some(LabelCreated.rank()), &[]);
+        legacy
+            .delivery_events
+            .insert("e6".into(), "label_created".into());
+        assert_eq!(
+            transition(&legacy, "e6", LabelCreated, "any"),
+            Transition::AlreadyApplied
+        );
+        assert_eq!(
+            transition(&legacy, "e6", Delivered, "any"),
+            Transition::Conflict
+        );
+    }
+
+    #[test]
+    fn an_order_takes_a_bounded_number_of_carrier_events() {
+        let ids: Vec<String> = (0..MAX_CARRIER_EVENTS).map(|i| format!("e{i}")).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let full = order(Some(DeliveryStatus::InTransit.rank()), &refs);
+        assert_eq!(
+            transition(&full, "one-more", DeliveryStatus::Delivered, "f"),
+            Transition::TooMany
+        );
+        assert_eq!(
+            transition(&full, "e0", DeliveryStatus::LabelCreated, "f"),
+            Transition::AlreadyApplied,
+            "a repeat of an applied event is still absorbed"
+        );
+        let room = order(
+            Some(DeliveryStatus::InTransit.rank()),
+            &refs[..MAX_CARRIER_EVENTS - 1],
+        );
+        assert_eq!(
+            transition(&room, "last", DeliveryStatus::Delivered, "f"),
+            Transition::Advance
         );
     }
 
@@ -333,16 +456,19 @@ pub(crate) mod tests {
             let mut o = order(Some(AwaitingCarrier.rank()), &[]);
             for &i in perm.iter().chain(perm.iter()) {
                 let (status, id) = events[i];
-                match transition(&o, id, status) {
+                match transition(&o, id, status, "f") {
                     Transition::Advance => {
                         o.delivery_rank = Some(status.rank());
                         o.delivery_status = Some(status.as_str().into());
-                        o.delivery_events.insert(id.into(), status.as_str().into());
+                        o.delivery_events
+                            .insert(id.into(), event_record(status, "f"));
                     }
                     Transition::RecordOnly => {
-                        o.delivery_events.insert(id.into(), status.as_str().into());
+                        o.delivery_events
+                            .insert(id.into(), event_record(status, "f"));
                     }
                     Transition::AlreadyApplied => {}
+                    other => panic!("{other:?} for {id}"),
                 }
             }
             assert_eq!(o.delivery_status.as_deref(), Some("delivered"), "{perm:?}");
