@@ -1,8 +1,11 @@
 //! Delivery updates: a packed order starts awaiting the carrier; carrier status events move the
 //! shipment along a state machine that never moves backwards, whatever order they arrive in.
 //! Each event is applied at most once (its id is recorded in the order by the same write); a
-//! late, lower-ranked event is kept in the history without changing the status. An event for an
-//! unknown order is dead-lettered with that reason.
+//! late, lower-ranked event is kept in the history without changing the status. The warehouse's
+//! hand-off (`awaiting_carrier`) is an event like the others, so the order's history holds the
+//! same entries whatever the order of arrival. An event may be early: one for an order not
+//! recorded yet, or not packed yet, is retried before it is dead-lettered (`unknown_order`,
+//! `order_not_packed`); the same event id with another payload is `idempotency_conflict`.
 
 use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
 use fleet_common::contract::{
@@ -131,7 +134,14 @@ impl TypedHandler for Delivery {
             Some(DELIVERY_STATUS_REPORTED) => {
                 let envelope: Envelope<DeliveryStatusReported> =
                     serde_json::from_value(body).map_err(malformed)?;
-                self.apply(&envelope).await?;
+                let fingerprint = fleet_common::contract::fingerprint(&envelope.payload);
+                let event = Event {
+                    event_id: &envelope.event_id,
+                    order_id: &envelope.payload.order_id,
+                    status: envelope.payload.status,
+                    fingerprint: &fingerprint,
+                };
+                self.apply(&event, None).await?;
             }
             _ => {
                 return Err(HandlerError::permanent(
@@ -145,58 +155,97 @@ impl TypedHandler for Delivery {
 }
 
 impl Delivery {
-    /// A packed order starts awaiting the carrier, unless a carrier event got there first.
+    /// A packed order starts awaiting the carrier: one conditional update when nothing got
+    /// there first (the usual case). When a carrier event did (the hand-off was delayed), the
+    /// hand-off is recorded like any late event, so the order's history holds it whatever the
+    /// order of arrival.
     async fn await_carrier(&self, envelope: &Envelope<OrderRef>) -> Result<(), HandlerError> {
         let status = DeliveryStatus::AwaitingCarrier;
+        let order_id = &envelope.payload.order_id;
+        let fingerprint = fleet_common::contract::fingerprint(&envelope.payload);
         let entry = history(&envelope.event_id, status.as_str(), None);
         let update = || {
             self.store
                 .client
                 .update_item()
                 .table_name(&self.store.tables.orders)
-                .key("pk", s(store::order_key(&envelope.payload.order_id)))
-                .update_expression("SET delivery_status = :s, delivery_rank = :r, #history = list_append(#history, :h), #version = #version + :one")
+                .key("pk", s(store::order_key(order_id)))
+                .update_expression("SET delivery_status = :s, delivery_rank = :r, delivery_events.#event = :event, #history = list_append(#history, :h), #version = #version + :one")
                 // A record written before optional fields were left out holds delivery_rank as NULL.
                 .condition_expression("attribute_exists(pk) AND (attribute_not_exists(delivery_rank) OR attribute_type(delivery_rank, :null))")
                 .expression_attribute_names("#history", "history")
                 .expression_attribute_names("#version", "version")
+                .expression_attribute_names("#event", &envelope.event_id)
                 .expression_attribute_values(":s", s(status.as_str()))
                 .expression_attribute_values(":r", n(status.rank()))
+                .expression_attribute_values(":event", s(event_record(status, &fingerprint)))
                 .expression_attribute_values(":h", serde_dynamo::to_attribute_value(vec![entry.clone()]).expect("history serializes"))
                 .expression_attribute_values(":one", n(1))
                 .expression_attribute_values(":null", s("NULL"))
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
                 .send()
         };
-        match self.store.call(1, update).await {
-            Ok(_) => Ok(()),
+        let old = match self.store.call(1, update).await {
+            Ok(_) => return Ok(()),
             Err(e) => match store::condition_failed_item(&e) {
-                Some(old) if old.is_empty() => Err(unknown_order(&envelope.payload.order_id)),
-                Some(_) => Ok(()), // already awaiting or further along
-                None => Err(store::failure(
-                    "marking the order as awaiting the carrier",
-                    &e,
-                )),
+                Some(old) if old.is_empty() => {
+                    return Err(HandlerError::permanent(
+                        Reason("unknown_order"),
+                        format!("order {order_id} does not exist"),
+                    ))
+                }
+                Some(old) => store::from_item::<OrderRecord>(old)?,
+                None => {
+                    return Err(store::failure(
+                        "marking the order as awaiting the carrier",
+                        &e,
+                    ))
+                }
             },
-        }
+        };
+        // Already awaiting, or a carrier event came first: decide on the order as it stands
+        // (returned by the failed update, no read needed).
+        let event = Event {
+            event_id: &envelope.event_id,
+            order_id,
+            status,
+            fingerprint: &fingerprint,
+        };
+        self.apply(&event, Some(old)).await
     }
 
-    /// Applies a carrier event; a race with another event of the same order is re-decided on
-    /// the order as it now stands.
-    async fn apply(&self, envelope: &Envelope<DeliveryStatusReported>) -> Result<(), HandlerError> {
-        let event = &envelope.payload;
-        let fingerprint = fleet_common::contract::fingerprint(event);
+    /// Applies an event to its order; a race with another event of the same order is
+    /// re-decided on the order as it now stands. `first`: the order as already read.
+    async fn apply(
+        &self,
+        event: &Event<'_>,
+        first: Option<OrderRecord>,
+    ) -> Result<(), HandlerError> {
+        let mut known = first;
         for _ in 0..5 {
-            let order = read_order(&self.store, &event.order_id)
-                .await?
-                .ok_or_else(|| unknown_order(&event.order_id))?;
-            if order.status != "packed" {
-                return Err(HandlerError::permanent(
-                    Reason("order_not_shipped"),
-                    format!("order {} is {}, not packed", event.order_id, order.status),
-                ));
+            let order = match known.take() {
+                Some(order) => order,
+                None => read_order(&self.store, event.order_id)
+                    .await?
+                    .ok_or_else(|| not_yet_known(event.order_id))?,
+            };
+            match order.status.as_str() {
+                "packed" => {}
+                // The warehouse may be behind: an early event waits, with the queue's backoff.
+                "accepted" => {
+                    return Err(HandlerError::transient(
+                        Reason("order_not_packed"),
+                        format!("order {} is not packed yet", event.order_id),
+                    ))
+                }
+                other => {
+                    return Err(HandlerError::permanent(
+                        Reason("order_not_shipped"),
+                        format!("order {} is {other}, not packed", event.order_id),
+                    ))
+                }
             }
-            let decision = transition(&order, &envelope.event_id, event.status, &fingerprint);
+            let decision = transition(&order, event.event_id, event.status, event.fingerprint);
             match decision {
                 Transition::AlreadyApplied => {
                     metrics::counter!("fleet_duplicates_dropped_total", "stage" => "delivery")
@@ -207,8 +256,8 @@ impl Delivery {
                     return Err(HandlerError::permanent(
                         Reason::IDEMPOTENCY_CONFLICT,
                         format!(
-                            "carrier event {} was applied to order {} with another payload",
-                            envelope.event_id, event.order_id
+                            "event {} was applied to order {} with another payload",
+                            event.event_id, event.order_id
                         ),
                     ))
                 }
@@ -216,18 +265,15 @@ impl Delivery {
                     return Err(HandlerError::permanent(
                         Reason("too_many_events"),
                         format!(
-                            "order {} holds {MAX_CARRIER_EVENTS} carrier events already",
+                            "order {} holds {MAX_CARRIER_EVENTS} delivery events already",
                             event.order_id
                         ),
                     ))
                 }
                 Transition::Advance | Transition::RecordOnly => {}
             }
-            if self
-                .write(&order, envelope, &decision, &fingerprint)
-                .await?
-            {
-                info!(order_id = %event.order_id, status = event.status.as_str(), ?decision, "carrier event applied");
+            if self.write(&order, event, &decision).await? {
+                info!(order_id = %event.order_id, status = event.status.as_str(), ?decision, "delivery event applied");
                 return Ok(());
             }
         }
@@ -241,11 +287,9 @@ impl Delivery {
     async fn write(
         &self,
         order: &OrderRecord,
-        envelope: &Envelope<DeliveryStatusReported>,
+        event: &Event<'_>,
         decision: &Transition,
-        fingerprint: &str,
     ) -> Result<bool, HandlerError> {
-        let event = &envelope.payload;
         let advance = *decision == Transition::Advance;
         let note = (!advance).then(|| {
             format!(
@@ -253,7 +297,7 @@ impl Delivery {
                 order.delivery_status.as_deref().unwrap_or("none")
             )
         });
-        let entry = history(&envelope.event_id, event.status.as_str(), note);
+        let entry = history(event.event_id, event.status.as_str(), note);
         let update = || {
             let mut request = self
                 .store
@@ -263,8 +307,11 @@ impl Delivery {
                 .key("pk", s(&order.pk))
                 .expression_attribute_names("#history", "history")
                 .expression_attribute_names("#version", "version")
-                .expression_attribute_names("#event", &envelope.event_id)
-                .expression_attribute_values(":event", s(event_record(event.status, fingerprint)))
+                .expression_attribute_names("#event", event.event_id)
+                .expression_attribute_values(
+                    ":event",
+                    s(event_record(event.status, event.fingerprint)),
+                )
                 .expression_attribute_values(
                     ":h",
                     serde_dynamo::to_attribute_value(vec![entry.clone()])
@@ -290,9 +337,19 @@ impl Delivery {
         match self.store.call(1, update).await {
             Ok(_) => Ok(true),
             Err(e) if store::condition_failed_item(&e).is_some() => Ok(false),
-            Err(e) => Err(store::failure("applying the carrier event", &e)),
+            Err(e) => Err(store::failure("applying the delivery event", &e)),
         }
     }
+}
+
+/// A delivery event as the state machine takes it: a carrier's status report, or the
+/// warehouse's hand-off (`awaiting_carrier`).
+#[derive(Debug)]
+struct Event<'a> {
+    event_id: &'a str,
+    order_id: &'a str,
+    status: DeliveryStatus,
+    fingerprint: &'a str,
 }
 
 fn history(event_id: &str, event: &str, note: Option<String>) -> HistoryEntry {
@@ -305,8 +362,11 @@ fn history(event_id: &str, event: &str, note: Option<String>) -> HistoryEntry {
     }
 }
 
-fn unknown_order(order_id: &str) -> HandlerError {
-    HandlerError::permanent(
+/// A carrier event for an order not recorded (yet): it may be early (the order's submission is
+/// still on its way or being retried), so it is retried before it is dead-lettered as
+/// `unknown_order`.
+fn not_yet_known(order_id: &str) -> HandlerError {
+    HandlerError::transient(
         Reason("unknown_order"),
         format!("order {order_id} does not exist"),
     )

@@ -309,12 +309,27 @@ pub async fn dead_letters(
                     .and_then(|a| a.get(ATTRIBUTION))
                     .and_then(|v| v.string_value())
                     .and_then(|j| serde_json::from_str::<Attribution>(j).ok());
-                // One input is one dead letter: a worker killed between its DLQ send and the
-                // delete from the source sends it again after redelivery (send before delete
-                // duplicates, never loses), with the same source message id.
-                let input = attribution.as_ref().map_or_else(
-                    || m.message_id().unwrap_or_default().to_owned(),
-                    |a| a.source_message_id.clone(),
+                // One input is one dead letter. Delivery is at least once, so one input can be
+                // dead-lettered more than once: a worker killed between its DLQ send and the
+                // delete from the source sends it again (same source message id), and a
+                // message forwarded twice (a delete that failed after the forward) reaches the
+                // next stage as two messages (same event id). Count each event once.
+                let event_id = m
+                    .body()
+                    .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+                    .and_then(|v| {
+                        v.get("event_id")
+                            .and_then(|e| e.as_str())
+                            .map(str::to_owned)
+                    });
+                let input = event_id.map_or_else(
+                    || {
+                        attribution.as_ref().map_or_else(
+                            || m.message_id().unwrap_or_default().to_owned(),
+                            |a| a.source_message_id.clone(),
+                        )
+                    },
+                    |e| format!("event:{e}"),
                 );
                 if !seen.insert(input) {
                     continue;
