@@ -53,6 +53,31 @@ pub struct Attribution {
     pub source_message_id: String,
     /// The sender that the edge stamped (`fleet-source`), when known.
     pub origin: Option<String>,
+    /// When `dlq import` put this message (back) into a DLQ, RFC 3339: the attribution is as
+    /// current as that, not only as `last_failed_at`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub imported_at: Option<OffsetDateTime>,
+}
+
+impl Attribution {
+    /// How long after its attribution a message may have been sent to the DLQ holding it: the
+    /// worker sends it within seconds (batching, retried sends).
+    pub const SENT_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+    /// Whether this attribution explains a message sent to its queue at `sent_at`. A message
+    /// sent long after its attribution was written left the DLQ since (a StartMessageMoveTask
+    /// or an import into a work queue carry attributes unchanged) and came back another way
+    /// (SQS's redrive policy, after a crash or a timeout): the attribution is stale.
+    pub fn explains(&self, sent_at: OffsetDateTime) -> bool {
+        let written = self
+            .imported_at
+            .map_or(self.last_failed_at, |i| i.max(self.last_failed_at));
+        sent_at <= written + Self::SENT_WITHIN
+    }
 }
 
 /// Recorded on a message each time the DLQ CLI redrives it.
@@ -127,6 +152,7 @@ mod tests {
             correlation_id: Some("c-1".into()),
             source_message_id: "m-1".into(),
             origin: None,
+            imported_at: None,
         };
         let json = serde_json::to_string(&a).unwrap();
         assert!(json.contains(r#""class":"permanent""#));

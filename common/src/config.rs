@@ -433,6 +433,59 @@ impl FleetConfig {
         queues.chain(tables).collect()
     }
 
+    /// `FLEET__…` variables that give a `worker` process started with the shipped config file
+    /// this config's names and its runtime settings (visibility timeouts, receive counts, waits,
+    /// heartbeats, deadlines, retries, request deadlines): how the tests and the chaos run point
+    /// processes at their own tuned copy of the fleet.
+    pub fn process_overrides(&self) -> Vec<(String, String)> {
+        let mut vars = self.name_overrides();
+        for (key, q) in &self.queues {
+            let key = key.to_uppercase();
+            for (field, value) in [
+                (
+                    "VISIBILITY_TIMEOUT_SECS",
+                    q.visibility_timeout_secs.to_string(),
+                ),
+                ("MAX_RECEIVE_COUNT", q.max_receive_count.to_string()),
+            ] {
+                vars.push((format!("{ENV_PREFIX}QUEUES__{key}__{field}"), value));
+            }
+        }
+        for (role, w) in &self.workers {
+            let role = role.to_uppercase();
+            for (field, value) in [
+                (
+                    "HEARTBEAT_INTERVAL_SECS",
+                    w.heartbeat_interval_secs.to_string(),
+                ),
+                ("RECEIVE_WAIT_SECS", w.receive_wait_secs.to_string()),
+                (
+                    "SHUTDOWN_DEADLINE_SECS",
+                    w.shutdown_deadline_secs.to_string(),
+                ),
+                ("MAX_ATTEMPTS", w.max_attempts.to_string()),
+                ("BACKOFF_MIN_MS", w.backoff_min_ms.to_string()),
+                ("BACKOFF_MAX_SECS", w.backoff_max_secs.to_string()),
+                ("HANDLER_DEADLINE_SECS", w.handler_deadline_secs.to_string()),
+                (
+                    "THROTTLE_PATIENCE_SECS",
+                    w.throttle_patience_secs.to_string(),
+                ),
+            ] {
+                vars.push((format!("{ENV_PREFIX}WORKERS__{role}__{field}"), value));
+            }
+        }
+        vars.push((
+            format!("{ENV_PREFIX}AWS__ATTEMPT_TIMEOUT_MS"),
+            self.aws.attempt_timeout_ms.to_string(),
+        ));
+        vars.push((
+            format!("{ENV_PREFIX}OBSERVABILITY__POLLER_STALE_SECS"),
+            self.observability.poller_stale_secs.to_string(),
+        ));
+        vars
+    }
+
     /// The same fleet with every queue and table name suffixed by `-<suffix>` (before `.fifo`):
     /// an isolated copy for a test or a demo run on shared emulators.
     #[must_use]
@@ -484,6 +537,24 @@ impl FleetConfig {
     /// # Errors
     /// The first violated rule, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let longest_poll_ms = self
+            .workers
+            .values()
+            .map(|w| u64::from(w.receive_wait_secs) * 1000)
+            .max()
+            .unwrap_or(0);
+        // A receive may take its long poll plus a request's deadline, and a failed one is
+        // followed by up to 20 s of backoff: a poller is wedged only past all of that.
+        let poller_floor_ms = longest_poll_ms + self.aws.attempt_timeout_ms + 20_000;
+        if u64::from(self.observability.poller_stale_secs) * 1000 <= poller_floor_ms {
+            return Err(ConfigError::invalid(
+                "observability.poller_stale_secs",
+                format!(
+                    "must be above the longest receive_wait_secs + aws.attempt_timeout_ms + 20 s of receive backoff ({} s here), or a healthy idle poller fails /healthz",
+                    poller_floor_ms.div_ceil(1000)
+                ),
+            ));
+        }
         for (key, value) in [
             ("aws.connect_timeout_ms", self.aws.connect_timeout_ms),
             ("aws.attempt_timeout_ms", self.aws.attempt_timeout_ms),

@@ -166,6 +166,13 @@ impl FaultPlan {
     }
 
     fn count(&self, service: &'static str, operation: &str, fault: Fault, n: u64) {
+        tracing::info!(
+            service,
+            operation,
+            fault = fault.name(),
+            count = n,
+            "fault injected"
+        );
         metrics::counter!("fleet_faults_injected_total", "service" => service, "operation" => operation.to_owned(), "fault" => fault.name())
             .increment(n);
         *self

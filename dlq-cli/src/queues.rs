@@ -38,6 +38,11 @@ impl Queue {
     pub fn fifo(&self) -> bool {
         self.name.ends_with(".fifo")
     }
+
+    /// The fleet names a DLQ `<queue>-dlq` (before `.fifo`).
+    pub fn is_dlq(&self) -> bool {
+        self.name.trim_end_matches(".fifo").ends_with("-dlq")
+    }
 }
 
 /// The redrive policy of a queue.

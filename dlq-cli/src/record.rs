@@ -122,9 +122,58 @@ impl DlqMessage {
     }
 
     /// Why the fleet dead-lettered it; `None` when SQS moved it by itself (or the attribute is
-    /// not the fleet's JSON).
+    /// not the fleet's JSON). An attribution the message carried from an earlier stay in a DLQ
+    /// (see [`Attribution::explains`]) does not explain this one: the message is shown as moved
+    /// by SQS, and the old attribution stays readable with [`Self::stored_attribution`].
     pub fn attribution(&self) -> Option<Attribution> {
+        let a = self.stored_attribution()?;
+        match self.sent_at() {
+            Some(sent) if !a.explains(sent) => None,
+            _ => Some(a),
+        }
+    }
+
+    /// The attribution attribute as stored, current or stale.
+    pub fn stored_attribution(&self) -> Option<Attribution> {
         serde_json::from_str(self.string_attribute(attribution::ATTRIBUTION)?).ok()
+    }
+
+    /// An attribution carried from an earlier stay in a DLQ, if the message holds one.
+    pub fn stale_attribution(&self) -> Option<Attribution> {
+        self.attribution()
+            .is_none()
+            .then(|| self.stored_attribution())
+            .flatten()
+    }
+
+    /// The message as it goes into a queue by `dlq import`: into a DLQ its attribution is
+    /// marked as imported now (still current there); into a work queue the attribution is
+    /// replaced by a redrive record, as a redrive does, so that it cannot go stale.
+    pub fn for_import(&self, into_dlq: bool, queue: &str, now: OffsetDateTime) -> Self {
+        let mut out = self.clone();
+        let Some(mut a) = self.stored_attribution() else {
+            return out;
+        };
+        if into_dlq {
+            a.imported_at = Some(now);
+            out.attributes.insert(
+                attribution::ATTRIBUTION.to_owned(),
+                AttributeValue::string(serde_json::to_string(&a).expect("attribution serializes")),
+            );
+        } else {
+            let record = RedriveRecord {
+                count: self.redrive().map_or(1, |p| p.count + 1),
+                at: now,
+                from_queue: queue.to_owned(),
+                previous_reason: Some(a.reason),
+            };
+            out.attributes.remove(attribution::ATTRIBUTION);
+            out.attributes.insert(
+                attribution::REDRIVE.to_owned(),
+                AttributeValue::string(serde_json::to_string(&record).expect("record serializes")),
+            );
+        }
+        out
     }
 
     /// The last redrive of this message by the CLI, if any.
@@ -213,6 +262,7 @@ pub(crate) mod tests {
             correlation_id: Some("corr-1".into()),
             source_message_id: "src-1".into(),
             origin: Some("storefront".into()),
+            imported_at: None,
         }
     }
 
@@ -268,5 +318,48 @@ pub(crate) mod tests {
         assert_eq!(back.attributes, m.attributes);
         let sdk = back.sdk_attributes().unwrap();
         assert_eq!(sdk["blob"].binary_value().unwrap().as_ref(), &[0u8, 255, 7]);
+    }
+
+    #[test]
+    fn an_attribution_from_an_earlier_stay_is_stale() {
+        let a = attribution(
+            "downstream_unavailable",
+            "orders",
+            FailureClass::AttemptsExhausted,
+        );
+        let failed = a.last_failed_at;
+        let mut m = message("m-1", "{}", Some(&a));
+        let sent = |at: OffsetDateTime| (at.unix_timestamp_nanos() / 1_000_000).to_string();
+        m.system_attributes.insert(
+            "SentTimestamp".into(),
+            sent(failed + time::Duration::seconds(2)),
+        );
+        assert_eq!(
+            m.attribution(),
+            Some(a.clone()),
+            "sent by the worker that attributed it"
+        );
+        // Moved back by a move task an hour later, then moved here by SQS after a crash.
+        m.system_attributes.insert(
+            "SentTimestamp".into(),
+            sent(failed + time::Duration::hours(1)),
+        );
+        assert_eq!(m.attribution(), None, "stale: shown as moved by SQS");
+        assert_eq!(m.stale_attribution(), Some(a.clone()));
+        assert_eq!(m.stored_attribution(), Some(a.clone()));
+        // Imported into a DLQ (a restore) now: current again.
+        let now = failed + time::Duration::hours(1);
+        let restored = m.for_import(true, "fleet-orders-dlq", now);
+        assert!(
+            restored.attribution().is_some(),
+            "an import into a DLQ keeps it current"
+        );
+        // Imported into a work queue: a redrive record instead, nothing left to go stale.
+        let replayed = m.for_import(false, "fleet-orders-dlq", now);
+        assert_eq!(replayed.stored_attribution(), None);
+        assert_eq!(
+            replayed.redrive().unwrap().previous_reason.as_deref(),
+            Some("downstream_unavailable")
+        );
     }
 }

@@ -22,6 +22,10 @@ use crate::record::DlqMessage;
 
 const BATCH: usize = 10;
 
+/// The most messages a reader holds at once: SQS refuses receives past 120,000 messages in
+/// flight on a standard queue, and others (the workers, another operator) hold some too.
+pub const MAX_HELD: usize = 100_000;
+
 /// Holds what it received until released or deleted.
 pub struct Reader {
     sqs: aws_sdk_sqs::Client,
@@ -94,6 +98,12 @@ impl Reader {
     /// # Errors
     /// AWS errors.
     pub async fn next(&mut self, max: usize) -> Result<Vec<DlqMessage>> {
+        if self.held() >= MAX_HELD {
+            return Err(CliError::Usage(format!(
+                "{MAX_HELD} messages of `{}` are held at once, near SQS's limit of 120,000 in flight: narrow the read (--max, filters) or, for export, use --delete (which frees messages as it goes)",
+                self.queue.name
+            )));
+        }
         let out = self
             .sqs
             .receive_message()
@@ -245,7 +255,7 @@ async fn change_visibility(
 }
 
 /// Reads up to `max` messages (all when `None`), calling `each` with every message read, and
-/// keeps them held. Stops early when `stop` is cancelled.
+/// keeps them held. Stops early when `stop` is cancelled. Returns the messages.
 ///
 /// # Errors
 /// AWS errors.
@@ -257,8 +267,30 @@ pub async fn read_all(
     mut each: impl FnMut(&DlqMessage),
 ) -> Result<Vec<DlqMessage>> {
     let mut all = Vec::new();
-    while max.is_none_or(|m| all.len() < m) && !stop.is_cancelled() {
-        let want = max.map_or(BATCH, |m| (m - all.len()).min(BATCH));
+    scan(ctx, reader, max, stop, |m| {
+        each(&m);
+        all.push(m);
+    })
+    .await?;
+    Ok(all)
+}
+
+/// Reads up to `max` messages (all when `None`), handing each to `each` and keeping none:
+/// memory stays flat however long the queue (the reader holds only receipts). Stops early when
+/// `stop` is cancelled. Returns how many were read.
+///
+/// # Errors
+/// AWS errors; more than [`MAX_HELD`] messages held.
+pub async fn scan(
+    ctx: &Ctx,
+    reader: &mut Reader,
+    max: Option<usize>,
+    stop: &CancellationToken,
+    mut each: impl FnMut(DlqMessage),
+) -> Result<usize> {
+    let mut read = 0;
+    while max.is_none_or(|m| read < m) && !stop.is_cancelled() {
+        let want = max.map_or(BATCH, |m| (m - read).min(BATCH));
         let batch = reader.next(want).await?;
         if batch.is_empty() {
             if reader.exhausted(ctx).await? {
@@ -266,10 +298,10 @@ pub async fn read_all(
             }
             continue;
         }
-        for m in &batch {
+        read += batch.len();
+        for m in batch {
             each(m);
         }
-        all.extend(batch);
     }
-    Ok(all)
+    Ok(read)
 }

@@ -4,6 +4,7 @@
 //! report (JSON, a human summary, SVG charts).
 
 pub mod ceiling;
+pub mod chaos;
 pub mod probe;
 pub mod report;
 pub mod svg;
@@ -97,6 +98,76 @@ async fn workload_ceiling(
     let inputs = scenario.submissions.into_iter().map(|i| i.body).collect();
     let inline = Arc::new(workers::fleet::Inline::new(&scratch, &harness.dynamodb)?);
     ceiling::workload(inline, inputs, loops, opts.ceiling_secs).await
+}
+
+/// The chaos run (`loadtest --chaos`) on the local emulators: its own tuned copy of the fleet
+/// (short visibility timeouts and retries, see [`chaos::tune`]), `opts.orders` orders of
+/// `opts.mix` with carrier events, the roles as processes under `faults` with a random SIGKILL
+/// every `kill_every`; the report is also written to `report_dir/chaos.json`.
+///
+/// # Errors
+/// Not on the local emulators; setup failures; a phase that does not drain.
+pub async fn run_chaos(
+    opts: &Options,
+    faults: String,
+    kill_every: Duration,
+) -> anyhow::Result<chaos::ChaosReport> {
+    anyhow::ensure!(
+        opts.config
+            .aws
+            .sqs_endpoint_url
+            .as_deref()
+            .is_some_and(is_loopback_url),
+        "the chaos run injects faults, which only the local emulators take (a config with loopback endpoints)"
+    );
+    fleet_common::faults::FaultPlan::parse(&faults)?;
+    std::fs::create_dir_all(&opts.report_dir)
+        .with_context(|| format!("creating {}", opts.report_dir.display()))?;
+    let tag = format!("ch{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut config = opts.config.clone().with_suffix(&tag);
+    chaos::tune(&mut config);
+    config.validate()?;
+    let harness = Clients::from_config(&config.aws).await;
+    fleet_common::provision::provision(&harness.sqs, &harness.dynamodb, &config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; are the emulators running (scripts/local-aws up)?"))?;
+    let tables = Tables::from_config(&config)?;
+    let catalog = CatalogFile::load(&opts.catalog)?;
+    workers::catalog::seed(&harness.dynamodb, &tables.catalog, &catalog).await?;
+    let topology = Topology::resolve(&harness.sqs, &config).await?;
+    let scenario = Scenario::generate(opts.orders, opts.mix, &catalog, opts.seed, &tag);
+    let mut env = config.process_overrides();
+    env.push((
+        "FLEET__OBSERVABILITY__LISTEN_ADDR".into(),
+        "127.0.0.1:0".into(),
+    ));
+    let setup = chaos::Setup {
+        dlq_bin: opts.worker_bin.with_file_name("dlq"),
+        worker_bin: opts.worker_bin.clone(),
+        config_path: opts.config_path.clone(),
+        workdir: std::env::current_dir()?,
+        env,
+        clients: &harness,
+        topology: &topology,
+        tables,
+    };
+    let plan = chaos::Plan {
+        faults,
+        kill_every,
+        phase_timeout: opts.drain_timeout,
+    };
+    eprintln!(
+        "chaos run {tag}: {} orders ({} inputs), a random role SIGKILLed every {} s…",
+        scenario.expected.len(),
+        scenario.submissions.len() + scenario.carrier_events.len(),
+        kill_every.as_secs_f64()
+    );
+    let report = chaos::run(&setup, &plan, &scenario, &catalog).await?;
+    std::fs::write(
+        opts.report_dir.join("chaos.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    Ok(report)
 }
 
 /// Runs the load and returns its report (also written to `report_dir`).

@@ -67,6 +67,17 @@ struct Cli {
     /// Longest wait for the queues to drain, per phase.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30m")]
     drain_timeout: Duration,
+    /// The chaos run instead of a load run: the roles as separate processes under injected
+    /// faults, a random one SIGKILLed every --kill-every, then a redrive of the transient dead
+    /// letters and an audit (local emulators only).
+    #[arg(long)]
+    chaos: bool,
+    /// The fault plan of the chaos run (FLEET_FAULTS syntax; see README "Faults").
+    #[arg(long, requires = "chaos", default_value = loadtest::chaos::DEFAULT_FAULTS)]
+    faults: String,
+    /// How often the chaos run SIGKILLs a random role.
+    #[arg(long, requires = "chaos", value_parser = humantime::parse_duration, default_value = "3s")]
+    kill_every: Duration,
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -162,6 +173,27 @@ async fn main() -> ExitCode {
         drain_timeout: cli.drain_timeout,
     };
     let dir = opts.report_dir.clone();
+    if cli.chaos {
+        return match loadtest::run_chaos(&opts, cli.faults, cli.kill_every).await {
+            Ok(report) => {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                eprintln!("  report: {}/chaos.json", dir.display());
+                if report.passed(report.orders) {
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!(
+                        "loadtest: the chaos run's audit failed: {:?}",
+                        report.audit.offenders
+                    );
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("loadtest: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match loadtest::run(opts).await {
         Ok(report) => {
             print!("{}", report.summary());

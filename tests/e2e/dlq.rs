@@ -53,6 +53,7 @@ fn attribution(
         correlation_id: Some(format!("corr-{n}")),
         source_message_id: format!("src-{n}"),
         origin: Some("storefront".into()),
+        imported_at: None,
     })
     .unwrap()
 }

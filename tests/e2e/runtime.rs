@@ -478,3 +478,76 @@ async fn fifo_groups_are_processed_in_order_and_forwards_carry_the_correlation_i
         );
     }
 }
+
+/// Fails the first message of the group on its first two runs; every run takes `work`.
+struct Stubborn {
+    work: Duration,
+    runs: Mutex<Vec<(String, u32)>>,
+}
+
+impl Handler for Stubborn {
+    async fn handle(&self, message: &Message) -> Result<Outcome, HandlerError> {
+        tokio::time::sleep(self.work).await;
+        let first_runs = {
+            let mut runs = self.runs.lock().unwrap();
+            runs.push((message.body.clone(), message.receive_count));
+            runs.iter().filter(|(b, _)| b == "000").count()
+        };
+        if message.body == "000" && first_runs <= 2 {
+            return Err(HandlerError::transient(
+                Reason::DOWNSTREAM_UNAVAILABLE,
+                "not yet",
+            ));
+        }
+        Ok(Outcome::done())
+    }
+}
+
+/// Defect: only the running message of a FIFO group was heartbeated, and after a failure the
+/// rest of the group was handed back to SQS, each time raising its receive count toward the
+/// DLQ. Now a group is held whole: heartbeated, retried in place, never handed back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_group_is_held_whole_through_a_retry_and_nothing_is_received_twice() {
+    let env = TestEnv::new(|c| {
+        let q = c.queues.get_mut("orders").unwrap();
+        q.fifo = true;
+        q.name.push_str(".fifo");
+        q.visibility_timeout_secs = 3;
+        let w = c.workers.get_mut("orders").unwrap();
+        w.receive_wait_secs = 1;
+        w.heartbeat_interval_secs = 1;
+        w.backoff_min_ms = 500;
+        w.backoff_max_secs = 1;
+        w.max_attempts = 5;
+    })
+    .await;
+    let url = env.url("orders");
+    env.send_all(&url, (0..5).map(|i| format!("{i:03}"))).await;
+    let handler = Arc::new(Stubborn {
+        work: Duration::from_millis(1_500),
+        runs: Mutex::default(),
+    });
+    let (shutdown, task, stats) = start(&env, "orders", Arc::clone(&handler));
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            stats.succeeded.load(Ordering::SeqCst) == 5
+        })
+        .await,
+        "the group completes"
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+    let runs = handler.runs.lock().unwrap().clone();
+    let bodies: Vec<&str> = runs.iter().map(|(b, _)| b.as_str()).collect();
+    assert_eq!(
+        bodies,
+        ["000", "000", "000", "001", "002", "003", "004"],
+        "in order, the first retried in place, none overtaking it, none run twice"
+    );
+    assert!(
+        runs.iter().all(|(_, receives)| *receives == 1),
+        "no message of the group was handed back to SQS and received again: {runs:?}"
+    );
+    assert_eq!(env.depth(&env.dlq_url("orders")).await.0, 0);
+    assert_eq!(env.depth(&url).await, (0, 0, 0));
+}

@@ -230,53 +230,7 @@ impl TestEnv {
 
     /// `FLEET__…` variables that point the `worker` binary at this test's queues and tables.
     pub fn env_overrides(&self) -> Vec<(String, String)> {
-        let mut vars = self.config.name_overrides();
-        for (key, q) in &self.config.queues {
-            vars.push((
-                format!(
-                    "FLEET__QUEUES__{}__VISIBILITY_TIMEOUT_SECS",
-                    key.to_uppercase()
-                ),
-                q.visibility_timeout_secs.to_string(),
-            ));
-        }
-        for (role, w) in &self.config.workers {
-            let role = role.to_uppercase();
-            vars.push((
-                format!("FLEET__WORKERS__{role}__HEARTBEAT_INTERVAL_SECS"),
-                w.heartbeat_interval_secs.to_string(),
-            ));
-            vars.push((
-                format!("FLEET__WORKERS__{role}__RECEIVE_WAIT_SECS"),
-                w.receive_wait_secs.to_string(),
-            ));
-            vars.push((
-                format!("FLEET__WORKERS__{role}__SHUTDOWN_DEADLINE_SECS"),
-                w.shutdown_deadline_secs.to_string(),
-            ));
-            for (key, value) in [
-                ("MAX_ATTEMPTS", w.max_attempts.to_string()),
-                ("BACKOFF_MIN_MS", w.backoff_min_ms.to_string()),
-                ("BACKOFF_MAX_SECS", w.backoff_max_secs.to_string()),
-                ("HANDLER_DEADLINE_SECS", w.handler_deadline_secs.to_string()),
-                (
-                    "THROTTLE_PATIENCE_SECS",
-                    w.throttle_patience_secs.to_string(),
-                ),
-            ] {
-                vars.push((format!("FLEET__WORKERS__{role}__{key}"), value));
-            }
-        }
-        for (key, q) in &self.config.queues {
-            vars.push((
-                format!("FLEET__QUEUES__{}__MAX_RECEIVE_COUNT", key.to_uppercase()),
-                q.max_receive_count.to_string(),
-            ));
-        }
-        vars.push((
-            "FLEET__AWS__ATTEMPT_TIMEOUT_MS".into(),
-            self.config.aws.attempt_timeout_ms.to_string(),
-        ));
+        let mut vars = self.config.process_overrides();
         vars.push((
             "FLEET__OBSERVABILITY__LISTEN_ADDR".into(),
             "127.0.0.1:0".into(),

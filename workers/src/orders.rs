@@ -142,10 +142,14 @@ impl Orders {
             .into_iter()
             .map(|sku| HashMap::from([("pk".to_owned(), s(sku))]))
             .collect();
-        // 100 keys per request; a batch may come back partly unprocessed.
-        for _ in 0..5 {
+        // 100 keys per request; a batch may come back partly unprocessed (DynamoDB's answer
+        // to throttling inside a batch): ask again for those after a growing pause.
+        for round in 0..5u32 {
             if pending.is_empty() {
                 break;
+            }
+            if round > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(50 << round)).await;
             }
             let chunk: Vec<_> = pending.drain(..pending.len().min(100)).collect();
             let keys = KeysAndAttributes::builder()
@@ -182,10 +186,8 @@ impl Orders {
             }
         }
         if !pending.is_empty() {
-            return Err(HandlerError::transient(
-                Reason::DOWNSTREAM_UNAVAILABLE,
-                "catalog reads left unprocessed",
-            ));
+            // Unprocessed keys are throttling: the runtime slows down and retries in place.
+            return Err(HandlerError::throttled("catalog reads left unprocessed"));
         }
         Ok(found)
     }

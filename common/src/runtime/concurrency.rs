@@ -60,18 +60,22 @@ impl Concurrency {
     /// A message was handled without throttling: one more after `limit` of them. Returns the
     /// limit after.
     pub fn succeeded(&self) -> usize {
-        let limit = self.limit();
-        if limit >= self.max {
-            return limit;
+        if self.limit() >= self.max {
+            return self.limit();
         }
-        if self.successes.fetch_add(1, Ordering::Relaxed) + 1 >= limit {
-            self.successes.store(0, Ordering::Relaxed);
-            let raised = (limit + 1).min(self.max);
-            self.limit.store(raised, Ordering::Relaxed);
-            self.raised.notify_waiters();
-            return raised;
+        if self.successes.fetch_add(1, Ordering::Relaxed) + 1 < self.limit() {
+            return self.limit();
         }
-        limit
+        self.successes.store(0, Ordering::Relaxed);
+        // Compare-and-swap: a halving by a throttled job in between is not overwritten.
+        let raised = self
+            .limit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |limit| {
+                (limit < self.max).then_some(limit + 1)
+            })
+            .map_or_else(|current| current, |before| before + 1);
+        self.raised.notify_waiters();
+        raised
     }
 
     /// How many more messages may be taken when `in_use` are held: 0 when at the limit.

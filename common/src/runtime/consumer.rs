@@ -65,6 +65,17 @@ impl Stats {
     }
 }
 
+/// Kept between a visibility SQS caps at 12 hours from the receive and what is asked for.
+const VISIBILITY_MARGIN: Duration = Duration::from_secs(5);
+
+/// How running a handler through throttling ended.
+enum Ran {
+    /// A result to act on.
+    Done(Result<Outcome, HandlerError>),
+    /// Shutdown came while throttled: hand the message back, no attempt used.
+    Stopped,
+}
+
 /// What became of a message after a handler run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Settled {
@@ -82,7 +93,7 @@ enum Settled {
 fn retry_visibility(delay: Duration, held: Duration) -> i32 {
     let limit = MAX_VISIBILITY
         .saturating_sub(held)
-        .saturating_sub(Duration::from_secs(5));
+        .saturating_sub(VISIBILITY_MARGIN);
     let secs = delay.min(limit).as_secs_f64().ceil();
     secs as i32
 }
@@ -433,31 +444,64 @@ impl<H: Handler> Inner<H> {
             }
         }
         let held = Mutex::new(held);
+        let received = group.first().map(|(m, _)| m.received);
+        // Hands the rest of the group back to SQS: no longer heartbeated, visible at once.
+        let hand_back = |left: Vec<String>| {
+            held.lock().expect("held lock").clear();
+            self.release(left)
+        };
         let work = async {
             let mut rest = group.into_iter();
             while let Some((m, permit)) = rest.next() {
+                if self.stopping.is_cancelled() {
+                    // Shutdown: nothing more is started; the group goes back whole.
+                    let left = std::iter::once(m.receipt_handle.clone())
+                        .chain(rest.map(|(m, _)| m.receipt_handle))
+                        .collect();
+                    hand_back(left).await;
+                    return;
+                }
                 let mut extra_attempts = 0;
                 loop {
                     let attempt = m.receive_count + extra_attempts;
-                    let result = self.run_handler(&m).await;
+                    let result = match self.run_through_throttling(&m).await {
+                        Ran::Done(result) => result,
+                        Ran::Stopped => {
+                            let left = std::iter::once(m.receipt_handle.clone())
+                                .chain(rest.map(|(m, _)| m.receipt_handle))
+                                .collect();
+                            hand_back(left).await;
+                            return;
+                        }
+                    };
                     match self.settle(&m, attempt, result, true).await {
                         Settled::Left => break,
                         Settled::RetryIn(delay) => {
+                            // Held no longer than SQS lets a receive stay invisible.
+                            let fits =
+                                m.received.elapsed() + delay + self.worker.handler_deadline()
+                                    < MAX_VISIBILITY.saturating_sub(VISIBILITY_MARGIN);
+                            if !fits {
+                                let left = std::iter::once(m.receipt_handle.clone())
+                                    .chain(rest.map(|(m, _)| m.receipt_handle))
+                                    .collect();
+                                hand_back(left).await;
+                                return;
+                            }
                             tokio::select! {
                                 () = tokio::time::sleep(delay) => extra_attempts += 1,
                                 () = self.stopping.cancelled() => {
-                                    // Released with the rest of the group, below.
-                                    let left: Vec<_> = std::iter::once(m.receipt_handle.clone())
+                                    let left = std::iter::once(m.receipt_handle.clone())
                                         .chain(rest.map(|(m, _)| m.receipt_handle))
                                         .collect();
-                                    self.release(left).await;
+                                    hand_back(left).await;
                                     return;
                                 }
                             }
                         }
                         Settled::Stays => {
-                            let left: Vec<_> = rest.map(|(m, _)| m.receipt_handle).collect();
-                            self.release(left).await;
+                            let left = rest.map(|(m, _)| m.receipt_handle).collect();
+                            hand_back(left).await;
                             return;
                         }
                     }
@@ -472,9 +516,10 @@ impl<H: Handler> Inner<H> {
                 drop(permit);
             }
         };
+        let received = received.unwrap_or_else(std::time::Instant::now);
         tokio::select! {
             () = work => {}
-            never = self.heartbeat_all(&held) => match never {},
+            never = self.heartbeat_all(&held, received) => match never {},
         }
         let mut in_flight = self.in_flight.lock().expect("in-flight lock");
         for r in held.lock().expect("held lock").iter() {
@@ -538,52 +583,22 @@ impl<H: Handler> Inner<H> {
                 .lock()
                 .expect("in-flight lock")
                 .insert(message.message_id.clone(), message.receipt_handle.clone());
-            let work = async {
-                let first_throttle: Option<Instant> = None;
-                let mut first_throttle = first_throttle;
-                let mut throttled_rounds = 0;
-                loop {
-                    let result = self.run_handler(&message).await;
-                    let throttled = matches!(&result, Err(e) if e.is_throttled());
-                    if !throttled {
-                        return result;
-                    }
-                    let since = *first_throttle.get_or_insert_with(Instant::now);
-                    throttled_rounds += 1;
-                    let pause = retry_delay(
-                        throttled_rounds,
-                        Duration::from_millis(200),
-                        Duration::from_secs(10),
-                    );
-                    let limit = self.concurrency.throttled();
-                    Stats::bump(&self.stats.throttled, 1);
-                    let lowest = &self.stats.lowest_concurrency_limit;
-                    let current = lowest.load(Ordering::Relaxed);
-                    if current == 0 || (limit as u64) < current {
-                        lowest.store(limit as u64, Ordering::Relaxed);
-                    }
-                    events::concurrency_limit(&self.pair.queue.name, limit);
-                    if self.stopping.is_cancelled()
-                        || since.elapsed() + pause > self.worker.throttle_patience()
-                    {
-                        return result;
-                    }
-                    events::throttled(&self.pair.queue.name, limit, pause);
-                    tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
-                        () = self.stopping.cancelled() => return result,
-                    }
+            let ran = tokio::select! {
+                ran = self.run_through_throttling(&message) => ran,
+                never = self.heartbeat(&message.receipt_handle, message.received) => match never {},
+            };
+            let left_queue = match ran {
+                Ran::Done(result) => matches!(
+                    self.settle(&message, message.receive_count, result, false)
+                        .await,
+                    Settled::Left
+                ),
+                Ran::Stopped => {
+                    // Shutdown while throttled: back to the queue at once, no attempt used.
+                    self.release(vec![message.receipt_handle.clone()]).await;
+                    false
                 }
             };
-            let result = tokio::select! {
-                result = work => result,
-                never = self.heartbeat(&message.receipt_handle) => match never {},
-            };
-            let left_queue = matches!(
-                self.settle(&message, message.receive_count, result, false)
-                    .await,
-                Settled::Left
-            );
             self.in_flight
                 .lock()
                 .expect("in-flight lock")
@@ -592,6 +607,47 @@ impl<H: Handler> Inner<H> {
         }
         .instrument(span)
         .await
+    }
+
+    /// Runs the handler; throttling is retried here, in place, after a growing pause, while the
+    /// consumer's concurrency limit shrinks, for up to `throttle_patience_secs` (and never past
+    /// what SQS lets a receive stay invisible): throttling alone uses no attempt. `Stopped`
+    /// when shutdown came during a throttled pause.
+    async fn run_through_throttling(&self, message: &Message) -> Ran {
+        let mut first_throttle: Option<Instant> = None;
+        let mut rounds = 0;
+        loop {
+            let result = self.run_handler(message).await;
+            if !matches!(&result, Err(e) if e.is_throttled()) {
+                return Ran::Done(result);
+            }
+            let since = *first_throttle.get_or_insert_with(Instant::now);
+            rounds += 1;
+            let pause = retry_delay(rounds, Duration::from_millis(200), Duration::from_secs(10));
+            let limit = self.concurrency.throttled();
+            Stats::bump(&self.stats.throttled, 1);
+            let lowest = &self.stats.lowest_concurrency_limit;
+            let current = lowest.load(Ordering::Relaxed);
+            if current == 0 || (limit as u64) < current {
+                lowest.store(limit as u64, Ordering::Relaxed);
+            }
+            events::concurrency_limit(&self.pair.queue.name, limit);
+            if self.stopping.is_cancelled() {
+                return Ran::Stopped;
+            }
+            let within_patience = since.elapsed() + pause <= self.worker.throttle_patience();
+            let within_visibility =
+                message.received.elapsed() + pause + self.worker.handler_deadline()
+                    < MAX_VISIBILITY.saturating_sub(VISIBILITY_MARGIN);
+            if !within_patience || !within_visibility {
+                return Ran::Done(result);
+            }
+            events::throttled(&self.pair.queue.name, limit, pause);
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.stopping.cancelled() => return Ran::Stopped,
+            }
+        }
     }
 
     /// Acts on a handler's result: forwards and acknowledges, or fails the message (attempt
@@ -634,13 +690,20 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    /// Extends the message's visibility every heartbeat interval, for as long as it is polled.
-    async fn heartbeat(&self, receipt: &str) -> std::convert::Infallible {
+    /// Extends the message's visibility every heartbeat interval, for as long as it is polled,
+    /// never past SQS's 12 hours from the receive.
+    async fn heartbeat(
+        &self,
+        receipt: &str,
+        received: std::time::Instant,
+    ) -> std::convert::Infallible {
         let every = self.worker.heartbeat_interval();
-        let extend_to = self.pair.settings.visibility_timeout_secs as i32;
         let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
         loop {
             ticks.tick().await;
+            let Some(extend_to) = self.extension(received) else {
+                continue;
+            };
             let result = self
                 .sqs
                 .change_message_visibility()
@@ -653,14 +716,31 @@ impl<H: Handler> Inner<H> {
         }
     }
 
+    /// The visibility a heartbeat asks for: the queue's timeout, within what is left of the 12
+    /// hours SQS allows from the receive; `None` when nothing is left.
+    fn extension(&self, received: std::time::Instant) -> Option<i32> {
+        let full = Duration::from_secs(self.pair.settings.visibility_timeout_secs.into());
+        let left = MAX_VISIBILITY
+            .saturating_sub(received.elapsed())
+            .saturating_sub(VISIBILITY_MARGIN);
+        let secs = full.min(left).as_secs();
+        (secs > 0).then_some(secs as i32)
+    }
+
     /// Extends the visibility of every message in `held` (a FIFO group's) every heartbeat
     /// interval, for as long as it is polled.
-    async fn heartbeat_all(&self, held: &Mutex<Vec<String>>) -> std::convert::Infallible {
+    async fn heartbeat_all(
+        &self,
+        held: &Mutex<Vec<String>>,
+        received: std::time::Instant,
+    ) -> std::convert::Infallible {
         let every = self.worker.heartbeat_interval();
-        let extend_to = self.pair.settings.visibility_timeout_secs as i32;
         let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
         loop {
             ticks.tick().await;
+            let Some(extend_to) = self.extension(received) else {
+                continue;
+            };
             let receipts = held.lock().expect("held lock").clone();
             for chunk in receipts.chunks(SQS_BATCH) {
                 let entries = chunk
@@ -794,6 +874,7 @@ impl<H: Handler> Inner<H> {
             correlation_id: message.correlation_id.clone(),
             source_message_id: message.message_id.clone(),
             origin: message.attributes.get(SOURCE).cloned(),
+            imported_at: None,
         };
         match self.dead_letter(message, &attribution).await {
             Ok(()) => {
@@ -912,28 +993,22 @@ impl<H: Handler> Inner<H> {
     }
 }
 
-/// A FIFO deduplication id for a forward of `incoming` to `queue`: from the outgoing
-/// envelope's event id when it has one (the same on every attempt and every redrive), else
-/// from the incoming message's id and the target.
+/// A FIFO deduplication id for a forward of `incoming` to `queue`: SHA-256 of the target, the
+/// outgoing envelope's event id and its payload (not its times or metadata), the same on every
+/// attempt and every redrive, and different for an event id reused with another payload (which
+/// the next stage then sees, and calls a conflict). Without an event id: the incoming
+/// message's id and the target.
 fn stable_deduplication_id(incoming: &Message, queue: &str, body: &str) -> String {
-    let event_id = serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| {
-            v.get("event_id")
-                .and_then(|e| e.as_str())
-                .map(str::to_owned)
-        });
-    match event_id {
-        Some(id) => format!("{queue}-{:016x}", fnv1a(id.as_bytes())),
-        None => format!("{}-{:016x}", incoming.message_id, fnv1a(queue.as_bytes())),
+    let envelope = serde_json::from_str::<serde_json::Value>(body).ok();
+    let event_id = envelope.as_ref().and_then(|v| {
+        v.get("event_id")
+            .and_then(|e| e.as_str())
+            .map(str::to_owned)
+    });
+    match (event_id, envelope) {
+        (Some(id), Some(v)) => crate::contract::fingerprint(&(queue, id, &v["payload"])),
+        _ => crate::contract::fingerprint(&(queue, &incoming.message_id)),
     }
-}
-
-/// FNV-1a, 64 bit: a stable fingerprint for deduplication ids.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 fn string_attribute(value: String) -> MessageAttributeValue {
@@ -1323,6 +1398,12 @@ mod tests {
         assert_ne!(
             stable_deduplication_id(&incoming, "warehouse", first),
             stable_deduplication_id(&incoming, "delivery", first)
+        );
+        let other_payload = r#"{"type":"order.accepted","event_id":"order.accepted:o-1","payload":{"order_id":"o-2"}}"#;
+        assert_ne!(
+            stable_deduplication_id(&incoming, "warehouse", first),
+            stable_deduplication_id(&incoming, "warehouse", other_payload),
+            "an event id reused with another payload is not deduplicated away"
         );
     }
 

@@ -12,7 +12,7 @@ use crate::filter::Filter;
 use crate::output::{self, clip, redact_body, Output};
 use crate::queues::{self, Ctx, Queue, QueueInfo};
 use crate::record::DlqMessage;
-use crate::scan::{read_all, Reader};
+use crate::scan::{read_all, scan, Reader};
 
 /// One DLQ in `list`.
 #[derive(Debug, Serialize)]
@@ -185,8 +185,12 @@ pub struct Shown {
     pub message: DlqMessage,
     /// The correlation id.
     pub correlation_id: Option<String>,
-    /// The fleet's attribution, parsed.
+    /// The fleet's attribution, parsed, when it explains this stay in the queue.
     pub attribution: Option<fleet_common::attribution::Attribution>,
+    /// An attribution carried from an earlier stay in a DLQ (the message left and came back by
+    /// SQS's redrive policy): why it failed before, not why it is here now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_attribution: Option<fleet_common::attribution::Attribution>,
     /// The last redrive, parsed.
     pub redrive: Option<fleet_common::attribution::RedriveRecord>,
     /// Whether the body is shown as it is.
@@ -201,6 +205,7 @@ fn shown(m: &DlqMessage, reveal: bool) -> Shown {
     Shown {
         correlation_id: m.correlation_id(),
         attribution: m.attribution(),
+        stale_attribution: m.stale_attribution(),
         redrive: m.redrive(),
         message,
         revealed: reveal,
@@ -319,9 +324,10 @@ pub async fn show(
     let mut reader = Reader::new(ctx, queue, Duration::from_secs(30));
     let mut found = None;
     let stop = CancellationToken::new();
-    let result = read_all(ctx, &mut reader, None, &stop, |m| {
+    // Only the message asked for is kept: the others are held (receipts only) until the end.
+    let result = scan(ctx, &mut reader, None, &stop, |m| {
         if m.message_id == message_id {
-            found = Some(m.clone());
+            found = Some(m);
             stop.cancel();
         }
     })

@@ -269,7 +269,7 @@ async fn move_task(
 /// Where a message goes back to: its attribution's source queue, else the queue SQS says it came
 /// from, else the DLQ's only source.
 fn source_of(m: &DlqMessage) -> Option<String> {
-    m.attribution().map(|a| a.source_queue).or_else(|| {
+    m.stored_attribution().map(|a| a.source_queue).or_else(|| {
         m.dead_letter_source_arn()
             .map(|arn| arn.rsplit(':').next().unwrap_or(arn).to_owned())
     })

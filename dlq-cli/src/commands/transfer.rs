@@ -23,7 +23,7 @@ use crate::filter::Filter;
 use crate::output::{self, Output};
 use crate::queues::{self, Ctx, Queue};
 use crate::record::DlqMessage;
-use crate::scan::{read_all, Reader};
+use crate::scan::Reader;
 
 /// What `export` did.
 #[derive(Debug, Serialize)]
@@ -70,43 +70,27 @@ pub async fn export(
         "exporting",
     );
     let mut reader = Reader::new(ctx, queue, Duration::from_secs(120));
-    let stop = CancellationToken::new();
-    let read = read_all(ctx, &mut reader, max, &stop, |_| bar.inc(1)).await;
-    let messages = match read {
-        Ok(m) => m,
-        Err(e) => {
-            reader.finish().await;
-            return Err(e);
-        }
-    };
-    let now = OffsetDateTime::now_utc();
-    let chosen: Vec<&DlqMessage> = messages.iter().filter(|m| filter.matches(m, now)).collect();
-    if let Err(e) = write_synced(file, &chosen) {
-        reader.finish().await;
-        return Err(e);
-    }
     let mut report = ExportReport {
         queue: queue.name.clone(),
         file: file.display().to_string(),
-        read: messages.len() as u64,
-        exported: chosen.len() as u64,
+        read: 0,
+        exported: 0,
         deleted: 0,
         not_deleted: 0,
     };
-    if delete {
-        let failed = reader.delete(&chosen).await;
-        match failed {
-            Ok(failed) => {
-                report.not_deleted = failed.len() as u64;
-                report.deleted = report.exported - report.not_deleted;
-            }
-            Err(e) => {
-                reader.finish().await;
-                return Err(e);
-            }
-        }
-    }
+    let written = stream_export(
+        ctx,
+        &mut reader,
+        file,
+        filter,
+        max,
+        delete,
+        &mut report,
+        &bar,
+    )
+    .await;
     reader.finish().await;
+    written?;
     bar.finish_and_clear();
     match output {
         Output::Json => output::json(&report),
@@ -141,16 +125,64 @@ pub async fn export(
     })
 }
 
-/// Writes the lines to `<file>.tmp`, fsyncs, renames into place, fsyncs the directory.
-fn write_synced(file: &Path, messages: &[&DlqMessage]) -> Result<()> {
+/// With `--delete`, written messages are deleted in checkpoints of this many, each after the
+/// file holding them is synced: the reader never holds more than this many chosen messages.
+const DELETE_CHECKPOINT: usize = 1_000;
+
+/// Reads the queue batch by batch and writes each chosen message to `<file>.tmp` at once, so
+/// memory stays flat however long the queue. With `delete`, every [`DELETE_CHECKPOINT`]
+/// messages the file is synced and only then are they deleted (a crash leaves `<file>.tmp`
+/// holding every message deleted so far). At the end the file is synced, renamed into place and
+/// its directory synced; then the last checkpoint is deleted.
+#[allow(clippy::too_many_arguments)]
+async fn stream_export(
+    ctx: &Ctx,
+    reader: &mut Reader,
+    file: &Path,
+    filter: &Filter,
+    max: Option<usize>,
+    delete: bool,
+    report: &mut ExportReport,
+    bar: &indicatif::ProgressBar,
+) -> Result<()> {
     let io =
         |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", file.display()));
     let tmp = file.with_extension("jsonl.tmp");
     let handle = File::create(&tmp).map_err(|e| io("cannot create a temporary file next to", e))?;
     let mut w = BufWriter::new(handle);
-    for m in messages {
-        serde_json::to_writer(&mut w, m).map_err(|e| CliError::Io(e.to_string()))?;
-        w.write_all(b"\n").map_err(|e| io("cannot write", e))?;
+    let mut written: Vec<DlqMessage> = Vec::new();
+    let now = OffsetDateTime::now_utc();
+    loop {
+        let read = report.read as usize;
+        if max.is_some_and(|m| read >= m) {
+            break;
+        }
+        let want = max.map_or(10, |m| (m - read).min(10));
+        let batch = reader.next(want).await?;
+        if batch.is_empty() {
+            if reader.exhausted(ctx).await? {
+                break;
+            }
+            continue;
+        }
+        for m in batch {
+            report.read += 1;
+            bar.inc(1);
+            if !filter.matches(&m, now) {
+                continue;
+            }
+            serde_json::to_writer(&mut w, &m).map_err(|e| CliError::Io(e.to_string()))?;
+            w.write_all(b"\n").map_err(|e| io("cannot write", e))?;
+            report.exported += 1;
+            if delete {
+                written.push(m);
+            }
+        }
+        if delete && written.len() >= DELETE_CHECKPOINT {
+            w.flush().map_err(|e| io("cannot write", e))?;
+            w.get_ref().sync_all().map_err(|e| io("cannot sync", e))?;
+            delete_written(reader, &mut written, report).await?;
+        }
     }
     let handle = w
         .into_inner()
@@ -164,6 +196,23 @@ fn write_synced(file: &Path, messages: &[&DlqMessage]) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io("cannot sync the directory of", e))?;
+    if delete {
+        delete_written(reader, &mut written, report).await?;
+    }
+    Ok(())
+}
+
+/// Deletes messages whose lines are synced; counts those SQS would not delete.
+async fn delete_written(
+    reader: &Reader,
+    written: &mut Vec<DlqMessage>,
+    report: &mut ExportReport,
+) -> Result<()> {
+    let refs: Vec<&DlqMessage> = written.iter().collect();
+    let failed = reader.delete(&refs).await?;
+    report.not_deleted += failed.len() as u64;
+    report.deleted += (written.len() - failed.len()) as u64;
+    written.clear();
     Ok(())
 }
 
@@ -247,7 +296,9 @@ pub async fn import(
                 .expect("within burst");
         }
         let mut entries = Vec::with_capacity(chunk.len());
+        let now = OffsetDateTime::now_utc();
         for (i, m) in chunk.iter().enumerate() {
+            let m = &m.for_import(to.is_dlq(), &to.name, now);
             let mut e = SendMessageBatchRequestEntry::builder()
                 .id(i.to_string())
                 .message_body(&m.body)
@@ -358,14 +409,17 @@ mod tests {
     use crate::record::tests::message;
 
     #[test]
-    fn an_export_file_is_written_whole_and_read_back() {
+    fn an_export_file_reads_back_and_a_bad_line_is_named() {
         let dir = std::env::temp_dir().join(format!("dlq-export-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("out.jsonl");
         let a = message("a", "first\nline", None);
         let b = message("b", "{\"x\":\"é\"}", None);
-        write_synced(&file, &[&a, &b]).unwrap();
-        assert!(!file.with_extension("jsonl.tmp").exists());
+        let lines: Vec<String> = [&a, &b]
+            .iter()
+            .map(|m| serde_json::to_string(m).unwrap())
+            .collect();
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
         let back = read_file(&file).unwrap();
         assert_eq!(back.len(), 2);
         assert_eq!(back[0].body, a.body);
