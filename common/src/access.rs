@@ -17,8 +17,17 @@ pub const CONSUMER_SQS_ACTIONS: &[&str] = &[
 /// What a role does to a queue it forwards to (and to its own DLQ).
 pub const SENDER_SQS_ACTIONS: &[&str] = &["sqs:SendMessage", "sqs:GetQueueUrl"];
 
-/// KMS on the fleet's key: reading and writing encrypted SQS messages.
+/// KMS on the fleet's key: reading and writing encrypted SQS messages and DynamoDB items. Only
+/// ever through those services: see [`kms_via_services`].
 pub const KMS_ACTIONS: &[&str] = &["kms:Decrypt", "kms:GenerateDataKey"];
+
+/// What a queue policy admits only the queue's consumer (and the operator) to do: a work queue's
+/// consumer is its worker, a DLQ's is the operator (the `dlq` CLI).
+pub const QUEUE_CONSUMER_ACTIONS: &[&str] = &[
+    "sqs:ReceiveMessage",
+    "sqs:DeleteMessage",
+    "sqs:ChangeMessageVisibility",
+];
 
 /// One role's access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,4 +89,100 @@ pub fn queues_of(role: &str) -> Vec<&'static str> {
             .chain(r.sends_to.iter().copied())
             .collect()
     })
+}
+
+/// The services through which a role may use the fleet's key (`kms:ViaService`, as
+/// `<service>.<region>.amazonaws.com`): SQS for its encrypted messages, and DynamoDB when it
+/// reads or writes a table (DynamoDB decrypts a table's key with the caller's permission).
+pub fn kms_via_services(role: &RoleAccess) -> Vec<&'static str> {
+    if role.tables.is_empty() {
+        vec!["sqs"]
+    } else {
+        vec!["sqs", "dynamodb"]
+    }
+}
+
+/// What the operator role (`OperatorRole` in `deploy/fleet.yaml`, assumed by ops to run the `dlq`
+/// CLI) may do: exactly what the CLI calls. A test in `dlq-cli` derives the CLI's SQS and
+/// CloudWatch calls from its sources and holds them to this; tests/e2e/deploy.rs holds the role
+/// and the queue policies to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OperatorAccess {
+    /// On every DLQ: resolve and read its attributes, read (messages held, then released),
+    /// delete what was moved, exported or purged, send (an import into a DLQ), and SQS's message
+    /// move tasks (redrive without filters).
+    pub dlq_actions: &'static [&'static str],
+    /// On every work queue: redrive and import send to it; resolving a destination and `list`
+    /// (which finds each DLQ's sources from the redrive policies) read its attributes. Nothing
+    /// that reads or deletes its messages: `peek --force` or `purge --work-queue` of a work queue
+    /// need more than this role grants.
+    pub work_queue_actions: &'static [&'static str],
+    /// Calls AWS cannot scope to a resource (the policy names `*`): listing the account's queues,
+    /// and the age of the oldest message from CloudWatch.
+    pub unscoped_actions: &'static [&'static str],
+    /// KMS on the fleet's key (messages are SSE-KMS).
+    pub kms_actions: &'static [&'static str],
+    /// The services through which it may use the key (`kms:ViaService`).
+    pub kms_via_services: &'static [&'static str],
+}
+
+impl OperatorAccess {
+    /// Every SQS and CloudWatch action, whatever the resource (KMS excluded: the CLI never calls
+    /// KMS itself, SQS does on its behalf).
+    pub fn api_actions(&self) -> std::collections::BTreeSet<&'static str> {
+        self.dlq_actions
+            .iter()
+            .chain(self.work_queue_actions)
+            .chain(self.unscoped_actions)
+            .copied()
+            .collect()
+    }
+}
+
+/// The `dlq` CLI's access.
+pub const OPERATOR: OperatorAccess = OperatorAccess {
+    dlq_actions: &[
+        "sqs:GetQueueUrl",
+        "sqs:GetQueueAttributes",
+        "sqs:ReceiveMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:DeleteMessage",
+        "sqs:SendMessage",
+        "sqs:StartMessageMoveTask",
+        "sqs:ListMessageMoveTasks",
+        "sqs:CancelMessageMoveTask",
+    ],
+    work_queue_actions: &[
+        "sqs:GetQueueUrl",
+        "sqs:GetQueueAttributes",
+        "sqs:SendMessage",
+    ],
+    unscoped_actions: &["sqs:ListQueues", "cloudwatch:GetMetricStatistics"],
+    kms_actions: KMS_ACTIONS,
+    kms_via_services: &["sqs"],
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operator_reads_and_moves_dlqs_and_only_sends_to_work_queues() {
+        for action in QUEUE_CONSUMER_ACTIONS {
+            assert!(OPERATOR.dlq_actions.contains(action), "{action}");
+            assert!(!OPERATOR.work_queue_actions.contains(action), "{action}");
+        }
+        assert!(OPERATOR.work_queue_actions.contains(&"sqs:SendMessage"));
+        assert!(!OPERATOR.api_actions().contains("sqs:PurgeQueue"));
+        assert!(OPERATOR
+            .api_actions()
+            .iter()
+            .all(|a| !a.contains('*') && (a.starts_with("sqs:") || a.starts_with("cloudwatch:"))));
+    }
+
+    #[test]
+    fn roles_with_tables_use_the_key_through_dynamodb_too() {
+        assert_eq!(kms_via_services(of("ingestion").unwrap()), ["sqs"]);
+        assert_eq!(kms_via_services(of("orders").unwrap()), ["sqs", "dynamodb"]);
+    }
 }

@@ -65,8 +65,9 @@ pub struct Attribution {
 
 impl Attribution {
     /// How long after its attribution a message may have been sent to the DLQ holding it: the
-    /// worker sends it within seconds (batching, retried sends).
-    pub const SENT_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+    /// worker sends it within seconds, or minutes with retried sends and a skewed clock. (On
+    /// AWS, DeadLetterQueueSourceArn tells a move by SQS apart without a window.)
+    pub const SENT_WITHIN: std::time::Duration = std::time::Duration::from_secs(900);
 
     /// Whether this attribution explains a message sent to its queue at `sent_at`. A message
     /// sent long after its attribution was written left the DLQ since (a StartMessageMoveTask

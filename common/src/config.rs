@@ -94,6 +94,10 @@ pub struct AwsConfig {
     /// transient failure.
     #[serde(default = "default_attempt_timeout_ms")]
     pub attempt_timeout_ms: u64,
+    /// SQS's limit on a message (body and attributes) and on a batch request, in bytes: 262144
+    /// (256 KiB) by default; SQS now takes up to 1048576 (1 MiB).
+    #[serde(default = "default_sqs_max_message_bytes")]
+    pub sqs_max_message_bytes: usize,
 }
 
 impl Default for AwsConfig {
@@ -104,6 +108,7 @@ impl Default for AwsConfig {
             dynamodb_endpoint_url: None,
             connect_timeout_ms: default_connect_timeout_ms(),
             attempt_timeout_ms: default_attempt_timeout_ms(),
+            sqs_max_message_bytes: default_sqs_max_message_bytes(),
         }
     }
 }
@@ -126,6 +131,10 @@ const fn default_connect_timeout_ms() -> u64 {
 
 const fn default_attempt_timeout_ms() -> u64 {
     10_000
+}
+
+const fn default_sqs_max_message_bytes() -> usize {
+    256 * 1024
 }
 
 /// Log format.
@@ -351,9 +360,15 @@ pub struct IngestionConfig {
     /// Largest accepted message body, in bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
-    /// The `source` stamped on messages whose upstream did not name one.
-    #[serde(default = "default_source")]
-    pub default_source: String,
+    /// Deprecated and ignored: `source` is now the named sender (`ingestion.senders`), never
+    /// what a message says of itself. Still accepted so that older files load.
+    #[serde(default, skip_serializing)]
+    pub default_source: Option<String>,
+    /// Who may send what: each named sender, the SQS `SenderId`s it sends from, and the types
+    /// it may send. A message from any other sender, or of a type its sender may not send, is
+    /// refused (`sender_not_allowed`).
+    #[serde(default)]
+    pub senders: BTreeMap<String, SenderConfig>,
     /// Deprecated and ignored: the edge no longer keeps a dedup record (each stage's
     /// conditional write is the idempotency). Still accepted so that older files load.
     #[serde(default, skip_serializing)]
@@ -364,16 +379,37 @@ impl Default for IngestionConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: default_max_body_bytes(),
-            default_source: default_source(),
+            default_source: None,
+            senders: BTreeMap::new(),
             dedup_ttl_hours: None,
         }
     }
 }
+
+/// One upstream sender of the edge.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    /// The SQS `SenderId`s it sends from: an IAM role's unique id (`AROA…`, matching any
+    /// session), a user's (`AIDA…`) or an account id.
+    pub ids: Vec<String>,
+    /// The message types it may send (`order.submitted`, `delivery.status_reported`).
+    pub types: Vec<String>,
+}
+
+impl IngestionConfig {
+    /// The named sender of an SQS `SenderId`: the one listing it, or its role part (before
+    /// `:`, the session).
+    pub fn sender_of(&self, sender_id: &str) -> Option<(&str, &SenderConfig)> {
+        let role = sender_id.split(':').next().unwrap_or(sender_id);
+        self.senders
+            .iter()
+            .find(|(_, s)| s.ids.iter().any(|id| id == sender_id || id == role))
+            .map(|(name, s)| (name.as_str(), s))
+    }
+}
 const fn default_max_body_bytes() -> usize {
     64 * 1024
-}
-fn default_source() -> String {
-    "unknown".to_owned()
 }
 
 impl FleetConfig {
@@ -431,6 +467,63 @@ impl FleetConfig {
             )
         });
         queues.chain(tables).collect()
+    }
+
+    fn validate_senders(&self) -> Result<(), ConfigError> {
+        let senders = &self.ingestion.senders;
+        if self.workers.contains_key("ingestion") && senders.is_empty() {
+            return Err(ConfigError::invalid(
+                "ingestion.senders",
+                "name at least one sender (its SQS SenderIds and the types it may send): the edge refuses every message from an unknown sender",
+            ));
+        }
+        let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, sender) in senders {
+            let at = |f: &str| format!("ingestion.senders.{name}.{f}");
+            if name.is_empty()
+                || name.len() > 32
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return Err(ConfigError::invalid(
+                    format!("ingestion.senders.{name}"),
+                    "a sender's name is 1–32 lowercase letters, digits and `-` (it prefixes its event ids)",
+                ));
+            }
+            if sender.ids.is_empty() || sender.ids.iter().any(String::is_empty) {
+                return Err(ConfigError::invalid(
+                    at("ids"),
+                    "list at least one SQS SenderId, none empty",
+                ));
+            }
+            if sender.types.is_empty() {
+                return Err(ConfigError::invalid(
+                    at("types"),
+                    "list the types it may send",
+                ));
+            }
+            for t in &sender.types {
+                if !crate::contract::EXTERNAL_TYPES.contains(&t.as_str()) {
+                    return Err(ConfigError::invalid(
+                        at("types"),
+                        format!(
+                            "`{t}` is not a type the edge takes ({})",
+                            crate::contract::EXTERNAL_TYPES.join(", ")
+                        ),
+                    ));
+                }
+            }
+            for id in &sender.ids {
+                if let Some(other) = owners.insert(id, name) {
+                    return Err(ConfigError::invalid(
+                        at("ids"),
+                        format!("`{id}` is also a SenderId of `{other}`: a message from it would have two senders"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `FLEET__…` variables that give a `worker` process started with the shipped config file
@@ -553,6 +646,19 @@ impl FleetConfig {
                     "must be above the longest receive_wait_secs + aws.attempt_timeout_ms + 20 s of receive backoff ({} s here), or a healthy idle poller fails /healthz",
                     poller_floor_ms.div_ceil(1000)
                 ),
+            ));
+        }
+        self.validate_senders()?;
+        if !(1024..=1024 * 1024).contains(&self.aws.sqs_max_message_bytes) {
+            return Err(ConfigError::invalid(
+                "aws.sqs_max_message_bytes",
+                "must be 1024–1048576 (SQS takes messages of at most 1 MiB)",
+            ));
+        }
+        if self.ingestion.max_body_bytes > self.aws.sqs_max_message_bytes {
+            return Err(ConfigError::invalid(
+                "ingestion.max_body_bytes",
+                "must not exceed aws.sqs_max_message_bytes",
             ));
         }
         for (key, value) in [
@@ -797,6 +903,53 @@ mod tests {
         let message = error_text(&text, &[]);
         assert!(message.contains("workers.orders"), "{message}");
         assert!(message.contains("max_inflight"), "{message}");
+    }
+
+    #[test]
+    fn senders_are_required_unambiguous_and_bound_to_known_types() {
+        let production = include_str!("../../config/production.toml");
+        let config = parse(production, &[]).expect("config/production.toml is valid");
+        assert_eq!(
+            config
+                .ingestion
+                .sender_of("AROACARRIERWEBHOOKROLEID:session-1")
+                .map(|(n, _)| n),
+            Some("carrier"),
+            "a role's id matches any of its sessions"
+        );
+        assert!(config.ingestion.sender_of("AIDASOMEONE").is_none());
+        let none = LOCAL.replace("[ingestion.senders.local]", "[ingestion.unused]");
+        let message = error_text(&none, &[]);
+        assert!(
+            message.contains("ingestion.senders") || message.contains("unused"),
+            "{message}"
+        );
+        let no_senders = LOCAL
+            .replace("[ingestion.senders.local]\n", "")
+            .replace("ids = [\"000000000000\"]\n", "")
+            .replace(
+                "types = [\"order.submitted\", \"delivery.status_reported\"]\n",
+                "",
+            );
+        let message = error_text(&no_senders, &[]);
+        assert!(message.contains("ingestion.senders"), "{message}");
+        let twice = LOCAL.replace(
+            "[ingestion.senders.local]",
+            "[ingestion.senders.other]\nids = [\"000000000000\"]\ntypes = [\"order.submitted\"]\n\n[ingestion.senders.local]",
+        );
+        let message = error_text(&twice, &[]);
+        assert!(message.contains("two senders"), "{message}");
+        let message = error_text(
+            LOCAL,
+            &[(
+                "FLEET__INGESTION__SENDERS__LOCAL__TYPES",
+                r#"["refund.requested"]"#,
+            )],
+        );
+        assert!(
+            message.contains("ingestion.senders.local.types"),
+            "{message}"
+        );
     }
 
     #[test]

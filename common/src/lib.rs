@@ -2,11 +2,14 @@
 //! failure taxonomy and DLQ attribution, telemetry, health, and provisioning of local queues
 //! and tables.
 
+#![forbid(unsafe_code)]
+
 pub mod access;
 pub mod attribution;
 pub mod aws;
 pub mod config;
 pub mod contract;
+pub mod edge;
 pub mod events;
 pub mod failure;
 pub mod faults;

@@ -175,13 +175,19 @@ pub enum Command {
         #[arg(long)]
         rate: Option<NonZeroU32>,
     },
-    /// Delete every message of a queue, after confirmation; says how many went.
+    /// Delete every message of a DLQ, after confirmation; says how many went.
+    ///
+    /// Only DLQs (named `<queue>-dlq` by the fleet): any other queue holds jobs still waiting
+    /// for a worker and is refused unless --work-queue is given.
     Purge {
-        /// The queue.
+        /// The queue (a config key names its DLQ).
         queue: String,
         /// Do not ask.
         #[arg(long)]
         yes: bool,
+        /// Purge a work queue (not a `<queue>-dlq`): deletes jobs no worker has run yet.
+        #[arg(long)]
+        work_queue: bool,
     },
     /// Print a shell completion script.
     Completions {

@@ -1,6 +1,8 @@
 //! `dlq`: parses the command line, runs it, maps the outcome to an exit code. All logic lives in
 //! the `dlq_cli` library.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

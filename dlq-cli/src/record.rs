@@ -127,6 +127,11 @@ impl DlqMessage {
     /// by SQS, and the old attribution stays readable with [`Self::stored_attribution`].
     pub fn attribution(&self) -> Option<Attribution> {
         let a = self.stored_attribution()?;
+        // On AWS, SQS stamps DeadLetterQueueSourceArn only on a message its redrive policy
+        // moved: whatever attribution it carries, the fleet did not send it here.
+        if self.dead_letter_source_arn().is_some() {
+            return None;
+        }
         match self.sent_at() {
             Some(sent) if !a.explains(sent) => None,
             _ => Some(a),
@@ -154,6 +159,10 @@ impl DlqMessage {
         let Some(mut a) = self.stored_attribution() else {
             return out;
         };
+        if into_dlq && self.attribution().is_none() {
+            // Stale in the file already: it stays stale, with its old times.
+            return out;
+        }
         if into_dlq {
             a.imported_at = Some(now);
             out.attributes.insert(
@@ -164,7 +173,7 @@ impl DlqMessage {
             let record = RedriveRecord {
                 count: self.redrive().map_or(1, |p| p.count + 1),
                 at: now,
-                from_queue: queue.to_owned(),
+                from_queue: format!("import into {queue}"),
                 previous_reason: Some(a.reason),
             };
             out.attributes.remove(attribution::ATTRIBUTION);
@@ -347,13 +356,40 @@ pub(crate) mod tests {
         assert_eq!(m.attribution(), None, "stale: shown as moved by SQS");
         assert_eq!(m.stale_attribution(), Some(a.clone()));
         assert_eq!(m.stored_attribution(), Some(a.clone()));
-        // Imported into a DLQ (a restore) now: current again.
+        // Imported into a DLQ (a restore): a current attribution stays current in its new
+        // stay; a stale one stays stale.
         let now = failed + time::Duration::hours(1);
-        let restored = m.for_import(true, "fleet-orders-dlq", now);
+        let mut fresh = message("m-2", "{}", Some(&a));
+        fresh.system_attributes.insert(
+            "SentTimestamp".into(),
+            sent(failed + time::Duration::seconds(2)),
+        );
+        let mut restored = fresh.for_import(true, "fleet-orders-dlq", now);
+        restored.system_attributes.insert(
+            "SentTimestamp".into(),
+            sent(now + time::Duration::seconds(1)),
+        );
         assert!(
             restored.attribution().is_some(),
             "an import into a DLQ keeps it current"
         );
+        let mut still_stale = m.for_import(true, "fleet-orders-dlq", now);
+        still_stale.system_attributes.insert(
+            "SentTimestamp".into(),
+            sent(now + time::Duration::seconds(1)),
+        );
+        assert_eq!(
+            still_stale.attribution(),
+            None,
+            "a stale one is not made current"
+        );
+        // On AWS, SQS's own stamp says it moved the message: stale whatever the times.
+        let mut moved = fresh.clone();
+        moved.system_attributes.insert(
+            "DeadLetterQueueSourceArn".into(),
+            "arn:aws:sqs:eu-west-1:123456789012:fleet-orders".into(),
+        );
+        assert_eq!(moved.attribution(), None);
         // Imported into a work queue: a redrive record instead, nothing left to go stale.
         let replayed = m.for_import(false, "fleet-orders-dlq", now);
         assert_eq!(replayed.stored_attribution(), None);

@@ -14,6 +14,7 @@ use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
     MessageSystemAttributeName,
 };
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{CliError, Result};
@@ -26,6 +27,9 @@ const BATCH: usize = 10;
 /// flight on a standard queue, and others (the workers, another operator) hold some too.
 pub const MAX_HELD: usize = 100_000;
 
+/// Visibility extensions in flight at once while holding.
+const HEARTBEAT_CALLS: usize = 32;
+
 /// Holds what it received until released or deleted.
 pub struct Reader {
     sqs: aws_sdk_sqs::Client,
@@ -35,6 +39,8 @@ pub struct Reader {
     held: Arc<Mutex<HashMap<String, String>>>,
     seen: HashSet<String>,
     empty_receives: u32,
+    /// Messages received again after they were read: their hold lapsed.
+    lapsed: u64,
     stop_heartbeat: CancellationToken,
 }
 
@@ -59,9 +65,17 @@ impl Reader {
                     }
                     let receipts: Vec<String> =
                         held.lock().expect("held lock").values().cloned().collect();
-                    for chunk in receipts.chunks(BATCH) {
-                        let _ = change_visibility(&sqs, &url, chunk, hold.as_secs() as i32).await;
-                    }
+                    // Many calls at once: tens of thousands held must all be extended well
+                    // within a hold.
+                    futures::stream::iter(receipts.chunks(BATCH))
+                        .for_each_concurrent(HEARTBEAT_CALLS, |chunk| {
+                            let (sqs, url) = (&sqs, &url);
+                            async move {
+                                let _ =
+                                    change_visibility(sqs, url, chunk, hold.as_secs() as i32).await;
+                            }
+                        })
+                        .await;
                 }
             });
         }
@@ -72,6 +86,7 @@ impl Reader {
             held,
             seen: HashSet::new(),
             empty_receives: 0,
+            lapsed: 0,
             stop_heartbeat,
         }
     }
@@ -85,6 +100,20 @@ impl Reader {
     /// The queue being read.
     pub fn queue(&self) -> &Queue {
         &self.queue
+    }
+
+    /// Messages received again after they had been read: their hold lapsed (a command that
+    /// must see each message once, like an export, cannot be sure it saw them all).
+    pub fn lapsed(&self) -> u64 {
+        self.lapsed
+    }
+
+    /// Forgets messages that are gone (deleted): they cannot come back, and a long read need
+    /// not remember them.
+    pub fn forget(&mut self, ids: &[String]) {
+        for id in ids {
+            self.seen.remove(id);
+        }
     }
 
     /// Messages held now.
@@ -123,6 +152,8 @@ impl Reader {
                 held.insert(m.message_id.clone(), m.receipt_handle.clone());
                 if self.seen.insert(m.message_id.clone()) {
                     fresh.push(m);
+                } else {
+                    self.lapsed += 1;
                 }
             }
         }
@@ -163,19 +194,49 @@ impl Reader {
     /// # Errors
     /// AWS errors of a whole batch request.
     pub async fn delete(&self, messages: &[&DlqMessage]) -> Result<Vec<String>> {
+        let ids: Vec<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
+        self.delete_ids(&ids).await
+    }
+
+    /// Deletes held messages by id, each with its latest receipt (a message received again
+    /// has a new one; SQS ignores a delete with an old one); returns the ids that could not be
+    /// deleted.
+    ///
+    /// # Errors
+    /// AWS errors of a whole batch request.
+    pub async fn delete_ids(&self, ids: &[&str]) -> Result<Vec<String>> {
         let mut failed = Vec::new();
-        for chunk in messages.chunks(BATCH) {
+        for chunk in ids.chunks(BATCH) {
+            let receipts: Vec<Option<String>> = {
+                let held = self.held.lock().expect("held lock");
+                chunk.iter().map(|id| held.get(*id).cloned()).collect()
+            };
             let entries: Vec<_> = chunk
                 .iter()
+                .zip(&receipts)
                 .enumerate()
-                .map(|(i, m)| {
-                    DeleteMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(&m.receipt_handle)
-                        .build()
-                        .expect("id and receipt set")
+                .filter_map(|(i, (_, receipt))| {
+                    let receipt = receipt.as_ref()?;
+                    Some(
+                        DeleteMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(receipt)
+                            .build()
+                            .expect("id and receipt set"),
+                    )
                 })
                 .collect();
+            // A message no longer held cannot be deleted by this reader.
+            failed.extend(
+                chunk
+                    .iter()
+                    .zip(&receipts)
+                    .filter(|(_, r)| r.is_none())
+                    .map(|(id, _)| (*id).to_owned()),
+            );
+            if entries.is_empty() {
+                continue;
+            }
             let out = self
                 .sqs
                 .delete_message_batch()
@@ -191,11 +252,12 @@ impl Reader {
                 .collect();
             let ok = chunk
                 .iter()
+                .zip(&receipts)
                 .enumerate()
-                .filter(|(i, _)| !bad.contains(i))
-                .map(|(_, m)| m.message_id.as_str());
+                .filter(|(i, (_, r))| r.is_some() && !bad.contains(i))
+                .map(|(_, (id, _))| *id);
             self.take(ok);
-            failed.extend(bad.iter().map(|i| chunk[*i].message_id.clone()));
+            failed.extend(bad.iter().map(|i| chunk[*i].to_owned()));
         }
         Ok(failed)
     }

@@ -1,6 +1,8 @@
 //! SDK edge cases with aws-smithy-mocks: the StartMessageMoveTask path and its fallback, a
 //! partial SendMessageBatch failure during a redrive, and the oldest-message age from CloudWatch.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::time::Duration;
 

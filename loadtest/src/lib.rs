@@ -3,6 +3,8 @@
 //! hold), measures the backends' own ceilings in the same run, audits every order, and writes a
 //! report (JSON, a human summary, SVG charts).
 
+#![forbid(unsafe_code)]
+
 pub mod ceiling;
 pub mod chaos;
 pub mod probe;

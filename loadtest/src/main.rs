@@ -1,6 +1,8 @@
 //! `loadtest`: parses the command line and runs the harness in the `loadtest` library. Exits 0
 //! when the audit passes (nothing lost, nothing applied twice), 1 when it fails, 2 on bad usage.
 
+#![forbid(unsafe_code)]
+
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;

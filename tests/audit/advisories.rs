@@ -6,6 +6,8 @@
 //! clone. scripts/test sets `FLEET_REQUIRE_ADVISORY_DB=1` when it finds one, so a missing or
 //! unreadable database is then an error, not a silent pass.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

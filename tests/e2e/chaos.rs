@@ -7,6 +7,8 @@
 //! whole record as an undisturbed run leaves it, every dead letter attributed with the right
 //! reason.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use fleet_e2e::{dlq_binary, worker_binary, workspace_root, TestEnv};

@@ -3,6 +3,8 @@
 //! requested rate and the fleet then applies them once, a redrive killed half-way and run again
 //! loses nothing, and export then import round-trips every byte.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashSet};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! fault for real, then audits what a user depends on: nothing lost, no effect twice, every
 //! dead letter attributed.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use fleet_common::config::FleetConfig;

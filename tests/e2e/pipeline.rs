@@ -2,6 +2,8 @@
 //! states with the right dead letters; feeding it all again changes nothing; a SIGKILL mid-run
 //! ends in the same state; logs carry correlation ids and no personal data.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
 use std::time::{Duration, Instant};

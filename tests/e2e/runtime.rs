@@ -1,6 +1,8 @@
 //! The consumer runtime against the local emulators: throughput under an in-flight cap, the
 //! heartbeat, retries and dead-lettering with attribution, graceful shutdown, FIFO order.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -31,6 +33,8 @@ fn start<H: Handler>(
             role: role.to_owned(),
             worker,
             topology: env.topology.clone(),
+            max_message_bytes: env.config.aws.sqs_max_message_bytes,
+            untrusted_edge: false,
         },
         Health::default(),
     )
@@ -550,4 +554,105 @@ async fn a_fifo_group_is_held_whole_through_a_retry_and_nothing_is_received_twic
     );
     assert_eq!(env.depth(&env.dlq_url("orders")).await.0, 0);
     assert_eq!(env.depth(&url).await, (0, 0, 0));
+}
+
+/// Records what the handler saw, and refuses everything permanently.
+#[derive(Default)]
+struct Refuses {
+    seen: Mutex<Vec<HashMap<String, String>>>,
+}
+
+impl Handler for Refuses {
+    async fn handle(&self, message: &Message) -> Result<Outcome, HandlerError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push(message.attributes.clone().into_iter().collect());
+        Err(HandlerError::permanent(Reason::MALFORMED_BODY, "refused"))
+    }
+}
+
+/// Defects: an upstream's `fleet-source` forged the origin of the DLQ attribution, and a small
+/// body with large attributes could not be dead-lettered (the DLQ send, with the attribution
+/// added, went over SQS's size limit and failed on every attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_ignores_forged_fleet_attributes_and_an_oversized_message_still_reaches_the_dlq() {
+    let env = TestEnv::new(|c| {
+        c.workers.get_mut("ingestion").unwrap().receive_wait_secs = 1;
+    })
+    .await;
+    let url = env.url("ingest");
+    let string = |v: &str| {
+        aws_sdk_sqs::types::MessageAttributeValue::builder()
+            .data_type("String")
+            .string_value(v)
+            .build()
+            .unwrap()
+    };
+    env.clients
+        .sqs
+        .send_message()
+        .queue_url(&url)
+        .message_body("{}")
+        .message_attributes("fleet-source", string("forged-partner"))
+        .message_attributes("padding", string(&"x".repeat(256 * 1024 - 100)))
+        .send()
+        .await
+        .expect("SQS takes the message: it is within 256 KiB");
+    let worker = env.config.worker("ingestion").unwrap().clone();
+    let handler = Arc::new(Refuses::default());
+    let consumer = Consumer::new(
+        env.clients.sqs.clone(),
+        Arc::clone(&handler),
+        ConsumerSettings {
+            role: "ingestion".into(),
+            worker,
+            topology: env.topology.clone(),
+            max_message_bytes: env.config.aws.sqs_max_message_bytes,
+            untrusted_edge: true,
+        },
+        Health::default(),
+    )
+    .unwrap();
+    let stats = consumer.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(shutdown.clone()));
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            stats.dead_lettered.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "dead-lettered"
+    );
+    shutdown.cancel();
+    task.await.unwrap();
+    let seen = handler.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|a| !a.contains_key("fleet-source")),
+        "the handler never saw the upstream's fleet-source: {:?}",
+        seen.iter()
+            .map(|a| a.keys().collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    );
+    let dead = env
+        .receive_all(
+            &env.dlq_url("ingest"),
+            1,
+            Duration::from_secs(10),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(dead.len(), 1);
+    let attrs = dead[0].message_attributes().unwrap();
+    let attribution: Attribution =
+        serde_json::from_str(attrs[ATTRIBUTION].string_value().unwrap()).unwrap();
+    assert_eq!(
+        attribution.origin, None,
+        "no forged origin in the attribution"
+    );
+    assert_eq!(attribution.reason, "malformed_body");
+    assert!(
+        !attrs.contains_key("padding"),
+        "the large attribute made room"
+    );
 }

@@ -1,6 +1,8 @@
 //! Fixtures for the end-to-end tests: a fresh set of queues and tables per test (random
 //! suffix) on the local emulators started by `scripts/local-aws up`, and helpers to read them.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -58,6 +58,8 @@ pub async fn run(
             role: role.clone(),
             worker,
             topology: topology.clone(),
+            max_message_bytes: config.aws.sqs_max_message_bytes,
+            untrusted_edge: role == "ingestion",
         };
         let (task, role_stats) = match role.as_str() {
             "ingestion" => spawn(

@@ -1,6 +1,7 @@
-//! Ingestion: the untrusted edge (threat T-1). Enforces the size limit and the schema, rejects
-//! unknown types and fields, keeps or creates the correlation id, stamps source metadata, and
-//! routes by type. Every rejection is dead-lettered with its reason; nothing is dropped silently.
+//! Ingestion: the untrusted edge (threat T-1). The decision on each message is
+//! `fleet_common::edge::admit` (size, duplicate keys, card numbers, schema, the typed decode,
+//! the sender and what it may send); this handler routes what it admits by type. Every
+//! rejection is dead-lettered with its reason; nothing is dropped silently.
 //!
 //! The edge keeps no idempotency record of its own: every copy of an event that passes it is
 //! forwarded, and the next stage's conditional write (the order keyed by its id, a carrier event
@@ -12,19 +13,12 @@
 
 use fleet_common::attribution::{CORRELATION_ID, RECEIVED_AT, REQUEST_ID, SOURCE};
 use fleet_common::config::IngestionConfig;
-use fleet_common::contract::{
-    self, Envelope, SourceMetadata, DELIVERY_STATUS_REPORTED, EXTERNAL_TYPES, ORDER_SUBMITTED,
-};
-use fleet_common::failure::{HandlerError, Reason};
-use fleet_common::runtime::{describe_json_error, Handler, Message, Outcome, Outgoing};
+use fleet_common::contract::{DELIVERY_STATUS_REPORTED, ORDER_SUBMITTED};
+use fleet_common::edge::{self, Admitted};
+pub use fleet_common::edge::{sender_event_id, ROUTED_TYPES, UPSTREAM_REQUEST_ID};
+use fleet_common::failure::HandlerError;
+use fleet_common::runtime::{Handler, Message, Outcome, Outgoing};
 use tracing::info;
-
-use crate::store;
-
-/// Message attribute an upstream may set to name itself.
-pub const UPSTREAM_SOURCE: &str = "source";
-/// Message attribute an upstream may set with its request id.
-pub const UPSTREAM_REQUEST_ID: &str = "request-id";
 
 /// The ingestion worker.
 pub struct Ingestion {
@@ -38,9 +32,6 @@ impl Ingestion {
     }
 }
 
-/// The external types the edge accepts.
-pub const ROUTED_TYPES: [&str; 2] = [ORDER_SUBMITTED, DELIVERY_STATUS_REPORTED];
-
 /// The next queue (logical name) of each external type.
 pub fn route(kind: &str) -> Option<&'static str> {
     match kind {
@@ -52,47 +43,14 @@ pub fn route(kind: &str) -> Option<&'static str> {
 
 impl Handler for Ingestion {
     async fn handle(&self, message: &Message) -> Result<Outcome, HandlerError> {
-        if message.body.len() > self.limits.max_body_bytes {
-            return Err(HandlerError::permanent(
-                Reason("body_too_large"),
-                format!(
-                    "{} bytes, limit {}",
-                    message.body.len(),
-                    self.limits.max_body_bytes
-                ),
-            ));
-        }
-        let value: serde_json::Value = serde_json::from_str(&message.body).map_err(|e| {
-            HandlerError::permanent(Reason("malformed_json"), describe_json_error(&e))
-        })?;
-        let kind = contract::validate(&value, &EXTERNAL_TYPES)
-            .map_err(|v| HandlerError::permanent(Reason(v.reason), v.fields.join("; ")))?;
-        let mut envelope: Envelope<serde_json::Value> =
-            serde_json::from_value(value).map_err(|e| {
-                HandlerError::permanent(Reason("schema_violation"), describe_json_error(&e))
-            })?;
+        let Admitted {
+            kind,
+            body,
+            correlation_id,
+            metadata,
+        } = edge::admit(&self.limits, message)?;
         let next = route(kind).expect("every external type has a route");
-
-        // The upstream's correlation id, else one derived from the event id: every copy of an
-        // event (a redelivery, a redrive, an upstream retry) carries the same one.
-        let correlation_id = envelope
-            .correlation_id
-            .clone()
-            .or_else(|| message.correlation_id.clone().filter(|c| valid_id(c)))
-            .unwrap_or_else(|| derived_correlation_id(&envelope.event_id));
-
-        // Source metadata is always the edge's own: an upstream cannot pre-stamp it (R-2).
-        let metadata = SourceMetadata {
-            source: upstream_label(message.attributes.get(UPSTREAM_SOURCE))
-                .unwrap_or_else(|| self.limits.default_source.clone()),
-            request_id: upstream_label(message.attributes.get(UPSTREAM_REQUEST_ID))
-                .unwrap_or_else(|| message.message_id.clone()),
-            received_at: store::now_rfc3339(),
-        };
-        envelope.correlation_id = Some(correlation_id.clone());
-        envelope.metadata = Some(metadata.clone());
-        info!(event_id = %envelope.event_id, kind, next, "accepted at the edge");
-        let body = serde_json::to_string(&envelope).expect("envelopes serialize");
+        info!(kind, next, "accepted at the edge");
         Ok(Outcome::forward(
             Outgoing::new(next, body)
                 .with_attribute(CORRELATION_ID, correlation_id)
@@ -103,30 +61,33 @@ impl Handler for Ingestion {
     }
 }
 
-/// A correlation id for an event whose upstream sent none: the same for every copy of it.
-fn derived_correlation_id(event_id: &str) -> String {
-    let hash = contract::fingerprint(&event_id);
-    format!("c-{}", &hash[..32])
-}
-
-fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
-}
-
-/// An upstream-supplied label, kept only when it is a short identifier.
-fn upstream_label(value: Option<&String>) -> Option<String> {
-    value.filter(|v| valid_id(v) && v.len() <= 64).cloned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_common::contract::{DeliveryStatusReported, Envelope, OrderSubmitted};
+    use fleet_common::failure::HandlerError;
+
+    fn limits() -> IngestionConfig {
+        let mut limits = IngestionConfig::default();
+        limits.senders.insert(
+            "local".into(),
+            fleet_common::config::SenderConfig {
+                ids: vec!["000000000000".into()],
+                types: vec![ORDER_SUBMITTED.into(), DELIVERY_STATUS_REPORTED.into()],
+            },
+        );
+        limits.senders.insert(
+            "carrier".into(),
+            fleet_common::config::SenderConfig {
+                ids: vec!["AROACARRIER".into()],
+                types: vec![DELIVERY_STATUS_REPORTED.into()],
+            },
+        );
+        limits
+    }
 
     fn ingestion() -> Ingestion {
-        Ingestion::new(IngestionConfig::default())
+        Ingestion::new(limits())
     }
 
     fn order_body() -> String {
@@ -155,7 +116,8 @@ mod tests {
         let corr = env["correlation_id"].as_str().unwrap();
         assert!(corr.starts_with("c-"));
         assert_eq!(fwd.attributes[CORRELATION_ID], corr);
-        assert_eq!(env["metadata"]["source"], "unknown");
+        assert_eq!(env["metadata"]["source"], "local", "the sender SQS saw");
+        assert_eq!(env["event_id"], "local:evt-1", "namespaced by sender");
     }
 
     #[tokio::test]
@@ -200,5 +162,169 @@ mod tests {
             a.forward[0].attributes[CORRELATION_ID],
             b.forward[0].attributes[CORRELATION_ID]
         );
+    }
+
+    fn rejected(body: &str) -> String {
+        let err = ingestion()
+            .handle(&Message::for_test(body))
+            .await_now()
+            .unwrap_err();
+        assert!(matches!(err, HandlerError::Permanent { .. }), "{err:?}");
+        err.reason().0.to_owned()
+    }
+
+    /// Runs a handler future to completion on a small runtime (the edge's checks never wait).
+    trait AwaitNow: std::future::Future + Sized {
+        fn await_now(self) -> Self::Output {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(self)
+        }
+    }
+    impl<F: std::future::Future> AwaitNow for F {}
+
+    #[test]
+    fn a_key_twice_is_refused_not_resolved_to_the_last() {
+        let body = order_body().replace(r#""quantity":2"#, r#""quantity":1,"quantity":1000"#);
+        assert!(body.contains(r#""quantity":1,"quantity":1000"#));
+        assert_eq!(rejected(&body), "duplicate_key");
+        let body = order_body().replace(
+            r#""type":"order.submitted""#,
+            r#""type":"order.submitted","type":"order.submitted""#,
+        );
+        assert_eq!(rejected(&body), "duplicate_key");
+    }
+
+    #[test]
+    fn a_card_number_anywhere_is_refused_and_never_echoed() {
+        for (from, to) in [
+            (
+                r#""payment_reference":"pay_123""#,
+                r#""payment_reference":"4111111111111111""#,
+            ),
+            (
+                r#""payment_reference":"pay_123""#,
+                r#""payment_reference":"4111-1111-1111-1111""#,
+            ),
+            (r#""line1":"1 Main St""#, r#""line1":"4111 1111 1111 1111""#),
+            (
+                r#""user_id":"u-1""#,
+                r#""user_id":"u-1","card_number":"4111.1111.1111.1111""#,
+            ),
+        ] {
+            let body = order_body().replace(from, to);
+            assert_ne!(body, order_body(), "{from}");
+            let err = ingestion()
+                .handle(&Message::for_test(body))
+                .await_now()
+                .unwrap_err();
+            assert_eq!(err.reason().0, "payment_data", "{to}");
+            assert!(
+                !err.detail().contains("1111"),
+                "the number is not echoed: {}",
+                err.detail()
+            );
+        }
+    }
+
+    #[test]
+    fn what_the_edge_accepts_every_later_stage_reads() {
+        // A float where an integer belongs passes the JSON Schema ("integer" takes 1.0) but not
+        // the typed decode of the next stage: the edge refuses it rather than forward it.
+        let float = order_body().replace(r#""quantity":2"#, r#""quantity":2.0"#);
+        assert_eq!(rejected(&float), "schema_violation");
+        let carrier = serde_json::json!({
+            "type": "delivery.status_reported", "schema_version": 1, "event_id": "c-1",
+            "occurred_at": "2026-11-23T10:00:00Z",
+            "payload": {"order_id": "o-1", "status": "in_transit", "at": "2026-11-23T10:00:00Z", "carrier_reference": "trk-1"}
+        })
+        .to_string();
+        for body in [order_body(), carrier] {
+            let out = ingestion()
+                .handle(&Message::for_test(body))
+                .await_now()
+                .unwrap();
+            let fwd = &out.forward[0];
+            match fwd.queue.as_str() {
+                "orders" => {
+                    serde_json::from_str::<Envelope<OrderSubmitted>>(&fwd.body).unwrap();
+                }
+                "delivery" => {
+                    serde_json::from_str::<Envelope<DeliveryStatusReported>>(&fwd.body).unwrap();
+                }
+                other => panic!("routed to {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn attribute_bytes_count_toward_the_size_limit() {
+        let mut message = Message::for_test(order_body());
+        message.raw_attributes.insert(
+            "padding".into(),
+            aws_sdk_sqs::types::MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value("x".repeat(IngestionConfig::default().max_body_bytes))
+                .build()
+                .unwrap(),
+        );
+        let err = ingestion().handle(&message).await_now().unwrap_err();
+        assert_eq!(err.reason().0, "body_too_large");
+    }
+
+    #[test]
+    fn the_sender_is_who_sqs_saw_and_may_send_only_its_types() {
+        // A carrier (a role, any session) may report deliveries, not place orders.
+        let mut order = Message::for_test(order_body());
+        order.sender_id = Some("AROACARRIER:webhook-7".into());
+        let err = ingestion().handle(&order).await_now().unwrap_err();
+        assert_eq!(err.reason().0, "sender_not_allowed");
+        assert!(err.detail().contains("carrier"), "{}", err.detail());
+        // Nobody configured: refused, whatever the message says of itself.
+        let mut stranger = Message::for_test(order_body());
+        stranger.sender_id = Some("AIDASTRANGER".into());
+        stranger
+            .attributes
+            .insert("source".into(), "storefront".into());
+        assert_eq!(
+            ingestion()
+                .handle(&stranger)
+                .await_now()
+                .unwrap_err()
+                .reason()
+                .0,
+            "sender_not_allowed"
+        );
+        let mut anonymous = Message::for_test(order_body());
+        anonymous.sender_id = None;
+        assert_eq!(
+            ingestion()
+                .handle(&anonymous)
+                .await_now()
+                .unwrap_err()
+                .reason()
+                .0,
+            "sender_not_allowed"
+        );
+        // The carrier's events are its own: the same id from another sender is another event.
+        let carrier_body = order_body()
+            .replace("order.submitted", "delivery.status_reported")
+            .replace(
+                &serde_json::from_str::<serde_json::Value>(&order_body()).unwrap()["payload"].to_string(),
+                r#"{"order_id":"o-1","status":"in_transit","at":"2026-11-23T10:00:00Z","carrier_reference":"trk-1"}"#,
+            );
+        let mut report = Message::for_test(carrier_body.clone());
+        report.sender_id = Some("AROACARRIER:webhook-7".into());
+        let out = ingestion().handle(&report).await_now().unwrap();
+        let env: serde_json::Value = serde_json::from_str(&out.forward[0].body).unwrap();
+        assert_eq!(env["event_id"], "carrier:evt-1");
+        assert_eq!(env["metadata"]["source"], "carrier");
+        let local = ingestion()
+            .handle(&Message::for_test(carrier_body))
+            .await_now()
+            .unwrap();
+        let env: serde_json::Value = serde_json::from_str(&local.forward[0].body).unwrap();
+        assert_eq!(env["event_id"], "local:evt-1");
     }
 }

@@ -8,6 +8,8 @@
 //! [`fleet`] runs any of them in one process; [`scenario`] generates and audits loads for the
 //! demo, the tests and the load harness.
 
+#![forbid(unsafe_code)]
+
 pub mod catalog;
 pub mod delivery;
 pub mod demo;

@@ -1,6 +1,8 @@
 //! `worker`: runs worker roles, provisions local queues and tables, seeds the catalog, runs the
 //! demo. All logic lives in the `workers` and `fleet-common` libraries.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -33,8 +33,6 @@ use crate::topology::{QueuePair, QueueRef, Topology};
 
 /// Entries per SQS batch call.
 const SQS_BATCH: usize = 10;
-/// SQS's limit on a batch's total payload.
-const SQS_BATCH_BYTES: usize = 256 * 1024;
 /// The longest visibility SQS accepts.
 const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
 /// How long a poller waits for enough free capacity to ask for a full batch.
@@ -106,6 +104,12 @@ pub struct ConsumerSettings {
     pub worker: WorkerConfig,
     /// The queues: the consumed one is `worker.queue`; forwards may target any.
     pub topology: Topology,
+    /// SQS's limit on a message and a batch (`aws.sqs_max_message_bytes`).
+    pub max_message_bytes: usize,
+    /// The queue is the untrusted edge: the `fleet-*` attributes an upstream sets are not the
+    /// fleet's, so handlers and attributions never see them (they still travel, as received,
+    /// into a DLQ).
+    pub untrusted_edge: bool,
 }
 
 /// A running consumer of one queue.
@@ -133,6 +137,8 @@ struct Inner<H> {
     in_flight: Mutex<HashMap<String, String>>,
     acks: Batcher<String>,
     sends: Batcher<SendEntry>,
+    max_message_bytes: usize,
+    untrusted_edge: bool,
     stats: Arc<Stats>,
     health: Health,
 }
@@ -145,6 +151,28 @@ struct SendEntry {
     attributes: HashMap<String, MessageAttributeValue>,
     group_id: Option<String>,
     deduplication_id: Option<String>,
+}
+
+impl SendEntry {
+    /// The size SQS counts: the body and every attribute's name, type and value.
+    fn size(&self) -> usize {
+        self.body.len() + attributes_size(&self.attributes)
+    }
+}
+
+/// The bytes SQS counts for message attributes.
+fn attributes_size(attributes: &HashMap<String, MessageAttributeValue>) -> usize {
+    attributes
+        .iter()
+        .map(|(k, v)| {
+            crate::edge::attribute_bytes(
+                k,
+                v.data_type(),
+                v.string_value().map_or(0, str::len)
+                    + v.binary_value().map_or(0, |b| b.as_ref().len()),
+            )
+        })
+        .sum()
 }
 
 impl<H: Handler> Consumer<H> {
@@ -162,6 +190,8 @@ impl<H: Handler> Consumer<H> {
             role,
             worker,
             topology,
+            max_message_bytes,
+            untrusted_edge,
         } = settings;
         let pair = topology.pair(&worker.queue).cloned().ok_or_else(|| {
             format!(
@@ -180,7 +210,7 @@ impl<H: Handler> Consumer<H> {
         let (sends, _) = {
             let sqs = sqs.clone();
             Batcher::spawn(SQS_BATCH, linger, move |entries| {
-                send_batch(sqs.clone(), entries)
+                send_batch(sqs.clone(), entries, max_message_bytes)
             })
         };
         Ok(Self {
@@ -197,6 +227,8 @@ impl<H: Handler> Consumer<H> {
                 in_flight: Mutex::new(HashMap::new()),
                 acks,
                 sends,
+                max_message_bytes,
+                untrusted_edge,
                 stats: Arc::new(Stats::default()),
                 health,
             }),
@@ -384,11 +416,16 @@ impl<H: Handler> Inner<H> {
             .send()
             .await
             .map_err(|e| crate::sdk_error_message(&e))?;
-        let messages: Vec<Message> = out
+        let mut messages: Vec<Message> = out
             .messages()
             .iter()
             .filter_map(Message::from_sqs)
             .collect();
+        if self.untrusted_edge {
+            for m in &mut messages {
+                m.attributes.retain(|name, _| !name.starts_with("fleet-"));
+            }
+        }
         events::received(&self.pair.queue.name, messages.len());
         Stats::bump(&self.stats.received, messages.len() as u64);
         Ok(messages)
@@ -444,6 +481,7 @@ impl<H: Handler> Inner<H> {
             }
         }
         let held = Mutex::new(held);
+        let ids: Vec<String> = group.iter().map(|(m, _)| m.message_id.clone()).collect();
         let received = group.first().map(|(m, _)| m.received);
         // Hands the rest of the group back to SQS: no longer heartbeated, visible at once.
         let hand_back = |left: Vec<String>| {
@@ -521,9 +559,10 @@ impl<H: Handler> Inner<H> {
             () = work => {}
             never = self.heartbeat_all(&held, received) => match never {},
         }
+        // Done, dead-lettered or handed back: none of the group is this task's any more.
         let mut in_flight = self.in_flight.lock().expect("in-flight lock");
-        for r in held.lock().expect("held lock").iter() {
-            in_flight.retain(|_, receipt| receipt != r);
+        for id in &ids {
+            in_flight.remove(id);
         }
         drop(in_flight);
         self.report_in_flight();
@@ -915,11 +954,37 @@ impl<H: Handler> Inner<H> {
         attributes.remove(attribution::REDRIVE);
         let json = serde_json::to_string(attribution).map_err(|e| e.to_string())?;
         attributes.insert(attribution::ATTRIBUTION.to_owned(), string_attribute(json));
-        let dropped = attribution::fit_attributes(&mut attributes);
+        let mut dropped = attribution::fit_attributes(&mut attributes);
+        // Within SQS's size limit too, or the send fails on every attempt: the upstream's own
+        // attributes go first, the largest first; then the attribution's detail is cut.
+        let limit = self.max_message_bytes;
+        let over = |a: &HashMap<String, MessageAttributeValue>| {
+            message.body.len() + attributes_size(a) > limit
+        };
+        while over(&attributes) {
+            let largest = attributes
+                .iter()
+                .filter(|(k, _)| !k.starts_with("fleet-") && k.as_str() != CORRELATION_ID)
+                .max_by_key(|(k, v)| {
+                    k.len()
+                        + v.string_value().map_or(0, str::len)
+                        + v.binary_value().map_or(0, |b| b.as_ref().len())
+                })
+                .map(|(k, _)| k.clone());
+            let Some(name) = largest else { break };
+            attributes.remove(&name);
+            dropped.push(name);
+        }
+        if over(&attributes) {
+            let mut cut = attribution.clone();
+            cut.detail = "(cut: the message is at SQS's size limit)".to_owned();
+            let json = serde_json::to_string(&cut).map_err(|e| e.to_string())?;
+            attributes.insert(attribution::ATTRIBUTION.to_owned(), string_attribute(json));
+        }
         if !dropped.is_empty() {
             warn!(
                 ?dropped,
-                "message attributes over the SQS limit were not carried into the DLQ"
+                "message attributes over the SQS limits were not carried into the DLQ"
             );
         }
         let dlq = &self.pair.dlq;
@@ -1142,14 +1207,18 @@ async fn delete_batch(
 
 /// SendMessageBatch calls, one per destination queue and size-bounded chunk; each entry learns
 /// its own outcome.
-async fn send_batch(sqs: aws_sdk_sqs::Client, entries: Vec<SendEntry>) -> Vec<EntryResult> {
+async fn send_batch(
+    sqs: aws_sdk_sqs::Client,
+    entries: Vec<SendEntry>,
+    max_batch_bytes: usize,
+) -> Vec<EntryResult> {
     let mut results: Vec<EntryResult> = vec![Err("not attempted".to_owned()); entries.len()];
     let mut by_queue: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, e) in entries.iter().enumerate() {
         by_queue.entry(e.queue_url.as_str()).or_default().push(i);
     }
     for (url, indices) in by_queue {
-        for chunk in chunk_by_size(&indices, |i| entries[i].body.len() + 512, SQS_BATCH_BYTES) {
+        for chunk in chunk_by_size(&indices, |i| entries[i].size(), max_batch_bytes) {
             let request: Vec<_> = chunk
                 .iter()
                 .map(|&i| {
@@ -1349,7 +1418,7 @@ mod tests {
             group_id: None,
             deduplication_id: None,
         };
-        let results = send_batch(sqs, vec![entry("a"), entry("a"), entry("b")]).await;
+        let results = send_batch(sqs, vec![entry("a"), entry("a"), entry("b")], 256 * 1024).await;
         assert_eq!(results[0], Ok(()));
         assert!(results[1].is_err());
         assert_eq!(send.num_calls(), 2, "one call per destination queue");

@@ -39,6 +39,18 @@ pub struct Message {
     pub deduplication_id: Option<String>,
     /// When this process received it (SQS limits visibility to 12 hours from the receive).
     pub received: std::time::Instant,
+    /// Who sent it, as SQS saw it (the `SenderId` system attribute): an IAM principal's
+    /// unique id, which the sender cannot choose.
+    pub sender_id: Option<String>,
+}
+
+/// An id the fleet takes from outside (correlation id): 1–128 characters of letters, digits and
+/// `._:-`, starting with a letter or digit.
+pub fn is_valid_id(s: &str) -> bool {
+    s.len() <= 128
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
 }
 
 impl Message {
@@ -60,7 +72,12 @@ impl Message {
             message_id: m.message_id().unwrap_or_default().to_owned(),
             receipt_handle: m.receipt_handle()?.to_owned(),
             body: m.body().unwrap_or_default().to_owned(),
-            correlation_id: attributes.get(CORRELATION_ID).cloned(),
+            // Only a well-formed id: it goes into every log line and attribution about the
+            // message, and an upstream can put anything in an attribute.
+            correlation_id: attributes
+                .get(CORRELATION_ID)
+                .filter(|c| is_valid_id(c))
+                .cloned(),
             attributes,
             raw_attributes,
             receive_count: sys(MessageSystemAttributeName::ApproximateReceiveCount)
@@ -71,6 +88,7 @@ impl Message {
             group_id: sys(MessageSystemAttributeName::MessageGroupId),
             deduplication_id: sys(MessageSystemAttributeName::MessageDeduplicationId),
             received: std::time::Instant::now(),
+            sender_id: sys(MessageSystemAttributeName::SenderId),
         })
     }
 
@@ -89,6 +107,7 @@ impl Message {
             group_id: None,
             deduplication_id: None,
             received: std::time::Instant::now(),
+            sender_id: Some("000000000000".to_owned()),
         }
     }
 

@@ -8,4 +8,6 @@ mod message;
 pub use batcher::{Batcher, EntryResult};
 pub use concurrency::Concurrency;
 pub use consumer::{Consumer, ConsumerSettings, Stats};
-pub use message::{describe_json_error, Handler, Json, Message, Outcome, Outgoing, TypedHandler};
+pub use message::{
+    describe_json_error, is_valid_id, Handler, Json, Message, Outcome, Outgoing, TypedHandler,
+};

@@ -269,10 +269,16 @@ async fn move_task(
 /// Where a message goes back to: its attribution's source queue, else the queue SQS says it came
 /// from, else the DLQ's only source.
 fn source_of(m: &DlqMessage) -> Option<String> {
-    m.stored_attribution().map(|a| a.source_queue).or_else(|| {
+    let from_arn = || {
         m.dead_letter_source_arn()
             .map(|arn| arn.rsplit(':').next().unwrap_or(arn).to_owned())
-    })
+    };
+    // A current attribution names the queue the worker gave up on; SQS's own stamp names the
+    // queue its redrive policy moved the message from (which a stale attribution may not).
+    m.attribution()
+        .map(|a| a.source_queue)
+        .or_else(from_arn)
+        .or_else(|| m.stored_attribution().map(|a| a.source_queue))
 }
 
 /// The deduplication id of a redriven FIFO message: the original's, marked with the redrive count

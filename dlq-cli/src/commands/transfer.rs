@@ -40,6 +40,9 @@ pub struct ExportReport {
     pub deleted: u64,
     /// Exported but not deleted (still in the queue).
     pub not_deleted: u64,
+    /// Messages whose hold lapsed and that were received again: the export may be missing
+    /// some (run it again).
+    pub lapsed: u64,
 }
 
 /// `dlq export`.
@@ -56,6 +59,7 @@ pub async fn export(
     delete: bool,
     overwrite: bool,
     output: Output,
+    stop: &CancellationToken,
 ) -> Result<Exit> {
     if file.exists() && !overwrite {
         return Err(CliError::Usage(format!(
@@ -77,6 +81,7 @@ pub async fn export(
         exported: 0,
         deleted: 0,
         not_deleted: 0,
+        lapsed: 0,
     };
     let written = stream_export(
         ctx,
@@ -87,10 +92,18 @@ pub async fn export(
         delete,
         &mut report,
         &bar,
+        stop,
     )
     .await;
+    report.lapsed = reader.lapsed();
     reader.finish().await;
     written?;
+    if report.lapsed > 0 {
+        tracing::warn!(
+            lapsed = report.lapsed,
+            "holds lapsed during the export: messages may have been missed; run it again"
+        );
+    }
     bar.finish_and_clear();
     match output {
         Output::Json => output::json(&report),
@@ -118,7 +131,9 @@ pub async fn export(
             }
         }
     }
-    Ok(if report.not_deleted > 0 {
+    Ok(if stop.is_cancelled() {
+        Exit::Interrupted
+    } else if report.not_deleted > 0 || report.lapsed > 0 {
         Exit::Partial
     } else {
         Exit::Ok
@@ -129,11 +144,21 @@ pub async fn export(
 /// file holding them is synced: the reader never holds more than this many chosen messages.
 const DELETE_CHECKPOINT: usize = 1_000;
 
+/// `<file>.tmp`, where an export writes before it renames into place.
+fn temporary(file: &Path) -> std::path::PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".tmp");
+    name.into()
+}
+
 /// Reads the queue batch by batch and writes each chosen message to `<file>.tmp` at once, so
-/// memory stays flat however long the queue. With `delete`, every [`DELETE_CHECKPOINT`]
-/// messages the file is synced and only then are they deleted (a crash leaves `<file>.tmp`
-/// holding every message deleted so far). At the end the file is synced, renamed into place and
-/// its directory synced; then the last checkpoint is deleted.
+/// memory stays flat however long the queue (only the ids of written messages awaiting their
+/// checkpoint are kept). With `delete`, every [`DELETE_CHECKPOINT`] messages (and before
+/// deciding the queue is exhausted) the file is synced and only then are they deleted. At the
+/// end, or on Ctrl-C, the file is synced, renamed into place and its directory synced; then
+/// the last checkpoint is deleted. `<file>.tmp` is created new: an earlier interrupted export's
+/// is never overwritten, and an error after a deletion names it, since it then holds the only
+/// copy of what was deleted.
 #[allow(clippy::too_many_arguments)]
 async fn stream_export(
     ctx: &Ctx,
@@ -144,76 +169,116 @@ async fn stream_export(
     delete: bool,
     report: &mut ExportReport,
     bar: &indicatif::ProgressBar,
+    stop: &CancellationToken,
 ) -> Result<()> {
-    let io =
-        |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", file.display()));
-    let tmp = file.with_extension("jsonl.tmp");
-    let handle = File::create(&tmp).map_err(|e| io("cannot create a temporary file next to", e))?;
+    let tmp = temporary(file);
+    let io = |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", tmp.display()));
+    let handle = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                CliError::Usage(format!(
+                    "{} exists: an earlier export was interrupted and it may hold the only copy of messages it deleted; move it away (or import it) first",
+                    tmp.display()
+                ))
+            } else {
+                io("cannot create", e)
+            }
+        })?;
+    sync_dir(file)?;
     let mut w = BufWriter::new(handle);
-    let mut written: Vec<DlqMessage> = Vec::new();
-    let now = OffsetDateTime::now_utc();
-    loop {
-        let read = report.read as usize;
-        if max.is_some_and(|m| read >= m) {
-            break;
-        }
-        let want = max.map_or(10, |m| (m - read).min(10));
-        let batch = reader.next(want).await?;
-        if batch.is_empty() {
-            if reader.exhausted(ctx).await? {
+    let result = async {
+        let mut written: Vec<String> = Vec::new();
+        let now = OffsetDateTime::now_utc();
+        while !stop.is_cancelled() {
+            let read = report.read as usize;
+            if max.is_some_and(|m| read >= m) {
                 break;
             }
-            continue;
-        }
-        for m in batch {
-            report.read += 1;
-            bar.inc(1);
-            if !filter.matches(&m, now) {
+            let want = max.map_or(10, |m| (m - read).min(10));
+            let batch = reader.next(want).await?;
+            if batch.is_empty() {
+                // Held, undeleted messages block their FIFO group: free them first.
+                if delete && !written.is_empty() {
+                    checkpoint(&mut w, &tmp, reader, &mut written, report).await?;
+                    continue;
+                }
+                if reader.exhausted(ctx).await? {
+                    break;
+                }
                 continue;
             }
-            serde_json::to_writer(&mut w, &m).map_err(|e| CliError::Io(e.to_string()))?;
-            w.write_all(b"\n").map_err(|e| io("cannot write", e))?;
-            report.exported += 1;
-            if delete {
-                written.push(m);
+            for m in batch {
+                report.read += 1;
+                bar.inc(1);
+                if !filter.matches(&m, now) {
+                    continue;
+                }
+                serde_json::to_writer(&mut w, &m).map_err(|e| CliError::Io(e.to_string()))?;
+                w.write_all(b"\n").map_err(|e| io("cannot write", e))?;
+                report.exported += 1;
+                if delete {
+                    written.push(m.message_id);
+                }
+            }
+            if delete && written.len() >= DELETE_CHECKPOINT {
+                checkpoint(&mut w, &tmp, reader, &mut written, report).await?;
             }
         }
-        if delete && written.len() >= DELETE_CHECKPOINT {
-            w.flush().map_err(|e| io("cannot write", e))?;
-            w.get_ref().sync_all().map_err(|e| io("cannot sync", e))?;
-            delete_written(reader, &mut written, report).await?;
+        w.flush().map_err(|e| io("cannot write", e))?;
+        w.get_ref().sync_all().map_err(|e| io("cannot sync", e))?;
+        std::fs::rename(&tmp, file).map_err(|e| io("cannot rename", e))?;
+        sync_dir(file)?;
+        if delete {
+            let ids: Vec<&str> = written.iter().map(String::as_str).collect();
+            let failed = reader.delete_ids(&ids).await?;
+            report.not_deleted += failed.len() as u64;
+            report.deleted += (ids.len() - failed.len()) as u64;
         }
+        Ok::<(), CliError>(())
     }
-    let handle = w
-        .into_inner()
-        .map_err(|e| io("cannot write", e.into_error()))?;
-    handle.sync_all().map_err(|e| io("cannot sync", e))?;
-    std::fs::rename(&tmp, file).map_err(|e| io("cannot rename into", e))?;
+    .await;
+    match result {
+        Err(e) if report.deleted > 0 && tmp.exists() => Err(CliError::Io(format!(
+            "{e}; {} messages already deleted from the queue are in {} (synced): keep it",
+            report.deleted,
+            tmp.display()
+        ))),
+        other => other,
+    }
+}
+
+/// Syncs the file, deletes the messages written since the last checkpoint, and forgets them.
+async fn checkpoint(
+    w: &mut BufWriter<File>,
+    tmp: &Path,
+    reader: &mut Reader,
+    written: &mut Vec<String>,
+    report: &mut ExportReport,
+) -> Result<()> {
+    let io = |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", tmp.display()));
+    w.flush().map_err(|e| io("cannot write", e))?;
+    w.get_ref().sync_all().map_err(|e| io("cannot sync", e))?;
+    let ids: Vec<&str> = written.iter().map(String::as_str).collect();
+    let failed = reader.delete_ids(&ids).await?;
+    report.not_deleted += failed.len() as u64;
+    report.deleted += (ids.len() - failed.len()) as u64;
+    reader.forget(written);
+    written.clear();
+    Ok(())
+}
+
+/// Fsyncs the directory of `file`, so that a created or renamed entry is durable.
+fn sync_dir(file: &Path) -> Result<()> {
     let dir = file
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io("cannot sync the directory of", e))?;
-    if delete {
-        delete_written(reader, &mut written, report).await?;
-    }
-    Ok(())
-}
-
-/// Deletes messages whose lines are synced; counts those SQS would not delete.
-async fn delete_written(
-    reader: &Reader,
-    written: &mut Vec<DlqMessage>,
-    report: &mut ExportReport,
-) -> Result<()> {
-    let refs: Vec<&DlqMessage> = written.iter().collect();
-    let failed = reader.delete(&refs).await?;
-    report.not_deleted += failed.len() as u64;
-    report.deleted += (written.len() - failed.len()) as u64;
-    written.clear();
-    Ok(())
+        .map_err(|e| CliError::Io(format!("cannot sync the directory {}: {e}", dir.display())))
 }
 
 /// Reads an export file; every line must parse (the error names the line).
@@ -347,11 +412,36 @@ pub async fn import(
     })
 }
 
-/// `dlq purge`: deletes every message of the queue, after a confirmation, and counts them.
+/// Whether `dlq purge` may empty this queue. A DLQ (the fleet names them `<queue>-dlq`) holds
+/// dead letters; any other queue holds jobs still waiting for a worker, so it is refused unless
+/// `--work-queue` says so explicitly. `--yes` only skips the confirmation: it never stands in
+/// for `--work-queue`.
 ///
 /// # Errors
-/// AWS errors; no confirmation.
-pub async fn purge(ctx: &Ctx, queue: &Queue, yes: bool, output: Output) -> Result<Exit> {
+/// A work queue without `--work-queue` (a usage error: exit code 2), saying why and what to pass.
+pub fn purge_allowed(queue: &Queue, work_queue: bool) -> Result<()> {
+    if queue.is_dlq() || work_queue {
+        return Ok(());
+    }
+    Err(CliError::Usage(format!(
+        "`{}` is not a DLQ (the fleet names its DLQs `<queue>-dlq`): it is a work queue, its messages are jobs still waiting for a worker, and purging deletes them for good; pass --work-queue to purge it anyway",
+        queue.name
+    )))
+}
+
+/// `dlq purge`: deletes every message of the queue, after a confirmation, and counts them. A
+/// work queue only with `work_queue` ([`purge_allowed`]).
+///
+/// # Errors
+/// A work queue without `--work-queue`; AWS errors; no confirmation.
+pub async fn purge(
+    ctx: &Ctx,
+    queue: &Queue,
+    yes: bool,
+    work_queue: bool,
+    output: Output,
+) -> Result<Exit> {
+    purge_allowed(queue, work_queue)?;
     let info = queues::info(ctx, queue).await?;
     if !yes {
         if !std::io::stdin().is_terminal() {
@@ -401,6 +491,39 @@ pub async fn purge(ctx: &Ctx, queue: &Queue, yes: bool, output: Output) -> Resul
         Output::Table => crate::outln!("deleted {deleted} messages from {}", queue.name),
     }
     Ok(Exit::Ok)
+}
+
+#[cfg(test)]
+mod purge_tests {
+    use super::*;
+
+    fn queue(name: &str) -> Queue {
+        Queue {
+            name: name.to_owned(),
+            url: format!("https://sqs.eu-west-1.amazonaws.com/123456789012/{name}"),
+        }
+    }
+
+    #[test]
+    fn purge_takes_a_dlq_and_refuses_a_work_queue_without_the_flag() {
+        for dlq in ["fleet-orders-dlq", "fleet-orders-dlq.fifo"] {
+            assert!(purge_allowed(&queue(dlq), false).is_ok(), "{dlq}");
+            assert!(purge_allowed(&queue(dlq), true).is_ok(), "{dlq}");
+        }
+        for work in ["fleet-orders", "fleet-ingest.fifo", "fleet-dlq-archive"] {
+            let err = purge_allowed(&queue(work), false).expect_err(work);
+            assert!(matches!(err, CliError::Usage(_)), "{work}: {err:?}");
+            assert_eq!(err.exit(), Exit::Usage);
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("`{work}` is not a DLQ"))
+                    && text.contains("jobs still waiting for a worker")
+                    && text.contains("pass --work-queue"),
+                "the refusal says why and which flag to pass: {text}"
+            );
+            assert!(purge_allowed(&queue(work), true).is_ok(), "{work}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,404 @@
+//! The untrusted edge (threat T-1): the decision ingestion makes on every message ([`admit`]),
+//! and the checks a JSON Schema cannot make (duplicate keys, card numbers, attribute sizes).
+//! Pure functions, used by the ingestion worker and by its fuzz target (`fuzz/`).
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use crate::config::IngestionConfig;
+use crate::contract::{
+    self, DeliveryStatusReported, Envelope, OrderSubmitted, SourceMetadata,
+    DELIVERY_STATUS_REPORTED, EXTERNAL_TYPES, ORDER_SUBMITTED,
+};
+use crate::failure::{HandlerError, Reason};
+use crate::runtime::{describe_json_error, Message};
+
+/// The longest key name an error names (longer ones are cut): key names come from the sender.
+const NAMED_KEY_MAX: usize = 64;
+
+/// Checks that no JSON object in `body`, at any depth, holds the same key twice.
+///
+/// serde_json keeps the last of two equal keys; a validator or WAF in front of the fleet that
+/// keeps the first would have approved another message than the one the fleet acts on.
+///
+/// # Errors
+/// The first duplicated key (cut to 64 characters), or the parse error of a body that is not
+/// JSON.
+pub fn check_unique_keys(body: &str) -> Result<(), String> {
+    let mut de = serde_json::Deserializer::from_str(body);
+    Unique::deserialize_from(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())
+}
+
+/// Walks any JSON value, failing on a repeated key.
+struct Unique;
+
+impl Unique {
+    fn deserialize_from<'de, D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor)
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Unique {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::deserialize_from(d)
+    }
+}
+
+struct UniqueVisitor;
+
+impl<'de> Visitor<'de> for UniqueVisitor {
+    type Value = Unique;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_unit<E>(self) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_none<E>(self) -> Result<Unique, E> {
+        Ok(Unique)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Unique, D::Error> {
+        Unique::deserialize_from(d)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
+        while seq.next_element::<Unique>()?.is_some() {}
+        Ok(Unique)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                let named: String = key.chars().take(NAMED_KEY_MAX).collect();
+                return Err(de::Error::custom(format!("duplicate key `{named}`")));
+            }
+            map.next_value::<Unique>()?;
+        }
+        Ok(Unique)
+    }
+}
+
+/// Where in `value` a card number is, as a JSON pointer (`/payload/payment_reference`), never
+/// the number itself: any string (object keys included) or integer that holds 13–19 digits,
+/// alone or split by spaces, dashes, dots, slashes or underscores, that pass the Luhn check.
+pub fn find_card_number(value: &serde_json::Value) -> Option<String> {
+    fn walk(v: &serde_json::Value, path: &mut String) -> Option<String> {
+        match v {
+            serde_json::Value::String(s) => holds_card_number(s).then(|| path.clone()),
+            serde_json::Value::Number(n) => holds_card_number(&n.to_string()).then(|| path.clone()),
+            serde_json::Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                let len = path.len();
+                path.push_str(&format!("/{i}"));
+                let found = walk(item, path);
+                path.truncate(len);
+                found
+            }),
+            serde_json::Value::Object(map) => map.iter().find_map(|(k, item)| {
+                let len = path.len();
+                let key: String = k.chars().take(NAMED_KEY_MAX).collect();
+                path.push_str(&format!("/{}", key.replace('~', "~0").replace('/', "~1")));
+                let found = if holds_card_number(k) {
+                    Some(format!("{path} (the key)"))
+                } else {
+                    walk(item, path)
+                };
+                path.truncate(len);
+                found
+            }),
+            _ => None,
+        }
+    }
+    walk(value, &mut String::new())
+}
+
+/// Whether `text` holds a card number: a run of 13–19 digits, each pair of digits at most one
+/// separator (space, `-`, `.`, `/`, `_`) apart, passing the Luhn check.
+pub fn holds_card_number(text: &str) -> bool {
+    let mut digits: Vec<u8> = Vec::new();
+    let mut gap = false;
+    let check = |digits: &[u8]| (13..=19).contains(&digits.len()) && luhn(digits);
+    for c in text.chars() {
+        if let Some(d) = c.to_digit(10).filter(|_| c.is_ascii_digit()) {
+            digits.push(d as u8);
+            gap = false;
+        } else if matches!(c, ' ' | '-' | '.' | '/' | '_') && !digits.is_empty() && !gap {
+            gap = true;
+        } else {
+            if check(&digits) {
+                return true;
+            }
+            digits.clear();
+            gap = false;
+        }
+    }
+    check(&digits)
+}
+
+/// The Luhn checksum (ISO/IEC 7812) over digits, the check digit last.
+pub fn luhn(digits: &[u8]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| {
+            let d = u32::from(d);
+            if i % 2 == 1 {
+                let double = d * 2;
+                if double > 9 {
+                    double - 9
+                } else {
+                    double
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    !digits.is_empty() && sum % 10 == 0
+}
+
+/// The size SQS counts for a message attribute: name, data type and value.
+pub fn attribute_bytes(name: &str, data_type: &str, value_len: usize) -> usize {
+    name.len() + data_type.len() + value_len
+}
+
+/// Message attribute an upstream may set with its request id.
+pub const UPSTREAM_REQUEST_ID: &str = "request-id";
+
+/// The external types the edge accepts.
+pub const ROUTED_TYPES: [&str; 2] = [ORDER_SUBMITTED, DELIVERY_STATUS_REPORTED];
+
+/// What the edge forwards.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// The type.
+    pub kind: &'static str,
+    /// The typed envelope, stamped and re-serialised.
+    pub body: String,
+    /// Its correlation id.
+    pub correlation_id: String,
+    /// The edge's source metadata.
+    pub metadata: SourceMetadata,
+}
+
+/// The edge's decision on one message: rejected with a reason, or the envelope to forward.
+/// The checks, in order: size (body and attributes), JSON with no key twice, no card
+/// number anywhere, the published schema, then the typed decode that every later stage
+/// uses; what is forwarded is that typed value re-serialised, never the raw body.
+///
+/// # Errors
+/// A permanent failure with its reason.
+pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, HandlerError> {
+    let attribute_bytes: usize = message
+        .raw_attributes
+        .iter()
+        .map(|(k, v)| {
+            attribute_bytes(
+                k,
+                v.data_type(),
+                v.string_value().map_or(0, str::len)
+                    + v.binary_value().map_or(0, |b| b.as_ref().len()),
+            )
+        })
+        .sum();
+    if message.body.len() + attribute_bytes > limits.max_body_bytes {
+        return Err(HandlerError::permanent(
+            Reason("body_too_large"),
+            format!(
+                "{} bytes of body and {attribute_bytes} of attributes, limit {}",
+                message.body.len(),
+                limits.max_body_bytes
+            ),
+        ));
+    }
+    check_unique_keys(&message.body).map_err(|e| {
+        if e.contains("duplicate key") {
+            HandlerError::permanent(Reason("duplicate_key"), e)
+        } else {
+            HandlerError::permanent(Reason("malformed_json"), e)
+        }
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&message.body)
+        .map_err(|e| HandlerError::permanent(Reason("malformed_json"), describe_json_error(&e)))?;
+    // Payment data never enters the fleet (nor its logs or DLQ attributions: only where).
+    if let Some(path) = find_card_number(&value) {
+        return Err(HandlerError::permanent(
+            Reason("payment_data"),
+            format!("a card number at {path}"),
+        ));
+    }
+    let kind = contract::validate(&value, &EXTERNAL_TYPES)
+        .map_err(|v| HandlerError::permanent(Reason(v.reason), v.fields.join("; ")))?;
+    let kind = ROUTED_TYPES
+        .into_iter()
+        .find(|k| *k == kind)
+        .expect("every external type is routed");
+    let sender = sender(limits, message, kind)?;
+    let received_at = now_rfc3339();
+    let body = match kind {
+        ORDER_SUBMITTED => stamp::<OrderSubmitted>(value, message, sender, received_at)?,
+        _ => stamp::<DeliveryStatusReported>(value, message, sender, received_at)?,
+    };
+    Ok(Admitted {
+        kind,
+        body: body.0,
+        correlation_id: body.1,
+        metadata: body.2,
+    })
+}
+
+/// Decodes the envelope as the next stage will, stamps the edge's metadata and correlation
+/// id, and serialises it again.
+fn stamp<P: serde::de::DeserializeOwned + serde::Serialize>(
+    value: serde_json::Value,
+    message: &Message,
+    sender: &str,
+    received_at: String,
+) -> Result<(String, String, SourceMetadata), HandlerError> {
+    let mut envelope: Envelope<P> = serde_json::from_value(value).map_err(|e| {
+        HandlerError::permanent(Reason("schema_violation"), describe_json_error(&e))
+    })?;
+    // The upstream's correlation id, else one derived from the event id: every copy of an
+    // event (a redelivery, a redrive, an upstream retry) carries the same one.
+    let correlation_id = envelope
+        .correlation_id
+        .clone()
+        .or_else(|| message.correlation_id.clone().filter(|c| valid_id(c)))
+        .unwrap_or_else(|| derived_correlation_id(&envelope.event_id));
+    // Source metadata is always the edge's own: an upstream cannot pre-stamp it (R-2). The
+    // source is the sender SQS saw, never what the message says of itself.
+    let metadata = SourceMetadata {
+        source: sender.to_owned(),
+        request_id: upstream_label(message.attributes.get(UPSTREAM_REQUEST_ID))
+            .unwrap_or_else(|| message.message_id.clone()),
+        received_at,
+    };
+    // Event ids are the sender's own: namespaced, so one sender cannot take another's.
+    envelope.event_id = sender_event_id(sender, &envelope.event_id);
+    envelope.correlation_id = Some(correlation_id.clone());
+    envelope.metadata = Some(metadata.clone());
+    let body = serde_json::to_string(&envelope).expect("envelopes serialize");
+    Ok((body, correlation_id, metadata))
+}
+
+/// The named sender of the message, if it may send `kind`.
+fn sender<'a>(
+    limits: &'a IngestionConfig,
+    message: &Message,
+    kind: &str,
+) -> Result<&'a str, HandlerError> {
+    let not_allowed = |why: String| HandlerError::permanent(Reason("sender_not_allowed"), why);
+    let id = message
+        .sender_id
+        .as_deref()
+        .ok_or_else(|| not_allowed("the message has no SenderId".to_owned()))?;
+    let (name, sender) = limits
+        .sender_of(id)
+        .ok_or_else(|| not_allowed("its SenderId is not a configured sender".to_owned()))?;
+    if !sender.types.iter().any(|t| t == kind) {
+        return Err(not_allowed(format!("sender `{name}` may not send {kind}")));
+    }
+    Ok(name)
+}
+
+/// The id of a sender's event inside the fleet: `<sender>:<event id>`.
+pub fn sender_event_id(sender: &str, event_id: &str) -> String {
+    format!("{sender}:{event_id}")
+}
+
+/// A correlation id for an event whose upstream sent none: the same for every copy of it.
+fn derived_correlation_id(event_id: &str) -> String {
+    let hash = contract::fingerprint(&event_id);
+    format!("c-{}", &hash[..32])
+}
+
+fn valid_id(s: &str) -> bool {
+    crate::runtime::is_valid_id(s)
+}
+
+/// An upstream-supplied label, kept only when it is a short identifier.
+fn upstream_label(value: Option<&String>) -> Option<String> {
+    value.filter(|v| valid_id(v) && v.len() <= 64).cloned()
+}
+
+/// Now, RFC 3339 UTC.
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("now formats")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_twice_at_any_depth_is_refused() {
+        assert!(check_unique_keys(r#"{"a":1,"b":{"c":[{"d":1,"e":2}]}}"#).is_ok());
+        let e = check_unique_keys(r#"{"quantity":1,"quantity":1000}"#).unwrap_err();
+        assert!(e.contains("duplicate key `quantity`"), "{e}");
+        let e = check_unique_keys(r#"{"p":{"lines":[{"sku":"A","sku":"B"}]}}"#).unwrap_err();
+        assert!(e.contains("`sku`"), "{e}");
+        assert!(check_unique_keys(r#"{"a":1} trailing"#).is_err());
+        assert!(check_unique_keys("{not json").is_err());
+        // The same key in two sibling objects is fine.
+        assert!(check_unique_keys(r#"[{"a":1},{"a":2}]"#).is_ok());
+    }
+
+    #[test]
+    fn card_numbers_are_found_in_any_form_and_only_where_luhn_passes() {
+        for card in [
+            "4111111111111111",
+            "4111 1111 1111 1111",
+            "4111-1111-1111-1111",
+            "4111.1111.1111.1111",
+            "4111/1111/1111/1111",
+            "4111_1111_1111_1111",
+            "ref 378282246310005 ok",
+            "6011111111111117",
+            "pay_4111111111111111",
+        ] {
+            assert!(holds_card_number(card), "{card}");
+        }
+        for not_card in [
+            "4111111111111112",
+            "411111111111",
+            "41111111111111111111",
+            "4111  1111 1111 1111",
+            "+33 6 12 34 56 78",
+            "pay_0123456789ab",
+            "2026-11-25T10:00:00Z",
+        ] {
+            assert!(!holds_card_number(not_card), "{not_card}");
+        }
+        let v = serde_json::json!({"payload": {"lines": [{"sku": "A"}], "payment_reference": "4111 1111 1111 1111"}});
+        assert_eq!(
+            find_card_number(&v).as_deref(),
+            Some("/payload/payment_reference")
+        );
+        let v = serde_json::json!({"payload": {"n": 4_111_111_111_111_111_u64}});
+        assert_eq!(find_card_number(&v).as_deref(), Some("/payload/n"));
+        assert_eq!(find_card_number(&serde_json::json!({"a": "b"})), None);
+    }
+}
