@@ -255,7 +255,7 @@ pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, Ha
         .find(|k| *k == kind)
         .expect("every external type is routed");
     let sender = sender(limits, message, kind)?;
-    let received_at = now_rfc3339();
+    let received_at = crate::now_rfc3339();
     let body = match kind {
         ORDER_SUBMITTED => stamp::<OrderSubmitted>(value, message, sender, received_at)?,
         _ => stamp::<DeliveryStatusReported>(value, message, sender, received_at)?,
@@ -340,13 +340,6 @@ fn valid_id(s: &str) -> bool {
 /// An upstream-supplied label, kept only when it is a short identifier.
 fn upstream_label(value: Option<&String>) -> Option<String> {
     value.filter(|v| valid_id(v) && v.len() <= 64).cloned()
-}
-
-/// Now, RFC 3339 UTC.
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("now formats")
 }
 
 #[cfg(test)]

@@ -26,3 +26,10 @@ pub use failure::{HandlerError, Reason};
 pub fn sdk_error_message<E: std::error::Error + 'static>(error: &E) -> String {
     aws_smithy_types::error::display::DisplayErrorContext(error).to_string()
 }
+
+/// Now, RFC 3339 UTC.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("now formats")
+}

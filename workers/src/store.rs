@@ -370,12 +370,7 @@ pub struct Product {
     pub substitute: Option<String>,
 }
 
-/// Now, RFC 3339 UTC.
-pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("now formats")
-}
+pub use fleet_common::now_rfc3339;
 
 #[cfg(test)]
 mod tests {

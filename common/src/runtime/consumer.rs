@@ -782,26 +782,7 @@ impl<H: Handler> Inner<H> {
             };
             let receipts = held.lock().expect("held lock").clone();
             for chunk in receipts.chunks(SQS_BATCH) {
-                let entries = chunk
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| {
-                        ChangeMessageVisibilityBatchRequestEntry::builder()
-                            .id(i.to_string())
-                            .receipt_handle(r)
-                            .visibility_timeout(extend_to)
-                            .build()
-                            .expect("id and receipt handle are set")
-                    })
-                    .collect();
-                let result = self
-                    .sqs
-                    .change_message_visibility_batch()
-                    .queue_url(&self.pair.queue.url)
-                    .set_entries(Some(entries))
-                    .send()
-                    .await;
-                let ok = result.as_ref().is_ok_and(|out| out.failed().is_empty());
+                let ok = self.change_visibility(chunk, extend_to).await.is_ok();
                 events::heartbeat(&self.pair.queue.name, ok);
             }
         }
@@ -1023,6 +1004,39 @@ impl<H: Handler> Inner<H> {
         }
     }
 
+    /// One ChangeMessageVisibilityBatch of up to ten receipts to `secs`; `Err` when the request
+    /// or any entry failed.
+    async fn change_visibility(&self, receipts: &[String], secs: i32) -> Result<(), String> {
+        let entries = receipts
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(r)
+                    .visibility_timeout(secs)
+                    .build()
+                    .expect("id and receipt handle are set")
+            })
+            .collect();
+        let out = self
+            .sqs
+            .change_message_visibility_batch()
+            .queue_url(&self.pair.queue.url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| crate::sdk_error_message(&e))?;
+        match out.failed().first() {
+            None => Ok(()),
+            Some(f) => Err(format!(
+                "{} entries failed ({})",
+                out.failed().len(),
+                f.code()
+            )),
+        }
+    }
+
     /// Makes messages visible again at once.
     async fn release(&self, receipts: Vec<String>) {
         if receipts.is_empty() {
@@ -1030,27 +1044,8 @@ impl<H: Handler> Inner<H> {
         }
         let count = receipts.len();
         for chunk in receipts.chunks(SQS_BATCH) {
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    ChangeMessageVisibilityBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .receipt_handle(r)
-                        .visibility_timeout(0)
-                        .build()
-                        .expect("id and receipt handle are set")
-                })
-                .collect();
-            let result = self
-                .sqs
-                .change_message_visibility_batch()
-                .queue_url(&self.pair.queue.url)
-                .set_entries(Some(entries))
-                .send()
-                .await;
-            if let Err(e) = result {
-                warn!(error = %crate::sdk_error_message(&e), "release failed; SQS redelivers after the visibility timeout");
+            if let Err(e) = self.change_visibility(chunk, 0).await {
+                warn!(error = %e, "release failed; SQS redelivers after the visibility timeout");
             }
         }
         Stats::bump(&self.stats.released, count as u64);
