@@ -491,10 +491,15 @@ impl FleetConfig {
                     "a sender's name is 1–32 lowercase letters, digits and `-` (it prefixes its event ids)",
                 ));
             }
-            if sender.ids.is_empty() || sender.ids.iter().any(String::is_empty) {
+            if sender.ids.is_empty()
+                || sender
+                    .ids
+                    .iter()
+                    .any(|id| id.is_empty() || id.contains(':'))
+            {
                 return Err(ConfigError::invalid(
                     at("ids"),
-                    "list at least one SQS SenderId, none empty",
+                    "list at least one SQS SenderId, none empty, none with a `:session` part (a role's id matches all its sessions)",
                 ));
             }
             if sender.types.is_empty() {

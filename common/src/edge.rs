@@ -90,8 +90,9 @@ impl<'de> Visitor<'de> for UniqueVisitor {
         let mut seen = HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
             if !seen.insert(key.clone()) {
-                let named: String = key.chars().take(NAMED_KEY_MAX).collect();
-                return Err(de::Error::custom(format!("duplicate key `{named}`")));
+                // Not named: the key is the sender's text (it could hold anything, card data
+                // included); the position in the error says where.
+                return Err(de::Error::custom("duplicate key"));
             }
             map.next_value::<Unique>()?;
         }
@@ -132,27 +133,91 @@ pub fn find_card_number(value: &serde_json::Value) -> Option<String> {
     walk(value, &mut String::new())
 }
 
-/// Whether `text` holds a card number: a run of 13–19 digits, each pair of digits at most one
-/// separator (space, `-`, `.`, `/`, `_`) apart, passing the Luhn check.
+/// The value of a decimal digit in any of the scripts a sender may use (ASCII, full-width,
+/// Arabic-Indic, extended Arabic-Indic, Devanagari).
+pub fn digit_value(c: char) -> Option<u8> {
+    let zero = match c {
+        '0'..='9' => '0',
+        '\u{FF10}'..='\u{FF19}' => '\u{FF10}',
+        '\u{0660}'..='\u{0669}' => '\u{0660}',
+        '\u{06F0}'..='\u{06F9}' => '\u{06F0}',
+        '\u{0966}'..='\u{096F}' => '\u{0966}',
+        _ => return None,
+    };
+    Some((c as u32 - zero as u32) as u8)
+}
+
+/// A character that may stand between the digits of a card number as written.
+fn card_separator(c: char) -> bool {
+    matches!(
+        c,
+        ' ' | '-'
+            | '.'
+            | '/'
+            | '_'
+            | ':'
+            | ','
+            | '\u{00A0}'
+            | '\u{2007}'
+            | '\u{2009}'
+            | '\u{202F}'
+            | '\u{200B}'
+            | '\u{2010}'
+            | '\u{2011}'
+            | '\u{2012}'
+            | '\u{2013}'
+            | '\u{2014}'
+            | '\u{FF0D}'
+            | '\u{3000}'
+    )
+}
+
+/// Whether `text` holds a card number: a run of digits (in any script), each pair at most
+/// three separators apart (spaces, dashes, dots, slashes, underscores, colons, commas and their
+/// Unicode kin), whose 13–19 digits pass the Luhn check, taken whole or, for a longer run, as
+/// its first or last 13–19 digits (a card written with its expiry and code, or after a house
+/// number) starting with a card network's first digit (2–6).
 pub fn holds_card_number(text: &str) -> bool {
+    // A timestamp's time and fraction (`10:00:00.123456789`) read as 15 digits with colons and
+    // a dot between them: a time is not a card.
+    if time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).is_ok() {
+        return false;
+    }
     let mut digits: Vec<u8> = Vec::new();
-    let mut gap = false;
-    let check = |digits: &[u8]| (13..=19).contains(&digits.len()) && luhn(digits);
+    let mut gap = 0;
     for c in text.chars() {
-        if let Some(d) = c.to_digit(10).filter(|_| c.is_ascii_digit()) {
-            digits.push(d as u8);
-            gap = false;
-        } else if matches!(c, ' ' | '-' | '.' | '/' | '_') && !digits.is_empty() && !gap {
-            gap = true;
+        if let Some(d) = digit_value(c) {
+            digits.push(d);
+            gap = 0;
+        } else if card_separator(c) && !digits.is_empty() && gap < 3 {
+            gap += 1;
         } else {
-            if check(&digits) {
+            if run_holds_card(&digits) {
                 return true;
             }
             digits.clear();
-            gap = false;
+            gap = 0;
         }
     }
-    check(&digits)
+    run_holds_card(&digits)
+}
+
+fn run_holds_card(digits: &[u8]) -> bool {
+    let n = digits.len();
+    if (13..=19).contains(&n) && luhn(digits) {
+        return true;
+    }
+    let network = |w: &[u8]| (2..=6).contains(&w[0]) && luhn(w);
+    (13..=19.min(n.saturating_sub(1)))
+        .any(|len| network(&digits[..len]) || network(&digits[n - len..]))
+}
+
+/// `text` with every digit (any script) masked as `#`: what is kept of a message refused for
+/// payment data.
+pub fn mask_digits(text: &str) -> String {
+    text.chars()
+        .map(|c| if digit_value(c).is_some() { '#' } else { c })
+        .collect()
 }
 
 /// The Luhn checksum (ISO/IEC 7812) over digits, the check digit last.
@@ -241,7 +306,18 @@ pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, Ha
     })?;
     let value: serde_json::Value = serde_json::from_str(&message.body)
         .map_err(|e| HandlerError::permanent(Reason("malformed_json"), describe_json_error(&e)))?;
-    // Payment data never enters the fleet (nor its logs or DLQ attributions: only where).
+    // Payment data never enters the fleet (nor its logs or DLQ attributions: only where), in
+    // the body or in an attribute (a correlation or request id goes into every log line).
+    if let Some(name) = message.raw_attributes.iter().find_map(|(name, v)| {
+        v.string_value()
+            .is_some_and(holds_card_number)
+            .then(|| name.chars().take(NAMED_KEY_MAX).collect::<String>())
+    }) {
+        return Err(HandlerError::permanent(
+            Reason("payment_data"),
+            format!("a card number in attribute {name}"),
+        ));
+    }
     if let Some(path) = find_card_number(&value) {
         return Err(HandlerError::permanent(
             Reason("payment_data"),
@@ -285,7 +361,7 @@ fn stamp<P: serde::de::DeserializeOwned + serde::Serialize>(
         .correlation_id
         .clone()
         .or_else(|| message.correlation_id.clone().filter(|c| valid_id(c)))
-        .unwrap_or_else(|| derived_correlation_id(&envelope.event_id));
+        .unwrap_or_else(|| derived_correlation_id(&sender_event_id(sender, &envelope.event_id)));
     // Source metadata is always the edge's own: an upstream cannot pre-stamp it (R-2). The
     // source is the sender SQS saw, never what the message says of itself.
     let metadata = SourceMetadata {
@@ -350,9 +426,11 @@ mod tests {
     fn a_key_twice_at_any_depth_is_refused() {
         assert!(check_unique_keys(r#"{"a":1,"b":{"c":[{"d":1,"e":2}]}}"#).is_ok());
         let e = check_unique_keys(r#"{"quantity":1,"quantity":1000}"#).unwrap_err();
-        assert!(e.contains("duplicate key `quantity`"), "{e}");
-        let e = check_unique_keys(r#"{"p":{"lines":[{"sku":"A","sku":"B"}]}}"#).unwrap_err();
-        assert!(e.contains("`sku`"), "{e}");
+        assert!(e.contains("duplicate key at line 1"), "{e}");
+        assert!(!e.contains("quantity"), "the key is not echoed: {e}");
+        assert!(check_unique_keys(r#"{"p":{"lines":[{"sku":"A","sku":"B"}]}}"#).is_err());
+        // An escaped key is the same key.
+        assert!(check_unique_keys(r#"{"a":1,"\u0061":2}"#).is_err());
         assert!(check_unique_keys(r#"{"a":1} trailing"#).is_err());
         assert!(check_unique_keys("{not json").is_err());
         // The same key in two sibling objects is fine.
@@ -371,17 +449,28 @@ mod tests {
             "ref 378282246310005 ok",
             "6011111111111117",
             "pay_4111111111111111",
+            "4111:1111:1111:1111",
+            "4111111111111111-1228",
+            "4111 1111 1111 1111 12/28 737",
+            "Flat 2 4111 1111 1111 1111",
+            "4111--1111--1111--1111",
+            "4111 - 1111 - 1111 - 1111",
+            "\u{FF14}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}\u{FF11}",
+            "4111\u{00A0}1111\u{00A0}1111\u{00A0}1111",
+            "4111\u{2013}1111\u{2013}1111\u{2013}1111",
+            "4111,1111,1111,1111",
         ] {
             assert!(holds_card_number(card), "{card}");
         }
         for not_card in [
             "4111111111111112",
             "411111111111",
-            "41111111111111111111",
-            "4111  1111 1111 1111",
+            "11111111111111111111",
             "+33 6 12 34 56 78",
             "pay_0123456789ab",
             "2026-11-25T10:00:00Z",
+            "2026-11-25T21:07:13.123456789Z",
+            "2026-11-25T02:57:12.445566778Z",
         ] {
             assert!(!holds_card_number(not_card), "{not_card}");
         }
@@ -393,5 +482,15 @@ mod tests {
         let v = serde_json::json!({"payload": {"n": 4_111_111_111_111_111_u64}});
         assert_eq!(find_card_number(&v).as_deref(), Some("/payload/n"));
         assert_eq!(find_card_number(&serde_json::json!({"a": "b"})), None);
+    }
+
+    #[test]
+    fn a_message_refused_for_payment_data_keeps_no_digit() {
+        let masked = mask_digits(r#"{"payment_reference":"4111 1111 1111 1111","n":"\u{FF14}2"}"#);
+        assert!(
+            !masked.chars().any(|c| digit_value(c).is_some()),
+            "{masked}"
+        );
+        assert!(masked.contains("#### #### #### ####"), "{masked}");
     }
 }

@@ -13,9 +13,12 @@ pub const MAX_REDACTED_CHARS: usize = 512;
 static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}").expect("email regex")
 });
-// Seven or more digits, optionally separated by spaces, dots or dashes: phone and card numbers.
-static DIGITS: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\+?\d(?:[\s.\-]?\d){6,}").expect("digit-run regex"));
+// Seven or more digits (any script), up to three separators apart (the separators the edge's card
+// detector knows): phone, card and account numbers.
+static DIGITS: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\+?\d(?:[\s.\-_/:,\u{2010}-\u{2014}\u{FF0D}]{0,3}\d){6,}")
+        .expect("digit-run regex")
+});
 static SECRET: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r#"(?i)("?(?:password|secret|token|authorization|api[_-]?key|payment_ref(?:erence)?|card)"?\s*[:=]\s*)("[^"]*"|[^\s,}]+)"#)
         .expect("secret regex")

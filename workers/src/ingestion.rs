@@ -226,6 +226,19 @@ mod tests {
                 err.detail()
             );
         }
+        // In an attribute too: a correlation id goes into every log line about the message.
+        let mut message = Message::for_test(order_body());
+        message.raw_attributes.insert(
+            "correlation-id".into(),
+            aws_sdk_sqs::types::MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value("4111111111111111")
+                .build()
+                .unwrap(),
+        );
+        let err = ingestion().handle(&message).await_now().unwrap_err();
+        assert_eq!(err.reason().0, "payment_data");
+        assert!(!err.detail().contains("1111"), "{}", err.detail());
     }
 
     #[test]

@@ -933,28 +933,48 @@ impl<H: Handler> Inner<H> {
     ) -> Result<(), String> {
         let mut attributes = message.raw_attributes.clone();
         attributes.remove(attribution::REDRIVE);
+        // A message refused for payment data is kept without a digit: the DLQ (kept for days,
+        // exported, read by people) must not store what the edge refused to let in.
+        let payment_data = attribution.reason == "payment_data";
+        if payment_data {
+            for value in attributes.values_mut() {
+                if let Some(text) = value.string_value() {
+                    *value = string_attribute(crate::edge::mask_digits(text));
+                }
+            }
+        }
+        let body = if payment_data {
+            crate::edge::mask_digits(&message.body)
+        } else {
+            message.body.clone()
+        };
         let json = serde_json::to_string(attribution).map_err(|e| e.to_string())?;
         attributes.insert(attribution::ATTRIBUTION.to_owned(), string_attribute(json));
         let mut dropped = attribution::fit_attributes(&mut attributes);
         // Within SQS's size limit too, or the send fails on every attempt: the upstream's own
         // attributes go first, the largest first; then the attribution's detail is cut.
         let limit = self.max_message_bytes;
-        let over = |a: &HashMap<String, MessageAttributeValue>| {
-            message.body.len() + attributes_size(a) > limit
+        let over =
+            |a: &HashMap<String, MessageAttributeValue>| body.len() + attributes_size(a) > limit;
+        let bytes = |(k, v): &(&String, &MessageAttributeValue)| {
+            k.len()
+                + v.string_value().map_or(0, str::len)
+                + v.binary_value().map_or(0, |b| b.as_ref().len())
         };
-        while over(&attributes) {
-            let largest = attributes
-                .iter()
-                .filter(|(k, _)| !k.starts_with("fleet-") && k.as_str() != CORRELATION_ID)
-                .max_by_key(|(k, v)| {
-                    k.len()
-                        + v.string_value().map_or(0, str::len)
-                        + v.binary_value().map_or(0, |b| b.as_ref().len())
-                })
-                .map(|(k, _)| k.clone());
-            let Some(name) = largest else { break };
-            attributes.remove(&name);
-            dropped.push(name);
+        // The upstream's own attributes go first, then any but the attribution (at the edge an
+        // upstream may have set `fleet-*` or a huge correlation id itself), the largest first.
+        let ours = |k: &str| k.starts_with("fleet-") || k == CORRELATION_ID;
+        for any in [false, true] {
+            while over(&attributes) {
+                let largest = attributes
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != attribution::ATTRIBUTION && (any || !ours(k)))
+                    .max_by_key(bytes)
+                    .map(|(k, _)| k.clone());
+                let Some(name) = largest else { break };
+                attributes.remove(&name);
+                dropped.push(name);
+            }
         }
         if over(&attributes) {
             let mut cut = attribution.clone();
@@ -972,7 +992,7 @@ impl<H: Handler> Inner<H> {
         self.sends
             .submit(SendEntry {
                 queue_url: dlq.url.clone(),
-                body: message.body.clone(),
+                body,
                 attributes,
                 group_id: dlq.fifo.then(|| {
                     message

@@ -45,12 +45,14 @@ pub struct Message {
 }
 
 /// An id the fleet takes from outside (correlation id): 1–128 characters of letters, digits and
-/// `._:-`, starting with a letter or digit.
+/// `._:-`, starting with a letter or digit, and no card number.
 pub fn is_valid_id(s: &str) -> bool {
     s.len() <= 128
         && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
+        // An id goes into every log line about the message: never a card number.
+        && !crate::edge::holds_card_number(s)
 }
 
 impl Message {
