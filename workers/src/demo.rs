@@ -322,6 +322,13 @@ pub async fn dead_letters(
                             .and_then(|e| e.as_str())
                             .map(str::to_owned)
                     });
+                // A message refused for payment data is kept with its digits masked: its
+                // event id no longer tells it apart, its source message id does.
+                let event_id = event_id.filter(|_| {
+                    attribution
+                        .as_ref()
+                        .is_none_or(|a| a.reason != "payment_data")
+                });
                 let input = event_id.map_or_else(
                     || {
                         attribution.as_ref().map_or_else(
