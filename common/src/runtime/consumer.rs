@@ -557,7 +557,7 @@ impl<H: Handler> Inner<H> {
         let received = received.unwrap_or_else(std::time::Instant::now);
         tokio::select! {
             () = work => {}
-            never = self.heartbeat_all(&held, received) => match never {},
+            never = self.heartbeat(&held, received) => match never {},
         }
         // Done, dead-lettered or handed back: none of the group is this task's any more.
         let mut in_flight = self.in_flight.lock().expect("in-flight lock");
@@ -622,9 +622,10 @@ impl<H: Handler> Inner<H> {
                 .lock()
                 .expect("in-flight lock")
                 .insert(message.message_id.clone(), message.receipt_handle.clone());
+            let held = Mutex::new(vec![message.receipt_handle.clone()]);
             let ran = tokio::select! {
                 ran = self.run_through_throttling(&message) => ran,
-                never = self.heartbeat(&message.receipt_handle, message.received) => match never {},
+                never = self.heartbeat(&held, message.received) => match never {},
             };
             let left_queue = match ran {
                 Ran::Done(result) => matches!(
@@ -729,32 +730,6 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    /// Extends the message's visibility every heartbeat interval, for as long as it is polled,
-    /// never past SQS's 12 hours from the receive.
-    async fn heartbeat(
-        &self,
-        receipt: &str,
-        received: std::time::Instant,
-    ) -> std::convert::Infallible {
-        let every = self.worker.heartbeat_interval();
-        let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
-        loop {
-            ticks.tick().await;
-            let Some(extend_to) = self.extension(received) else {
-                continue;
-            };
-            let result = self
-                .sqs
-                .change_message_visibility()
-                .queue_url(&self.pair.queue.url)
-                .receipt_handle(receipt)
-                .visibility_timeout(extend_to)
-                .send()
-                .await;
-            events::heartbeat(&self.pair.queue.name, result.is_ok());
-        }
-    }
-
     /// The visibility a heartbeat asks for: the queue's timeout, within what is left of the 12
     /// hours SQS allows from the receive; `None` when nothing is left.
     fn extension(&self, received: std::time::Instant) -> Option<i32> {
@@ -766,9 +741,10 @@ impl<H: Handler> Inner<H> {
         (secs > 0).then_some(secs as i32)
     }
 
-    /// Extends the visibility of every message in `held` (a FIFO group's) every heartbeat
-    /// interval, for as long as it is polled.
-    async fn heartbeat_all(
+    /// Extends the visibility of every message in `held` (one message, or a FIFO group's) every
+    /// heartbeat interval, for as long as it is polled, never past SQS's 12 hours from the
+    /// receive.
+    async fn heartbeat(
         &self,
         held: &Mutex<Vec<String>>,
         received: std::time::Instant,
