@@ -186,6 +186,10 @@ fn card_separator(c: char) -> bool {
 /// its first or last 13–19 digits (a card written with its expiry and code, or after a house
 /// number) starting with a card network's first digit (2–6).
 pub fn holds_card_number(text: &str) -> bool {
+    // Most texts (ids, names, codes) hold fewer digits than any card: no further work.
+    if text.chars().filter(|c| digit_value(*c).is_some()).count() < 13 {
+        return false;
+    }
     // A timestamp's time and fraction (`10:00:00.123456789`) read as 15 digits with colons and
     // a dot between them: a time is not a card, alone or inside a longer text (the JSON of an
     // attribution or a redrive record holds several).
@@ -367,7 +371,12 @@ fn stamp<P: serde::de::DeserializeOwned + serde::Serialize>(
     let correlation_id = envelope
         .correlation_id
         .clone()
-        .or_else(|| message.correlation_id.clone().filter(|c| valid_id(c)))
+        .or_else(|| {
+            message
+                .correlation_id
+                .clone()
+                .filter(|c| crate::runtime::is_valid_id(c))
+        })
         .unwrap_or_else(|| derived_correlation_id(&sender_event_id(sender, &envelope.event_id)));
     // Source metadata is always the edge's own: an upstream cannot pre-stamp it. The
     // source is the sender SQS saw, never what the message says of itself.
@@ -416,13 +425,11 @@ fn derived_correlation_id(event_id: &str) -> String {
     format!("c-{}", &hash[..32])
 }
 
-fn valid_id(s: &str) -> bool {
-    crate::runtime::is_valid_id(s)
-}
-
 /// An upstream-supplied label, kept only when it is a short identifier.
 fn upstream_label(value: Option<&String>) -> Option<String> {
-    value.filter(|v| valid_id(v) && v.len() <= 64).cloned()
+    value
+        .filter(|v| crate::runtime::is_valid_id(v) && v.len() <= 64)
+        .cloned()
 }
 
 #[cfg(test)]
