@@ -33,6 +33,30 @@ fn valid_only() -> Mix {
     }
 }
 
+/// Feeds `scenario`'s submissions to the running `fleet`, waits until every queue drains, and
+/// stops it; returns what the fault plan injected and each role's counters.
+async fn drain_through(
+    env: &TestEnv,
+    fleet: fleet_e2e::RunningFleet,
+    scenario: &Scenario,
+) -> (
+    std::collections::BTreeMap<String, u64>,
+    Vec<workers::fleet::RoleStats>,
+) {
+    send_all(&env.clients.sqs, &env.url("ingest"), &scenario.submissions)
+        .await
+        .unwrap();
+    wait_idle(&env.clients.sqs, &env.topology, PHASE)
+        .await
+        .unwrap();
+    let injected = fleet
+        .faults
+        .as_ref()
+        .map(fleet_common::faults::FaultPlan::injected)
+        .unwrap_or_default();
+    (injected, fleet.stop().await)
+}
+
 /// Waits until a DLQ holds `n` messages (visible).
 async fn dlq_holds(env: &TestEnv, key: &str, n: u64) -> bool {
     let url = env.dlq_url(key);
@@ -118,14 +142,7 @@ async fn sustained_throttling_slows_the_fleet_and_dead_letters_nothing() {
     let fleet = env
         .start_fleet(Some("dynamodb:*:throttle:1:burst=8s/1h"))
         .await;
-    send_all(&env.clients.sqs, &env.url("ingest"), &scenario.submissions)
-        .await
-        .unwrap();
-    wait_idle(&env.clients.sqs, &env.topology, PHASE)
-        .await
-        .unwrap();
-    let injected = fleet.faults.as_ref().unwrap().injected();
-    let stats = fleet.stop().await;
+    let (injected, stats) = drain_through(&env, fleet, &scenario).await;
     assert!(
         injected.values().sum::<u64>() > 60,
         "the throttling was real: {injected:?}"
@@ -199,14 +216,7 @@ async fn hung_dynamodb_calls_time_out_and_the_orders_still_complete_once() {
     let fleet = env
         .start_fleet(Some("dynamodb:*:hang:0.3:burst=10s/1h"))
         .await;
-    send_all(&env.clients.sqs, &env.url("ingest"), &scenario.submissions)
-        .await
-        .unwrap();
-    wait_idle(&env.clients.sqs, &env.topology, PHASE)
-        .await
-        .unwrap();
-    let injected = fleet.faults.as_ref().unwrap().injected();
-    fleet.stop().await;
+    let (injected, _) = drain_through(&env, fleet, &scenario).await;
     assert!(injected.values().sum::<u64>() > 0, "{injected:?}");
     let audit = env.audit(&scenario, &catalog, false).await;
     assert_eq!(audit.lost, 0, "{:?}", audit.offenders);
