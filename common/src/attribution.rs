@@ -61,6 +61,11 @@ pub struct Attribution {
         with = "time::serde::rfc3339::option"
     )]
     pub imported_at: Option<OffsetDateTime>,
+    /// The build of the worker that gave up ([`crate::build::VERSION`]: crate version and git
+    /// revision), so that a DLQ spike after a release points at the release. Absent on
+    /// attributions written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 impl Attribution {
@@ -93,6 +98,18 @@ pub struct RedriveRecord {
     pub from_queue: String,
     /// The attribution it carried in that DLQ (the reason it was there).
     pub previous_reason: Option<String>,
+    /// The redrive run that moved it (`dlq redrive` prints it). The workers keep this record on
+    /// a message they dead-letter again, so the run knows the message for one it moved and
+    /// does not move it a second time. Absent on records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+impl RedriveRecord {
+    /// Whether this record names the redrive run `id`.
+    pub fn is_from_run(&self, id: &str) -> bool {
+        self.id.as_deref() == Some(id)
+    }
 }
 
 /// Drops attributes beyond the SQS limit, keeping the fleet's own first, then the others in name
@@ -154,6 +171,7 @@ mod tests {
             source_message_id: "m-1".into(),
             origin: None,
             imported_at: None,
+            version: Some(crate::build_info::VERSION.into()),
         };
         let json = serde_json::to_string(&a).unwrap();
         assert!(json.contains(r#""class":"permanent""#));

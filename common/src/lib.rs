@@ -7,6 +7,7 @@
 pub mod access;
 pub mod attribution;
 pub mod aws;
+pub mod build_info;
 pub mod config;
 pub mod contract;
 pub mod edge;

@@ -38,9 +38,38 @@ pub fn init_tracing(format: LogFormat) {
             .json()
             .with_current_span(true)
             .with_span_list(false)
+            .with_writer(|| VersionStamped(std::io::stderr()))
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
+}
+
+/// A JSON log line with the build's version as its first field: `{"version":"0.1.0+…",…}`, so
+/// that every line says which release wrote it (the formatter writes each line in one call).
+struct VersionStamped<W>(W);
+
+impl<W: Write> Write for VersionStamped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match buf.strip_prefix(b"{") {
+            Some(rest) => {
+                let mut line = Vec::with_capacity(buf.len() + 48);
+                line.extend_from_slice(b"{\"version\":\"");
+                line.extend_from_slice(crate::build_info::VERSION.as_bytes());
+                line.extend_from_slice(b"\"");
+                if !rest.starts_with(b"}") {
+                    line.push(b',');
+                }
+                line.extend_from_slice(rest);
+                self.0.write_all(&line)?;
+            }
+            None => self.0.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Logs for the command-line tools (`dlq`, `loadtest`): compact lines on stderr, `RUST_LOG`
@@ -202,6 +231,19 @@ impl Recorder for SharedEmf {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_json_log_line_names_the_build() {
+        let mut out = super::VersionStamped(Vec::new());
+        out.write_all(b"{\"level\":\"INFO\"}\n").unwrap();
+        out.write_all(b"{}\n").unwrap();
+        let text = String::from_utf8(out.0).unwrap();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["version"], crate::build_info::VERSION);
+        }
+        assert!(text.contains("\"level\":\"INFO\""));
+    }
+
     use super::*;
 
     #[test]

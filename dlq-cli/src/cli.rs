@@ -19,6 +19,18 @@ QUEUE is a queue name, a queue URL, or a key of the fleet config (`orders` = its
 Without --config the standard AWS chain decides the region and credentials (AWS_PROFILE,
 AWS_REGION, AWS_ENDPOINT_URL…); `--config config/fleet.toml` targets the local emulators.";
 
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let pct: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a percentage"))?;
+    if (0.0..=100.0).contains(&pct) {
+        Ok(pct)
+    } else {
+        Err(format!("`{s}` is not between 0 and 100"))
+    }
+}
+
 const READS: &str = "\
 Reading does not consume: each message read is held invisible while the command runs and is
 visible again right after. Each read does count as a receive (ApproximateReceiveCount goes up by
@@ -87,7 +99,8 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Why are they here: counts and examples by reason, worker, source queue, class and time.
+    /// Why are they here: counts and examples by reason, worker, source queue, class and time
+    /// (and by the worker's build with `--by version`, by redrive run with `--by redrive`).
     #[command(after_help = READS)]
     Attribute {
         /// The queue.
@@ -112,12 +125,17 @@ pub enum Command {
         /// Read a queue that has a redrive policy.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        filter: Filter,
     },
     /// Move messages back to their source queue (or --to another), filtered, rate-limited.
     ///
     /// Sends before it deletes: a crash can duplicate a message in the destination, never lose
-    /// one; run it again to finish an interrupted redrive. Without filters or --max, on AWS, it
-    /// uses SQS's StartMessageMoveTask and says so.
+    /// one; run it again to finish an interrupted redrive. Each run has an id, carried in the
+    /// `fleet-redrive` record of what it moves: a message it moved that is dead-lettered again
+    /// while it runs is counted as come back and left in the DLQ, never moved twice by one run.
+    /// With --canary it moves a few first and halts by itself if they come back. Without
+    /// filters, --max or --canary, on AWS, it uses SQS's StartMessageMoveTask and says so.
     Redrive {
         /// The DLQ.
         queue: String,
@@ -144,6 +162,17 @@ pub enum Command {
         /// How long to wait for messages in flight elsewhere (an interrupted run's) to come back.
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         wait_in_flight: Duration,
+        /// Move this many first, then watch what becomes of them (--watch) and go on only while
+        /// at most --halt-above percent of what moved comes back to the DLQ.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        canary: Option<u32>,
+        /// With --canary: halt when more than this percentage of the moved messages has been
+        /// dead-lettered again (checked during the watch and for the rest of the run).
+        #[arg(long, value_name = "PCT", default_value_t = 10.0, requires = "canary", value_parser = parse_percent)]
+        halt_above: f64,
+        /// With --canary: how long to watch the canary before moving the rest.
+        #[arg(long, value_name = "DURATION", default_value = "2m", requires = "canary", value_parser = humantime::parse_duration)]
+        watch: Duration,
     },
     /// Write messages to a JSON Lines file (body, attributes, system attributes).
     Export {

@@ -34,6 +34,46 @@ pub struct Filter {
     /// Only messages whose body matches this regular expression.
     #[arg(long, value_name = "REGEX")]
     pub body_match: Option<Regex>,
+    /// Only messages dead-lettered at or after this time: RFC 3339 (`2026-11-25T14:00:00Z`, a
+    /// release's rollout) or an age (`30m`: in the last 30 minutes).
+    #[arg(long, value_name = "TIME", value_parser = parse_since)]
+    pub since: Option<Since>,
+    /// Only messages dead-lettered by a worker of this build (repeatable; as `--by version`
+    /// shows it, or its git revision alone).
+    #[arg(long = "version", value_name = "VERSION")]
+    pub versions: Vec<String>,
+    /// Only messages last moved by this `dlq redrive` run (repeatable).
+    #[arg(long = "redrive", value_name = "REDRIVE_ID")]
+    pub redrives: Vec<String>,
+}
+
+/// `--since`: a point in time, or an age back from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Since {
+    /// At or after this time.
+    At(OffsetDateTime),
+    /// Within this long before now.
+    Within(Duration),
+}
+
+impl Since {
+    fn start(self, now: OffsetDateTime) -> OffsetDateTime {
+        match self {
+            Self::At(at) => at,
+            Self::Within(d) => now - d,
+        }
+    }
+}
+
+fn parse_since(s: &str) -> Result<Since, String> {
+    if let Ok(at) = OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339) {
+        return Ok(Since::At(at));
+    }
+    humantime::parse_duration(s)
+        .map(Since::Within)
+        .map_err(|_| {
+            format!("`{s}` is neither an RFC 3339 time (2026-11-25T14:00:00Z) nor an age (30m, 2h)")
+        })
 }
 
 fn parse_attribute(s: &str) -> Result<(String, String), String> {
@@ -56,6 +96,9 @@ impl Filter {
             && self.newer_than.is_none()
             && self.attributes.is_empty()
             && self.body_match.is_none()
+            && self.since.is_none()
+            && self.versions.is_empty()
+            && self.redrives.is_empty()
     }
 
     /// Whether `m` passes every criterion at time `now`.
@@ -108,6 +151,35 @@ impl Filter {
         }
         if let Some(re) = &self.body_match {
             if !re.is_match(&m.body) {
+                return false;
+            }
+        }
+        if let Some(since) = self.since {
+            // When it was dead-lettered: the worker's time, else when SQS took it in.
+            let at = attribution
+                .as_ref()
+                .map(|a| a.last_failed_at)
+                .or_else(|| m.sent_at());
+            if at.is_none_or(|at| at < since.start(now)) {
+                return false;
+            }
+        }
+        if !self.versions.is_empty() {
+            let version = attribution.as_ref().and_then(|a| a.version.as_deref());
+            let revision = version.and_then(|v| v.split_once('+')).map(|(_, r)| r);
+            if !self
+                .versions
+                .iter()
+                .any(|v| Some(v.as_str()) == version || Some(v.as_str()) == revision)
+            {
+                return false;
+            }
+        }
+        if !self.redrives.is_empty() {
+            let Some(id) = m.redrive().and_then(|r| r.id) else {
+                return false;
+            };
+            if !self.redrives.contains(&id) {
                 return false;
             }
         }
@@ -175,6 +247,9 @@ mod tests {
             newer_than: Some(Duration::from_secs(86_400)),
             attributes: vec![("fleet-source".into(), "storefront".into())],
             body_match: Some(Regex::new("o-7").unwrap()),
+            since: Some(Since::Within(Duration::from_secs(86_400))),
+            versions: vec!["0.1.0+abc".into()],
+            redrives: Vec::new(),
         };
         assert!(all.matches(&m, NOW));
         let wrong = [
@@ -206,6 +281,39 @@ mod tests {
         for f in wrong {
             assert!(!f.matches(&m, NOW), "{f:?}");
         }
+    }
+
+    #[test]
+    fn since_version_and_redrive_select_what_a_release_or_a_redrive_left() {
+        // Dead-lettered at 10:16 by build 0.1.0+abc (see `attribution`).
+        let a = attribution("malformed_body", "ingestion", FailureClass::Permanent);
+        let mut m = message("m", "{}", Some(&a));
+        let since = |s: &str| Filter {
+            since: Some(parse_since(s).unwrap()),
+            ..Filter::default()
+        };
+        assert!(since("2026-11-20T10:16:00Z").matches(&m, NOW));
+        assert!(!since("2026-11-20T10:16:01Z").matches(&m, NOW));
+        assert!(since("2h").matches(&m, NOW), "10:16 is within 2 h of 12:00");
+        assert!(!since("1h").matches(&m, NOW));
+        assert!(parse_since("yesterday").is_err());
+        let version = |v: &str| Filter {
+            versions: vec![v.into()],
+            ..Filter::default()
+        };
+        assert!(version("0.1.0+abc").matches(&m, NOW));
+        assert!(version("abc").matches(&m, NOW), "the revision alone");
+        assert!(!version("0.1.0+def").matches(&m, NOW));
+        let redrive = Filter {
+            redrives: vec!["run-1".into()],
+            ..Filter::default()
+        };
+        assert!(!redrive.matches(&m, NOW), "never redriven");
+        m.attributes.insert(
+            fleet_common::attribution::REDRIVE.into(),
+            AttributeValue::string(r#"{"count":1,"at":"2026-11-20T10:30:00Z","from_queue":"q-dlq","previous_reason":"x","id":"run-1"}"#),
+        );
+        assert!(redrive.matches(&m, NOW));
     }
 
     #[test]

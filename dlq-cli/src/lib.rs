@@ -99,9 +99,18 @@ pub async fn run(cli: Cli, stop: CancellationToken) -> Result<Exit> {
             examples,
             max,
             force,
+            filter,
         } => {
             let q = queues::resolve(&ctx, &queue).await?;
-            attribute::run(&ctx, &q, &by, window, examples, max, force, output).await
+            let opts = attribute::Options {
+                by,
+                window,
+                examples,
+                max,
+                force,
+                filter,
+            };
+            attribute::run(&ctx, &q, &opts, output).await
         }
         Command::Redrive {
             queue,
@@ -113,6 +122,9 @@ pub async fn run(cli: Cli, stop: CancellationToken) -> Result<Exit> {
             no_move_task,
             hold,
             wait_in_flight,
+            canary,
+            halt_above,
+            watch,
         } => {
             if hold < std::time::Duration::from_secs(2)
                 || hold > std::time::Duration::from_secs(43_200)
@@ -129,6 +141,11 @@ pub async fn run(cli: Cli, stop: CancellationToken) -> Result<Exit> {
                 no_move_task,
                 hold,
                 wait_in_flight,
+                canary: canary.map(|size| redrive::Canary {
+                    size: size as usize,
+                    halt_above_pct: halt_above,
+                    watch,
+                }),
             };
             let report = redrive::run(&ctx, &q, &opts, output, &stop).await?;
             match output {

@@ -175,6 +175,7 @@ impl DlqMessage {
                 at: now,
                 from_queue: format!("import into {queue}"),
                 previous_reason: Some(a.reason),
+                id: None,
             };
             out.attributes.remove(attribution::ATTRIBUTION);
             out.attributes.insert(
@@ -272,6 +273,7 @@ pub(crate) mod tests {
             source_message_id: "src-1".into(),
             origin: Some("storefront".into()),
             imported_at: None,
+            version: Some("0.1.0+abc".into()),
         }
     }
 

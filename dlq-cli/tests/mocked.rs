@@ -72,6 +72,7 @@ fn options() -> Options {
         no_move_task: false,
         hold: Duration::from_secs(30),
         wait_in_flight: Duration::ZERO,
+        canary: None,
     }
 }
 

@@ -56,6 +56,7 @@ fn attribution(
         source_message_id: format!("src-{n}"),
         origin: Some("storefront".into()),
         imported_at: None,
+        version: None,
     })
     .unwrap()
 }
@@ -524,4 +525,258 @@ async fn export_then_import_round_trips_every_byte() {
         assert_eq!(attrs.len(), 3, "no attribute added or lost");
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Runs `dlq` without blocking the fleet running in this process; fails the test when it has
+/// not ended within `limit` (a redrive that never ends is the defect some of these look for).
+async fn dlq_within(env: &TestEnv, args: &[&str], limit: Duration) -> Output {
+    let run = tokio::process::Command::new(dlq_binary())
+        .args(["--config", "config/fleet.toml"])
+        .args(args)
+        .current_dir(workspace_root())
+        .envs(env.env_overrides())
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(limit, run)
+        .await
+        .unwrap_or_else(|_| panic!("`dlq {}` did not end within {limit:?}", args.join(" ")))
+        .expect("dlq runs")
+}
+
+/// The `fleet-redrive` record of each message, read from the queue (held for `hold`).
+async fn redrive_records(env: &TestEnv, url: &str, expected: usize) -> Vec<Value> {
+    env.receive_all(
+        url,
+        expected,
+        Duration::from_secs(30),
+        Duration::from_secs(30),
+    )
+    .await
+    .iter()
+    .map(|m| {
+        let attrs = m.message_attributes().expect("attributes");
+        serde_json::from_str(attrs["fleet-redrive"].string_value().expect("a record"))
+            .expect("the record is JSON")
+    })
+    .collect()
+}
+
+/// Dead-lettered ingest messages that fail again as soon as they are back (not JSON).
+fn unfixable(env: &TestEnv, n: usize) -> Vec<(String, Option<String>)> {
+    let source = env.config.queues["ingest"].name.clone();
+    (0..n)
+        .map(|i| {
+            (
+                format!("{{not json {i}"),
+                Some(attribution(
+                    "malformed_json",
+                    "ingestion",
+                    FailureClass::Permanent,
+                    &source,
+                    i,
+                )),
+            )
+        })
+        .collect()
+}
+
+/// The loop: a redrive of messages that the running fleet dead-letters again at once
+/// took them again and again (one message moved 10,832 times in 701 s). A run now moves each
+/// message once, counts what came back, and ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_with_the_fleet_running_moves_each_message_once_even_when_it_fails_again() {
+    let env = TestEnv::new(|c| {
+        for w in c.workers.values_mut() {
+            w.receive_wait_secs = 1;
+        }
+    })
+    .await;
+    let dlq_url = env.dlq_url("ingest");
+    dead_letter(&env, &dlq_url, &unfixable(&env, 30)).await;
+    let fleet = env.start_fleet(None).await;
+
+    let report = json_of(
+        &dlq_within(
+            &env,
+            &["redrive", &dlq_url, "--rate", "20", "--output", "json"],
+            Duration::from_secs(90),
+        )
+        .await,
+    );
+    let run = report["redrive_id"]
+        .as_str()
+        .expect("a redrive id")
+        .to_owned();
+    assert_eq!(report["matched"], 30, "{report}");
+    assert_eq!(report["moved"], 30, "each message moved once: {report}");
+    let came_back = report["came_back"].as_u64().unwrap();
+    assert!(came_back <= 30, "{report}");
+    assert_eq!(report["not_back"].as_u64().unwrap(), 30 - came_back);
+    if came_back > 0 {
+        assert_eq!(report["came_back_reasons"]["malformed_json"], came_back);
+    }
+
+    // Let everything the run moved come back, then look at every message in the DLQ.
+    wait_idle(&env.clients.sqs, &env.topology, Duration::from_secs(60))
+        .await
+        .unwrap();
+    fleet.stop().await;
+    assert_eq!(
+        env.depth(&dlq_url).await,
+        (30, 0, 0),
+        "all 30 back, no copies"
+    );
+    let by_redrive = json_of(&dlq(
+        &env,
+        &[
+            "attribute",
+            &dlq_url,
+            "--by",
+            "redrive,reason",
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(by_redrive["groups"][0]["redrive"], run.as_str());
+    assert_eq!(by_redrive["groups"][0]["reason"], "malformed_json");
+    assert_eq!(by_redrive["groups"][0]["count"], 30);
+    let version = json_of(&dlq(
+        &env,
+        &[
+            "attribute",
+            &dlq_url,
+            "--by",
+            "version",
+            "--since",
+            "10m",
+            "--output",
+            "json",
+        ],
+    ));
+    let built = version["groups"][0]["version"].as_str().unwrap().to_owned();
+    assert!(
+        built.starts_with(concat!(env!("CARGO_PKG_VERSION"), "+")) && built.len() > 6,
+        "the workers' build names itself: {built}"
+    );
+    assert_eq!(version["groups"][0]["count"], 30);
+    let records = redrive_records(&env, &dlq_url, 30).await;
+    assert_eq!(records.len(), 30);
+    for r in &records {
+        assert_eq!(r["id"], run.as_str(), "the worker kept the run's record");
+        assert_eq!(r["count"], 1, "moved once");
+    }
+}
+
+/// A guarded redrive: when the failure is not fixed the canary comes back and the run halts by
+/// itself, leaving the rest in the DLQ; when it is fixed the canary stays away and the run
+/// completes, and the fleet applies every order once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_halts_a_redrive_whose_failure_is_not_fixed_and_lets_a_fixed_one_complete() {
+    let env = TestEnv::new(|c| {
+        for w in c.workers.values_mut() {
+            w.receive_wait_secs = 1;
+        }
+    })
+    .await;
+    let catalog = env.seed_catalog().await;
+    let valid_only = Mix {
+        valid: 1,
+        duplicate: 0,
+        malformed: 0,
+        unknown_sku: 0,
+        wrong_price: 0,
+        out_of_stock: 0,
+    };
+    let scenario = Scenario::generate(40, valid_only, &catalog, 5, &env.suffix);
+    let source = env.config.queues["ingest"].name.clone();
+    let mut messages = unfixable(&env, 100);
+    for (n, input) in scenario.submissions.iter().enumerate() {
+        messages.push((
+            input.body.clone(),
+            Some(attribution(
+                "dependency_unavailable",
+                "ingestion",
+                FailureClass::AttemptsExhausted,
+                &source,
+                n,
+            )),
+        ));
+    }
+    let dlq_url = env.dlq_url("ingest");
+    dead_letter(&env, &dlq_url, &messages).await;
+    let fleet = env.start_fleet(None).await;
+
+    // Not fixed: the malformed messages fail again.
+    let halted = dlq_within(
+        &env,
+        &[
+            "redrive",
+            &dlq_url,
+            "--reason",
+            "malformed_json",
+            "--canary",
+            "10",
+            "--halt-above",
+            "20",
+            "--watch",
+            "30s",
+            "--output",
+            "json",
+        ],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(
+        halted.status.code(),
+        Some(3),
+        "a halted redrive is a partial one"
+    );
+    let report: Value = serde_json::from_slice(&halted.stdout).unwrap();
+    assert_eq!(report["halted"], true, "{report}");
+    assert_eq!(report["moved"], 10, "only the canary moved: {report}");
+    assert_eq!(report["canary"]["passed"], false);
+    assert!(report["came_back"].as_u64().unwrap() > 2, "{report}");
+    assert_eq!(
+        report["came_back_reasons"]["malformed_json"],
+        report["came_back"]
+    );
+
+    // Fixed (the dependency is back): the canary passes and the rest follows.
+    let completed = json_of(
+        &dlq_within(
+            &env,
+            &[
+                "redrive",
+                &dlq_url,
+                "--reason",
+                "dependency_unavailable",
+                "--canary",
+                "5",
+                "--watch",
+                "5s",
+                "--output",
+                "json",
+            ],
+            Duration::from_secs(90),
+        )
+        .await,
+    );
+    assert_eq!(completed["halted"], false, "{completed}");
+    assert_eq!(completed["canary"]["passed"], true);
+    assert_eq!(completed["canary"]["moved"], 5);
+    assert_eq!(completed["moved"], 40, "{completed}");
+    assert_eq!(completed["came_back"], 0);
+
+    wait_idle(&env.clients.sqs, &env.topology, Duration::from_secs(120))
+        .await
+        .unwrap();
+    fleet.stop().await;
+    let result = env.audit(&scenario, &catalog, false).await;
+    assert_eq!(result.orders_completed, 40, "{:?}", result.offenders);
+    assert_eq!(result.duplicate_effects, 0, "{:?}", result.offenders);
+    assert_eq!(
+        env.depth(&dlq_url).await.0,
+        100,
+        "the 90 never moved and the 10 of the canary are in the DLQ"
+    );
 }

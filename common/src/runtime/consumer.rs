@@ -616,6 +616,8 @@ impl<H: Handler> Inner<H> {
             worker = %self.role,
             queue = %self.pair.queue.name,
             attempt = message.receive_count,
+            redrive = message.redrive_id().unwrap_or_default(),
+            version = crate::build_info::VERSION,
         );
         async {
             self.in_flight
@@ -871,6 +873,7 @@ impl<H: Handler> Inner<H> {
             source_message_id: message.message_id.clone(),
             origin: message.attributes.get(SOURCE).cloned(),
             imported_at: None,
+            version: Some(crate::build_info::VERSION.to_owned()),
         };
         match self.dead_letter(message, &attribution).await {
             Ok(()) => {
@@ -907,8 +910,10 @@ impl<H: Handler> Inner<H> {
         message: &Message,
         attribution: &Attribution,
     ) -> Result<(), String> {
+        // The redrive record stays: the `dlq redrive` run that moved this message knows it for
+        // one of its own and leaves it here (a run moves each message once), and the next
+        // redrive counts on from it (a FIFO deduplication id new for each redrive).
         let mut attributes = message.raw_attributes.clone();
-        attributes.remove(attribution::REDRIVE);
         // A message refused for payment data is kept without a digit: the DLQ (kept for days,
         // exported, read by people) must not store what the edge refused to let in.
         let payment_data = attribution.reason == "payment_data";

@@ -113,6 +113,16 @@ impl Message {
         }
     }
 
+    /// The `dlq redrive` run that last moved this message back, when it carries a record of
+    /// one (logged with every line about the message).
+    pub fn redrive_id(&self) -> Option<String> {
+        let record = self.attributes.get(crate::attribution::REDRIVE)?;
+        serde_json::from_str::<crate::attribution::RedriveRecord>(record)
+            .ok()?
+            .id
+            .filter(|id| is_valid_id(id))
+    }
+
     /// How long the message waited in the queue before this receive.
     pub fn age(&self) -> Option<Duration> {
         let sent = self.sent_at?;

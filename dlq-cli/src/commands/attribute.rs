@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::commands::inspect::guard_reads;
 use crate::error::{Exit, Result};
+use crate::filter::Filter;
 use crate::output::{self, clip, Output};
 use crate::queues::{self, Ctx, Queue};
 use crate::record::DlqMessage;
@@ -31,6 +32,11 @@ pub enum Dimension {
     Class,
     /// The first-failure time window (`--window`).
     Window,
+    /// The build of the worker that gave up (crate version + git revision): a spike after a
+    /// release points at the release.
+    Version,
+    /// The `dlq redrive` run that last moved the message (what a given redrive did).
+    Redrive,
 }
 
 /// The reason shown for messages without attribution.
@@ -54,6 +60,12 @@ pub struct GroupKey {
     /// Start of the first-failure window, RFC 3339.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window_start: Option<String>,
+    /// The worker's build.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The redrive run that last moved it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redrive: Option<String>,
 }
 
 /// An example message of a group.
@@ -125,6 +137,16 @@ pub fn group(
                         .unwrap_or_else(|| "-".into())
                 })
             }),
+            version: has(Dimension::Version).then(|| {
+                a.as_ref()
+                    .and_then(|a| a.version.clone())
+                    .unwrap_or_else(|| "-".to_owned())
+            }),
+            redrive: has(Dimension::Redrive).then(|| {
+                m.redrive()
+                    .and_then(|r| r.id)
+                    .unwrap_or_else(|| "-".to_owned())
+            }),
         };
         let g = groups.entry(key.clone()).or_insert_with(|| Group {
             key,
@@ -145,33 +167,47 @@ pub fn group(
     out
 }
 
+/// What `dlq attribute` groups, and over which messages.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Group by these.
+    pub by: Vec<Dimension>,
+    /// Width of the first-failure window.
+    pub window: Duration,
+    /// Examples per group.
+    pub examples: usize,
+    /// Read at most this many messages.
+    pub max: Option<usize>,
+    /// Read a queue that has a redrive policy.
+    pub force: bool,
+    /// Only the messages that pass these.
+    pub filter: Filter,
+}
+
 /// `dlq attribute`.
 ///
 /// # Errors
 /// AWS errors.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    ctx: &Ctx,
-    queue: &Queue,
-    by: &[Dimension],
-    window: Duration,
-    examples: usize,
-    max: Option<usize>,
-    force: bool,
-    output: Output,
-) -> Result<Exit> {
-    let info = guard_reads(ctx, queue, force).await?;
+pub async fn run(ctx: &Ctx, queue: &Queue, opts: &Options, output: Output) -> Result<Exit> {
+    let info = guard_reads(ctx, queue, opts.force).await?;
     let bar = output::progress(
         output,
-        Some(max.map_or(info.visible, |m| (m as u64).min(info.visible))),
+        Some(
+            opts.max
+                .map_or(info.visible, |m| (m as u64).min(info.visible)),
+        ),
         "reading",
     );
     let mut reader = Reader::new(ctx, queue, Duration::from_secs(60));
     let stop = CancellationToken::new();
-    let read = read_all(ctx, &mut reader, max, &stop, |_| bar.inc(1)).await;
+    let read = read_all(ctx, &mut reader, opts.max, &stop, |_| bar.inc(1)).await;
     reader.finish().await;
     bar.finish_and_clear();
-    let messages = read?;
+    let now = OffsetDateTime::now_utc();
+    let messages: Vec<DlqMessage> = read?
+        .into_iter()
+        .filter(|m| opts.filter.matches(m, now))
+        .collect();
     let sources = if messages
         .iter()
         .any(|m| m.attribution().is_none() && m.dead_letter_source_arn().is_none())
@@ -183,7 +219,8 @@ pub async fn run(
     } else {
         String::new()
     };
-    let groups = group(&messages, by, window, examples, &sources);
+    let by = &opts.by;
+    let groups = group(&messages, by, opts.window, opts.examples, &sources);
     match output {
         Output::Json => output::json(
             &serde_json::json!({ "queue": queue.name, "messages": messages.len(), "groups": groups }),
@@ -197,6 +234,8 @@ pub async fn run(
                     Dimension::Source => "source queue",
                     Dimension::Class => "class",
                     Dimension::Window => "first failed in",
+                    Dimension::Version => "worker version",
+                    Dimension::Redrive => "redrive",
                 })
                 .chain(["count", "examples (message id / correlation id)"])
                 .collect();
@@ -207,6 +246,8 @@ pub async fn run(
                     &g.key.source_queue,
                     &g.key.class,
                     &g.key.window_start,
+                    &g.key.version,
+                    &g.key.redrive,
                 ]
                 .into_iter()
                 .flatten()

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use fleet_common::attribution::{self, RedriveRecord};
-use governor::{Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use indicatif::ProgressBar;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -49,6 +50,39 @@ pub struct Options {
     pub hold: Duration,
     /// How long to wait for messages that are in flight elsewhere (an interrupted run's).
     pub wait_in_flight: Duration,
+    /// Move a few first and watch what becomes of them.
+    pub canary: Option<Canary>,
+}
+
+/// `--canary N --halt-above PCT --watch D`: move N messages, watch them for D, go on only while
+/// at most PCT % of what moved has come back to the DLQ (and stop later if it rises above).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Canary {
+    /// Messages moved first.
+    pub size: usize,
+    /// Halt when more than this percentage of the moved messages has come back.
+    pub halt_above_pct: f64,
+    /// How long to watch the canary before going on.
+    pub watch: Duration,
+}
+
+/// What became of the canary.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CanaryOutcome {
+    /// `--canary`.
+    pub size: usize,
+    /// Messages moved as the canary.
+    pub moved: u64,
+    /// Of which came back to the DLQ while watched.
+    pub came_back: u64,
+    /// `came_back` as a percentage of `moved`.
+    pub came_back_pct: f64,
+    /// `--halt-above`.
+    pub halt_above_pct: f64,
+    /// How long it was watched.
+    pub watched_ms: u64,
+    /// Whether the redrive went on after it.
+    pub passed: bool,
 }
 
 /// What a redrive did.
@@ -56,6 +90,9 @@ pub struct Options {
 pub struct Report {
     /// The DLQ.
     pub queue: String,
+    /// This run's id: in the `fleet-redrive` record of every message it moved, and in the
+    /// workers' log lines about them (`dlq attribute --by redrive` groups by it).
+    pub redrive_id: String,
     /// `message-move-task`, `receive-send-delete`, or `dry-run`.
     pub path: &'static str,
     /// Why that path.
@@ -74,6 +111,19 @@ pub struct Report {
     pub no_destination: u64,
     /// In flight elsewhere at the end (an interrupted run or a consumer holds them).
     pub in_flight_elsewhere: u64,
+    /// Messages this run moved that were dead-lettered again while it ran: left in the DLQ,
+    /// never moved twice by one run.
+    pub came_back: u64,
+    /// Their reasons now.
+    pub came_back_reasons: BTreeMap<String, u64>,
+    /// Moved and not back by the end of the run: applied, or still being retried downstream.
+    pub not_back: u64,
+    /// What became of the canary, with `--canary`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryOutcome>,
+    /// Stopped on its own: more came back than `--halt-above` allows. What was not moved is
+    /// still in the DLQ.
+    pub halted: bool,
     /// Messages per destination queue.
     pub destinations: BTreeMap<String, u64>,
     /// Reasons of the matched messages.
@@ -110,8 +160,8 @@ impl Report {
     pub fn exit(&self) -> Exit {
         if self.interrupted {
             Exit::Interrupted
-        } else if self.failed + self.not_deleted + self.no_destination + self.in_flight_elsewhere
-            > 0
+        } else if self.halted
+            || self.failed + self.not_deleted + self.no_destination + self.in_flight_elsewhere > 0
         {
             Exit::Partial
         } else {
@@ -138,6 +188,8 @@ pub async fn run(
     };
     let why_not_task = if opts.dry_run {
         Some("--dry-run")
+    } else if opts.canary.is_some() {
+        Some("--canary given")
     } else if !opts.filter.is_empty() {
         Some("filters given")
     } else if opts.max.is_some() {
@@ -156,7 +208,8 @@ pub async fn run(
             Err(refused) => fallback = Some(refused),
         }
     }
-    let mut report = move_messages(ctx, dlq, &info, to.as_ref(), opts, output, stop).await?;
+    let mover = Mover::new(ctx, dlq, &info, to.as_ref(), opts, output, stop);
+    let mut report = mover.run().await?;
     report.path_reason = fallback.unwrap_or_default();
     Ok(report)
 }
@@ -292,16 +345,19 @@ pub fn redrive_deduplication_id(original: &str, count: u32) -> String {
     }
 }
 
-/// The message as it goes back: attribution removed, redrive recorded, FIFO ids carried.
+/// The message as it goes back: attribution removed, redrive recorded (with the run's id), FIFO
+/// ids carried.
 pub fn redriven_entry(
     m: &DlqMessage,
     id: usize,
     from_queue: &str,
+    run: &str,
     fifo: bool,
     now: OffsetDateTime,
 ) -> std::result::Result<SendMessageBatchRequestEntry, String> {
     let previous = m.redrive();
     let record = RedriveRecord {
+        id: Some(run.to_owned()),
         count: previous.map_or(1, |p| p.count + 1),
         at: now,
         from_queue: from_queue.to_owned(),
@@ -331,172 +387,400 @@ pub fn redriven_entry(
     entry.build().map_err(|e| e.to_string())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn move_messages(
-    ctx: &Ctx,
-    dlq: &Queue,
-    info: &QueueInfo,
-    to: Option<&Queue>,
-    opts: &Options,
-    output: Output,
-    stop: &CancellationToken,
-) -> Result<Report> {
-    let mut report = Report {
-        queue: dlq.name.clone(),
-        path: if opts.dry_run {
-            "dry-run"
-        } else {
-            "receive-send-delete"
-        },
-        ..Report::default()
-    };
-    let burst = opts.rate.map_or(10, |r| r.get().min(10));
-    let limiter = opts.rate.map(|r| {
-        RateLimiter::direct(
-            Quota::per_second(r).allow_burst(NonZeroU32::new(burst).expect("non-zero")),
-        )
-    });
-    let expected = opts
-        .max
-        .map_or(info.visible, |m| (m as u64).min(info.visible));
-    let bar = output::progress(
-        output,
-        Some(expected),
-        if opts.dry_run { "reading" } else { "redriving" },
-    );
-    let mut reader = Reader::new(ctx, dlq, opts.hold);
-    let mut destinations: HashMap<String, Queue> = HashMap::new();
-    let mut only_source: Option<Option<String>> = None;
-    let mut first_send: Option<Instant> = None;
-    let mut last_send = Instant::now();
-    let mut waited = Duration::ZERO;
-    let now = || OffsetDateTime::now_utc();
-    let result: Result<()> = async {
-        while !stop.is_cancelled() && opts.max.is_none_or(|m| (report.matched as usize) < m) {
-            let want = opts.max.map_or(burst as usize, |m| {
-                (m - report.matched as usize).min(burst as usize)
-            });
-            let batch = reader.next(want).await?;
-            if batch.is_empty() {
-                if !reader.exhausted(ctx).await? {
+/// A run of the receive-send-delete path: what it has read, moved and seen come back.
+struct Mover<'a> {
+    ctx: &'a Ctx,
+    dlq: &'a Queue,
+    info: &'a QueueInfo,
+    to: Option<&'a Queue>,
+    opts: &'a Options,
+    stop: &'a CancellationToken,
+    reader: Reader,
+    report: Report,
+    bar: ProgressBar,
+    burst: u32,
+    limiter: Option<DefaultDirectRateLimiter>,
+    destinations: HashMap<String, Queue>,
+    /// The DLQ's only source queue (from the redrive policies), once looked up.
+    sole_source: Option<Option<String>>,
+    first_send: Option<Instant>,
+    last_send: Instant,
+    waited: Duration,
+}
+
+/// A matched message with the queue it goes to.
+struct Planned {
+    message: DlqMessage,
+    destination: String,
+}
+
+impl<'a> Mover<'a> {
+    fn new(
+        ctx: &'a Ctx,
+        dlq: &'a Queue,
+        info: &'a QueueInfo,
+        to: Option<&'a Queue>,
+        opts: &'a Options,
+        output: Output,
+        stop: &'a CancellationToken,
+    ) -> Self {
+        let burst = opts.rate.map_or(10, |r| r.get().min(10));
+        let limiter = opts.rate.map(|r| {
+            RateLimiter::direct(
+                Quota::per_second(r).allow_burst(NonZeroU32::new(burst).expect("non-zero")),
+            )
+        });
+        let expected = opts
+            .max
+            .map_or(info.visible, |m| (m as u64).min(info.visible));
+        let bar = output::progress(
+            output,
+            Some(expected),
+            if opts.dry_run { "reading" } else { "redriving" },
+        );
+        Self {
+            ctx,
+            dlq,
+            info,
+            to,
+            opts,
+            stop,
+            reader: Reader::new(ctx, dlq, opts.hold),
+            report: Report {
+                queue: dlq.name.clone(),
+                redrive_id: new_redrive_id(OffsetDateTime::now_utc()),
+                path: if opts.dry_run {
+                    "dry-run"
+                } else {
+                    "receive-send-delete"
+                },
+                ..Report::default()
+            },
+            bar,
+            burst,
+            limiter,
+            destinations: HashMap::new(),
+            sole_source: None,
+            first_send: None,
+            last_send: Instant::now(),
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// Moves what matches, canary first when asked; then releases what it still holds.
+    async fn run(mut self) -> Result<Report> {
+        tracing::info!(redrive = %self.report.redrive_id, queue = %self.dlq.name, "redrive started");
+        let result = self.move_all().await;
+        self.reader.finish().await;
+        self.bar.finish_and_clear();
+        result?;
+        let report = &mut self.report;
+        report.interrupted = self.stop.is_cancelled();
+        report.not_back = report.moved.saturating_sub(report.came_back);
+        if let Some(first) = self.first_send {
+            let secs = self.last_send.duration_since(first).as_secs_f64();
+            report.elapsed_ms = (secs * 1000.0) as u64;
+            // The first batch goes at once (the limiter's burst); the rate is over what followed.
+            let after_first = report.moved.saturating_sub(u64::from(self.burst));
+            report.rate_per_sec = if secs > 0.0 {
+                after_first as f64 / secs
+            } else {
+                report.moved as f64
+            };
+        }
+        tracing::info!(redrive = %report.redrive_id, moved = report.moved, came_back = report.came_back, halted = report.halted, "redrive ended");
+        Ok(self.report)
+    }
+
+    async fn move_all(&mut self) -> Result<()> {
+        let mut canary = self.opts.canary.filter(|_| !self.opts.dry_run);
+        // Matched messages read while the canary is out: held, moved once it passes.
+        let mut held_back: Vec<Planned> = Vec::new();
+        while !self.stop.is_cancelled() {
+            if let Some(c) = canary {
+                if self.report.moved >= c.size as u64 {
+                    if !self.watch_canary(c, &mut held_back).await? {
+                        return Ok(());
+                    }
+                    canary = None;
+                    let planned = std::mem::take(&mut held_back);
+                    self.send_planned(planned).await?;
                     continue;
                 }
-                let elsewhere = queues::info(ctx, dlq)
-                    .await?
-                    .in_flight
-                    .saturating_sub(reader.held() as u64);
-                report.in_flight_elsewhere = elsewhere;
-                if elsewhere > 0 && waited < opts.wait_in_flight {
-                    bar.set_message(format!(
-                        "waiting for {elsewhere} messages in flight elsewhere"
-                    ));
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    waited += Duration::from_secs(1);
-                    reader.reset_polls();
-                    continue;
-                }
+            } else if self.returns_above_threshold() {
+                self.report.halted = true;
+                return Ok(());
+            }
+            if self.max_reached() {
                 break;
             }
-            report.read += batch.len() as u64;
-            let mut by_destination: BTreeMap<String, Vec<&DlqMessage>> = BTreeMap::new();
-            let stamp = now();
-            for m in &batch {
-                if !opts.filter.matches(m, stamp) {
-                    continue;
-                }
-                report.matched += 1;
-                *report
-                    .reasons
-                    .entry(m.attribution().map_or_else(|| "none".into(), |a| a.reason))
-                    .or_default() += 1;
-                let destination = match to {
-                    Some(q) => Some(q.name.clone()),
-                    None => match source_of(m) {
-                        Some(s) => Some(s),
-                        None => {
-                            if only_source.is_none() {
-                                let account = queues::account(ctx, None).await?;
-                                let sources = queues::sources_by_dlq(&account)
-                                    .remove(&info.arn)
-                                    .unwrap_or_default();
-                                only_source =
-                                    Some((sources.len() == 1).then(|| sources[0].clone()));
-                            }
-                            only_source.clone().flatten()
-                        }
-                    },
-                };
-                if opts.dry_run {
-                    report.would_move.push(WouldMove {
-                        message_id: m.message_id.clone(),
-                        destination: destination.clone(),
-                        reason: m.attribution().map_or_else(|| "none".into(), |a| a.reason),
-                        correlation_id: m.correlation_id(),
-                    });
-                    *report
-                        .destinations
-                        .entry(destination.unwrap_or_else(|| "(none: pass --to)".into()))
-                        .or_default() += 1;
-                    bar.inc(1);
-                    continue;
-                }
-                match destination {
-                    Some(d) => by_destination.entry(d).or_default().push(m),
-                    None => report.no_destination += 1,
-                }
+            let Some(batch) = self.next_batch().await? else {
+                break;
+            };
+            let mut planned = self.plan(batch).await?;
+            if let Some(c) = canary {
+                let room = (c.size as u64).saturating_sub(self.report.moved) as usize;
+                held_back.extend(planned.split_off(room.min(planned.len())));
             }
-            for (name, messages) in by_destination {
-                let queue = match destinations.get(&name) {
-                    Some(q) => q.clone(),
-                    None => {
-                        let q = match to {
-                            Some(q) => q.clone(),
-                            None => queues::resolve_name(ctx, &name).await?,
-                        };
-                        destinations.insert(name.clone(), q.clone());
-                        q
-                    }
-                };
-                if let Some(l) = &limiter {
-                    let n = NonZeroU32::new(messages.len() as u32).expect("non-empty batch");
-                    l.until_n_ready(n).await.expect("batch within the burst");
-                }
-                first_send.get_or_insert_with(Instant::now);
-                let sent = send(ctx, &queue, &dlq.name, &messages).await?;
-                last_send = Instant::now();
-                let (ok, failed): (Vec<&DlqMessage>, Vec<&DlqMessage>) =
-                    messages.iter().partition(|m| sent.contains(&m.message_id));
-                report.failed += failed.len() as u64;
-                let not_deleted = reader.delete(&ok).await?;
-                report.not_deleted += not_deleted.len() as u64;
-                report.moved += (ok.len() - not_deleted.len()) as u64;
-                *report.destinations.entry(name).or_default() += ok.len() as u64;
-                bar.inc(ok.len() as u64);
-                if !failed.is_empty() {
-                    let failed: Vec<DlqMessage> = failed.into_iter().cloned().collect();
-                    reader.release(&failed).await;
-                }
+            self.send_planned(planned).await?;
+        }
+        if let Some(c) = canary {
+            // Fewer matched than the canary's size: what moved is the canary; watch it anyway.
+            if !self.stop.is_cancelled() && self.report.moved > 0 {
+                self.watch_canary(c, &mut held_back).await?;
+            }
+            let planned = std::mem::take(&mut held_back);
+            if !self.report.halted {
+                self.send_planned(planned).await?;
             }
         }
         Ok(())
     }
-    .await;
-    reader.finish().await;
-    bar.finish_and_clear();
-    result?;
-    report.interrupted = stop.is_cancelled();
-    if let Some(first) = first_send {
-        let secs = last_send.duration_since(first).as_secs_f64();
-        report.elapsed_ms = (secs * 1000.0) as u64;
-        // The first batch goes at once (the limiter's burst); the rate is over what followed it.
-        let after_first = report.moved.saturating_sub(u64::from(burst));
-        report.rate_per_sec = if secs > 0.0 {
-            after_first as f64 / secs
-        } else {
-            report.moved as f64
-        };
+
+    fn max_reached(&self) -> bool {
+        self.opts
+            .max
+            .is_some_and(|m| self.report.matched as usize >= m)
     }
-    Ok(report)
+
+    /// Whether more of what this run moved came back than `--halt-above` allows (only with a
+    /// canary).
+    fn returns_above_threshold(&self) -> bool {
+        let Some(c) = self.opts.canary else {
+            return false;
+        };
+        let moved = self.report.moved;
+        moved > 0 && self.report.came_back as f64 * 100.0 > c.halt_above_pct * moved as f64
+    }
+
+    /// Watches what the canary's messages become for `watch`: reads on (holding what matches for
+    /// later) and counts what comes back. `Ok(false)`: halted (too many came back) or stopped.
+    async fn watch_canary(&mut self, c: Canary, held_back: &mut Vec<Planned>) -> Result<bool> {
+        let started = Instant::now();
+        let moved = self.report.moved;
+        self.bar.set_message(format!(
+            "canary: {moved} moved, watching for {}",
+            humantime::format_duration(c.watch)
+        ));
+        while started.elapsed() < c.watch && !self.stop.is_cancelled() {
+            if self.returns_above_threshold() {
+                break;
+            }
+            let batch = self.reader.next(10).await?;
+            if batch.is_empty() {
+                if self.reader.exhausted(self.ctx).await? {
+                    self.reader.reset_polls();
+                    let rest = c.watch.saturating_sub(started.elapsed());
+                    tokio::select! {
+                        () = tokio::time::sleep(rest.min(Duration::from_secs(1))) => {}
+                        () = self.stop.cancelled() => {}
+                    }
+                }
+                continue;
+            }
+            let planned = self.plan(batch).await?;
+            held_back.extend(planned);
+            self.bar.set_message(format!(
+                "canary: {moved} moved, {} came back",
+                self.report.came_back
+            ));
+        }
+        let halted = self.returns_above_threshold();
+        self.report.halted = halted;
+        self.report.canary = Some(CanaryOutcome {
+            size: c.size,
+            moved,
+            came_back: self.report.came_back,
+            came_back_pct: percent(self.report.came_back, moved),
+            halt_above_pct: c.halt_above_pct,
+            watched_ms: started.elapsed().as_millis() as u64,
+            passed: !halted && !self.stop.is_cancelled(),
+        });
+        Ok(!halted && !self.stop.is_cancelled())
+    }
+
+    /// The next batch of messages not seen before; `None` when nothing more can be read (after
+    /// waiting for messages in flight elsewhere, up to `--wait-in-flight`).
+    async fn next_batch(&mut self) -> Result<Option<Vec<DlqMessage>>> {
+        loop {
+            if self.stop.is_cancelled() {
+                return Ok(None);
+            }
+            let want = self.opts.max.map_or(self.burst as usize, |m| {
+                (m - self.report.matched as usize).min(self.burst as usize)
+            });
+            let batch = self.reader.next(want).await?;
+            if !batch.is_empty() {
+                return Ok(Some(batch));
+            }
+            if !self.reader.exhausted(self.ctx).await? {
+                continue;
+            }
+            let elsewhere = queues::info(self.ctx, self.dlq)
+                .await?
+                .in_flight
+                .saturating_sub(self.reader.held() as u64);
+            self.report.in_flight_elsewhere = elsewhere;
+            if elsewhere == 0 || self.waited >= self.opts.wait_in_flight {
+                return Ok(None);
+            }
+            self.bar.set_message(format!(
+                "waiting for {elsewhere} messages in flight elsewhere"
+            ));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.waited += Duration::from_secs(1);
+            self.reader.reset_polls();
+        }
+    }
+
+    /// Sorts a batch: messages this run moved that came back are counted and left alone (a run
+    /// moves each message once); of the others, those that match get a destination. A dry run
+    /// records them instead.
+    async fn plan(&mut self, batch: Vec<DlqMessage>) -> Result<Vec<Planned>> {
+        self.report.read += batch.len() as u64;
+        let stamp = OffsetDateTime::now_utc();
+        let mut planned = Vec::new();
+        for m in batch {
+            let reason = m.attribution().map_or_else(|| "none".into(), |a| a.reason);
+            if m.redrive()
+                .is_some_and(|r| r.is_from_run(&self.report.redrive_id))
+            {
+                self.report.came_back += 1;
+                *self.report.came_back_reasons.entry(reason).or_default() += 1;
+                continue;
+            }
+            if self.max_reached() || !self.opts.filter.matches(&m, stamp) {
+                continue;
+            }
+            self.report.matched += 1;
+            *self.report.reasons.entry(reason.clone()).or_default() += 1;
+            let destination = self.destination_of(&m).await?;
+            if self.opts.dry_run {
+                self.report.would_move.push(WouldMove {
+                    message_id: m.message_id.clone(),
+                    destination: destination.clone(),
+                    reason,
+                    correlation_id: m.correlation_id(),
+                });
+                *self
+                    .report
+                    .destinations
+                    .entry(destination.unwrap_or_else(|| "(none: pass --to)".into()))
+                    .or_default() += 1;
+                self.bar.inc(1);
+                continue;
+            }
+            match destination {
+                Some(destination) => planned.push(Planned {
+                    message: m,
+                    destination,
+                }),
+                None => self.report.no_destination += 1,
+            }
+        }
+        Ok(planned)
+    }
+
+    /// `--to`, else the message's source queue, else the DLQ's only source.
+    async fn destination_of(&mut self, m: &DlqMessage) -> Result<Option<String>> {
+        if let Some(q) = self.to {
+            return Ok(Some(q.name.clone()));
+        }
+        if let Some(source) = source_of(m) {
+            return Ok(Some(source));
+        }
+        if self.sole_source.is_none() {
+            let account = queues::account(self.ctx, None).await?;
+            let sources = queues::sources_by_dlq(&account)
+                .remove(&self.info.arn)
+                .unwrap_or_default();
+            self.sole_source = Some((sources.len() == 1).then(|| sources[0].clone()));
+        }
+        Ok(self.sole_source.clone().flatten())
+    }
+
+    /// Sends planned messages, by destination, then deletes from the DLQ what was sent.
+    async fn send_planned(&mut self, planned: Vec<Planned>) -> Result<()> {
+        let mut by_destination: BTreeMap<String, Vec<DlqMessage>> = BTreeMap::new();
+        for p in planned {
+            by_destination
+                .entry(p.destination)
+                .or_default()
+                .push(p.message);
+        }
+        for (name, messages) in by_destination {
+            for chunk in messages.chunks(self.burst as usize) {
+                self.send_chunk(&name, chunk).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_chunk(&mut self, name: &str, messages: &[DlqMessage]) -> Result<()> {
+        let queue = match self.destinations.get(name) {
+            Some(q) => q.clone(),
+            None => {
+                let q = match self.to {
+                    Some(q) => q.clone(),
+                    None => queues::resolve_name(self.ctx, name).await?,
+                };
+                self.destinations.insert(name.to_owned(), q.clone());
+                q
+            }
+        };
+        if let Some(l) = &self.limiter {
+            let n = NonZeroU32::new(messages.len() as u32).expect("non-empty batch");
+            l.until_n_ready(n).await.expect("batch within the burst");
+        }
+        self.first_send.get_or_insert_with(Instant::now);
+        let refs: Vec<&DlqMessage> = messages.iter().collect();
+        let sent = send(
+            self.ctx,
+            &queue,
+            &self.dlq.name,
+            &self.report.redrive_id,
+            &refs,
+        )
+        .await?;
+        self.last_send = Instant::now();
+        let (ok, failed): (Vec<&DlqMessage>, Vec<&DlqMessage>) =
+            refs.iter().partition(|m| sent.contains(&m.message_id));
+        self.report.failed += failed.len() as u64;
+        let not_deleted = self.reader.delete(&ok).await?;
+        self.report.not_deleted += not_deleted.len() as u64;
+        self.report.moved += (ok.len() - not_deleted.len()) as u64;
+        *self.report.destinations.entry(name.to_owned()).or_default() += ok.len() as u64;
+        self.bar.inc(ok.len() as u64);
+        if !failed.is_empty() {
+            let failed: Vec<DlqMessage> = failed.into_iter().cloned().collect();
+            self.reader.release(&failed).await;
+        }
+        Ok(())
+    }
+}
+
+/// `part` as a percentage of `whole` (0 when `whole` is 0).
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// A new redrive id: the UTC start time and a random suffix (`20261125T042043Z-3f9a1c2b`),
+/// sortable, and short enough for a log line.
+pub fn new_redrive_id(now: OffsetDateTime) -> String {
+    format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z-{}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 /// Sends a batch; returns the message ids SQS accepted.
@@ -504,12 +788,13 @@ async fn send(
     ctx: &Ctx,
     queue: &Queue,
     from: &str,
+    run: &str,
     messages: &[&DlqMessage],
 ) -> Result<Vec<String>> {
     let now = OffsetDateTime::now_utc();
     let mut entries = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        let entry = redriven_entry(m, i, from, queue.fifo(), now).map_err(|e| {
+        let entry = redriven_entry(m, i, from, run, queue.fifo(), now).map_err(|e| {
             CliError::Usage(format!("message {} cannot be sent: {e}", m.message_id))
         })?;
         entries.push(entry);
@@ -580,13 +865,63 @@ pub fn print(report: &Report) {
         return;
     }
     crate::outln!(
-        "moved {} of {} matching ({} read) in {:.1}s, {:.1} msg/s",
+        "redrive {}: moved {} of {} matching ({} read) in {:.1}s, {:.1} msg/s",
+        report.redrive_id,
         report.moved,
         report.matched,
         report.read,
         report.elapsed_ms as f64 / 1000.0,
         report.rate_per_sec
     );
+    if let Some(c) = &report.canary {
+        crate::outln!(
+            "canary: {} moved, {} came back ({:.0}%, halt above {:.0}%) within {:.0}s: {}",
+            c.moved,
+            c.came_back,
+            c.came_back_pct,
+            c.halt_above_pct,
+            c.watched_ms as f64 / 1000.0,
+            if c.passed { "passed" } else { "halted" }
+        );
+    }
+    let outcome = [
+        ("moved", report.moved),
+        ("dead-lettered again (left in the DLQ)", report.came_back),
+        (
+            "not back: applied, or still retried downstream",
+            report.not_back,
+        ),
+        (
+            "matched, not moved (still in the DLQ)",
+            report.matched.saturating_sub(report.moved),
+        ),
+    ];
+    crate::outln!(
+        "{}",
+        output::table(
+            &["outcome", "messages"],
+            outcome
+                .iter()
+                .map(|(what, n)| vec![(*what).to_owned(), n.to_string()])
+        )
+    );
+    if !report.came_back_reasons.is_empty() {
+        let rows = report
+            .came_back_reasons
+            .iter()
+            .map(|(r, n)| vec![r.clone(), n.to_string()]);
+        crate::outln!(
+            "{}",
+            output::table(&["came back with reason", "messages"], rows)
+        );
+    }
+    if report.halted {
+        crate::outln!(
+            "halted: more than {:.0}% of what moved came back; the rest is still in the DLQ. Fix the cause (`dlq attribute {} --by redrive,reason`), then run again.",
+            report.canary.as_ref().map_or(0.0, |c| c.halt_above_pct),
+            report.queue
+        );
+    }
     if report.failed > 0 {
         crate::outln!(
             "{} could not be sent and are still in the DLQ: run again",
@@ -628,8 +963,15 @@ mod tests {
         let mut m = message("m1", "{\"x\":1}", Some(&a));
         m.attributes
             .insert("correlation-id".into(), AttributeValue::string("corr-9"));
-        let entry =
-            redriven_entry(&m, 3, "fleet-orders-dlq", false, OffsetDateTime::UNIX_EPOCH).unwrap();
+        let entry = redriven_entry(
+            &m,
+            3,
+            "fleet-orders-dlq",
+            "run-1",
+            false,
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap();
         assert_eq!(entry.id(), "3");
         assert_eq!(entry.message_body(), "{\"x\":1}");
         let attrs = entry.message_attributes().unwrap();
@@ -653,7 +995,15 @@ mod tests {
             .insert("MessageGroupId".into(), "order-7".into());
         m.system_attributes
             .insert("MessageDeduplicationId".into(), "evt-7".into());
-        let first = redriven_entry(&m, 0, "q-dlq.fifo", true, OffsetDateTime::UNIX_EPOCH).unwrap();
+        let first = redriven_entry(
+            &m,
+            0,
+            "q-dlq.fifo",
+            "run-1",
+            true,
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap();
         assert_eq!(first.message_group_id(), Some("order-7"));
         assert_eq!(first.message_deduplication_id(), Some("evt-7.r1"));
         // Redriven once already: the record says so.
@@ -665,7 +1015,15 @@ mod tests {
                     .unwrap(),
             ),
         );
-        let second = redriven_entry(&m, 0, "q-dlq.fifo", true, OffsetDateTime::UNIX_EPOCH).unwrap();
+        let second = redriven_entry(
+            &m,
+            0,
+            "q-dlq.fifo",
+            "run-1",
+            true,
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap();
         assert_eq!(second.message_deduplication_id(), Some("evt-7.r2"));
         let long = redrive_deduplication_id(&"x".repeat(128), 1);
         assert!(long.len() <= 128 && long.ends_with(".r1"));
