@@ -86,7 +86,7 @@ pub fn init_cli_tracing() {
 pub fn init_metrics() -> Metrics {
     METRICS
         .get_or_init(|| {
-            let prometheus = PrometheusBuilder::new().build_recorder();
+            let prometheus = prometheus_recorder();
             let handle = prometheus.handle();
             let emf = Arc::new(EmfRecorder::default());
             let fanout = FanoutBuilder::default()
@@ -100,6 +100,26 @@ pub fn init_metrics() -> Metrics {
             }
         })
         .clone()
+}
+
+/// Bucket bounds (seconds) of every `*_seconds` histogram: 1 ms to a day, about three per
+/// decade. Buckets, not quantiles: the counts of many tasks add up to the fleet's distribution
+/// (`histogram_quantile` over `sum by (le)`), where per-task quantiles cannot be combined.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0, 14_400.0, 43_200.0, 86_400.0,
+];
+
+/// The Prometheus recorder: `*_seconds` histograms exported as histograms with
+/// [`SECONDS_BUCKETS`].
+pub fn prometheus_recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            SECONDS_BUCKETS,
+        )
+        .expect("the buckets are not empty")
+        .build_recorder()
 }
 
 /// Starts the periodic upkeep of the exporters, and EMF output to stdout when configured.
@@ -200,13 +220,64 @@ impl EmfRecorder {
                 } else {
                     "None"
                 };
-                // EMF takes at most 100 values per metric in one document.
-                values.truncate(100);
-                emit(key, serde_json::json!(values), unit);
+                emit(key, histogram_value(&values), unit);
             }
         });
         lines
     }
+}
+
+/// The most distinct values one EMF metric may carry.
+const EMF_MAX_VALUES: usize = 100;
+
+/// Recorded values as an EMF histogram: `Values` with their `Counts` (at most 100 distinct
+/// values, each a bucket of values within a few percent of each other), and the exact `Count`,
+/// `Sum`, `Min` and `Max`. Every recorded value is counted: truncating to 100 values (what EMF
+/// takes as a plain array) would drop the rest of a busy interval and bias the percentiles
+/// CloudWatch computes.
+fn histogram_value(values: &[f64]) -> serde_json::Value {
+    let (min, max) = values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(v), hi.max(v))
+        });
+    let sum: f64 = values.iter().sum();
+    // Log-scale buckets 5 % wide, doubled in width until at most 100 are in use.
+    let mut growth: f64 = 1.05;
+    let buckets = loop {
+        let mut buckets: std::collections::BTreeMap<i64, u64> = std::collections::BTreeMap::new();
+        for &v in values {
+            let index = if v > 0.0 {
+                (v.ln() / growth.ln()).floor() as i64
+            } else {
+                i64::MIN
+            };
+            *buckets.entry(index).or_default() += 1;
+        }
+        if buckets.len() <= EMF_MAX_VALUES {
+            break buckets;
+        }
+        growth *= growth;
+    };
+    let (mut out_values, mut counts) = (Vec::new(), Vec::new());
+    for (index, count) in buckets {
+        let value = if index == i64::MIN {
+            0.0
+        } else {
+            // The bucket's geometric middle, kept within what was recorded.
+            growth.powf(index as f64 + 0.5).clamp(min.max(0.0), max)
+        };
+        out_values.push(value);
+        counts.push(count);
+    }
+    serde_json::json!({
+        "Values": out_values,
+        "Counts": counts,
+        "Count": values.len(),
+        "Sum": sum,
+        "Min": min,
+        "Max": max,
+    })
 }
 
 struct SharedEmf(Arc<EmfRecorder>);
@@ -270,5 +341,75 @@ mod tests {
         );
         // A second flush has nothing new to say about the counter.
         assert!(emf.flush("OrderFleet", "orders", 1).is_empty());
+    }
+
+    /// The value at quantile `q` of a distribution given as values with counts.
+    fn quantile(values: &[f64], counts: &[u64], q: f64) -> f64 {
+        let total: u64 = counts.iter().sum();
+        let rank = (q * total as f64).ceil() as u64;
+        let mut seen = 0;
+        for (v, c) in values.iter().zip(counts) {
+            seen += c;
+            if seen >= rank {
+                return *v;
+            }
+        }
+        *values.last().unwrap()
+    }
+
+    #[test]
+    fn a_busy_interval_reaches_cloudwatch_whole_as_values_with_counts() {
+        let emf = Arc::new(EmfRecorder::default());
+        let recorder = SharedEmf(Arc::clone(&emf));
+        // 10,000 handler times from 1 ms to 10 s, log-uniform: 100 of them would be 1 %.
+        let recorded: Vec<f64> = (0..10_000)
+            .map(|i| 0.001 * 10f64.powf(4.0 * f64::from(i) / 10_000.0))
+            .collect();
+        metrics::with_local_recorder(&recorder, || {
+            let h = metrics::histogram!("fleet_handler_seconds", "queue" => "q");
+            for v in &recorded {
+                h.record(*v);
+            }
+        });
+        let lines = emf.flush("OrderFleet", "orders", 1);
+        let doc: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        let h = &doc["fleet_handler_seconds"];
+        let values: Vec<f64> = serde_json::from_value(h["Values"].clone()).unwrap();
+        let counts: Vec<u64> = serde_json::from_value(h["Counts"].clone()).unwrap();
+        assert!(values.len() <= 100, "{} distinct values", values.len());
+        assert_eq!(values.len(), counts.len());
+        assert_eq!(counts.iter().sum::<u64>(), 10_000, "every value counted");
+        assert_eq!(h["Count"], 10_000);
+        assert!((h["Sum"].as_f64().unwrap() - recorded.iter().sum::<f64>()).abs() < 1e-6);
+        assert_eq!(h["Min"].as_f64().unwrap(), recorded[0]);
+        assert_eq!(h["Max"].as_f64().unwrap(), recorded[9_999]);
+        for q in [0.5, 0.9, 0.99] {
+            let truth = recorded[(q * 10_000.0) as usize - 1];
+            let seen = quantile(&values, &counts, q);
+            assert!(
+                (seen / truth - 1.0).abs() < 0.12,
+                "p{}: {seen} against {truth}",
+                q * 100.0
+            );
+        }
+    }
+
+    #[test]
+    fn prometheus_exports_seconds_as_histograms_that_add_up_across_tasks() {
+        let recorder = prometheus_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("fleet_handler_seconds", "queue" => "q").record(0.03);
+            metrics::histogram!("fleet_message_age_seconds", "queue" => "q").record(7200.0);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(r#"fleet_handler_seconds_bucket{queue="q",le="0.05"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"fleet_handler_seconds_bucket{queue="q",le="0.025"} 0"#));
+        assert!(text.contains(r#"fleet_message_age_seconds_bucket{queue="q",le="14400"} 1"#));
+        assert!(text.contains("fleet_handler_seconds_count"));
+        assert!(!text.contains("quantile="), "no summaries: {text}");
     }
 }
