@@ -23,12 +23,19 @@ fn git_revision() -> Option<String> {
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     };
     // Rebuild when HEAD moves (a commit, a checkout), not on every file change.
+    // Only files that exist: cargo re-runs a build script on every build while a file it was
+    // told to watch is missing.
     if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {
-        println!("cargo:rerun-if-changed={dir}/HEAD");
+        let watch = |path: String| {
+            if std::path::Path::new(&path).exists() {
+                println!("cargo:rerun-if-changed={path}");
+            }
+        };
+        watch(format!("{dir}/HEAD"));
         if let Some(head_ref) = git(&["symbolic-ref", "-q", "HEAD"]) {
-            println!("cargo:rerun-if-changed={dir}/{head_ref}");
+            watch(format!("{dir}/{head_ref}"));
         }
-        println!("cargo:rerun-if-changed={dir}/packed-refs");
+        watch(format!("{dir}/packed-refs"));
     }
     // The commit only: uncommitted changes are not tracked (that would rebuild on every edit).
     git(&["rev-parse", "--short=12", "HEAD"])

@@ -303,6 +303,12 @@ pub struct WorkerConfig {
     /// visibility) before it goes back to the queue as one failed attempt.
     #[serde(default = "default_throttle_patience_secs")]
     pub throttle_patience_secs: u32,
+    /// Fair sharing between tenants on a standard queue: at most this many messages of one
+    /// message group run at once in a task; a first attempt over it is sent back to the queue
+    /// with a short delay (no attempt used). Absent = no cap. Not on the edge queue (a message
+    /// sent again would lose the SenderId that names its upstream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight_per_group: Option<NonZeroUsize>,
 }
 
 const fn default_handler_deadline_secs() -> u32 {
@@ -751,6 +757,20 @@ impl FleetConfig {
                     at("batch_window_ms"),
                     "must be at most 20000 (a long poll's limit)",
                 ));
+            }
+            if let Some(cap) = w.max_in_flight_per_group {
+                if cap > w.max_in_flight {
+                    return Err(ConfigError::invalid(
+                        at("max_in_flight_per_group"),
+                        format!("must be at most max_in_flight ({})", w.max_in_flight),
+                    ));
+                }
+                if role == "ingestion" || q.fifo {
+                    return Err(ConfigError::invalid(
+                        at("max_in_flight_per_group"),
+                        "is for standard work queues after the edge: a FIFO queue already runs one message of a group at a time, and the edge cannot send a message again without losing the SenderId that names its upstream",
+                    ));
+                }
             }
             if w.receive_wait_secs > 20 {
                 return Err(ConfigError::invalid(

@@ -126,6 +126,12 @@ pub fn throttled(queue: &str, limit: usize, pause: Duration) {
     );
 }
 
+/// A message deferred because its group had `max_in_flight_per_group` running in this task.
+pub fn deferred_for_group(queue: &str) {
+    metrics::counter!("fleet_messages_deferred_for_group_total", "queue" => queue.to_owned())
+        .increment(1);
+}
+
 /// The consumer's adaptive concurrency limit (AIMD) is now `limit`.
 pub fn concurrency_limit(queue: &str, limit: usize) {
     metrics::gauge!("fleet_concurrency_limit", "queue" => queue.to_owned()).set(limit as f64);

@@ -22,6 +22,7 @@ use tracing::{error_span, info, warn, Instrument};
 
 use super::batcher::{Batcher, EntryResult};
 use super::concurrency::Concurrency;
+use super::fairness::{carried_group_id, GroupLimits};
 use super::message::{Handler, Message, Outcome, Outgoing};
 use crate::attribution::{self, Attribution, CORRELATION_ID, RECEIVED_AT, REQUEST_ID, SOURCE};
 use crate::config::WorkerConfig;
@@ -37,6 +38,8 @@ const SQS_BATCH: usize = 10;
 const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
 /// How long a poller waits for enough free capacity to ask for a full batch.
 const BATCH_FILL_WAIT: Duration = Duration::from_millis(100);
+/// How long a message deferred for its group's cap waits before it can be received again.
+const GROUP_DEFER_SECS: i32 = 1;
 
 /// Counters of one consumer's run, for reports and tests.
 #[derive(Debug, Default)]
@@ -131,6 +134,8 @@ struct Inner<H> {
     capacity: Arc<Semaphore>,
     /// The adaptive limit under the cap: halved by throttling, grown back by successes.
     concurrency: Concurrency,
+    /// Running messages per message group, under `max_in_flight_per_group`.
+    groups: GroupLimits,
     /// Cancelled when shutdown starts: throttled jobs stop retrying in place.
     stopping: CancellationToken,
     /// Receipt handles of messages in flight, to release them at shutdown.
@@ -151,6 +156,8 @@ struct SendEntry {
     attributes: HashMap<String, MessageAttributeValue>,
     group_id: Option<String>,
     deduplication_id: Option<String>,
+    /// Seconds before the message can be received (a deferral).
+    delay_seconds: Option<i32>,
 }
 
 impl SendEntry {
@@ -219,6 +226,7 @@ impl<H: Handler> Consumer<H> {
                 sqs,
                 capacity: Arc::new(Semaphore::new(worker.max_in_flight.get())),
                 concurrency: Concurrency::new(worker.max_in_flight.get()),
+                groups: GroupLimits::new(worker.max_in_flight_per_group),
                 stopping: CancellationToken::new(),
                 role,
                 pair,
@@ -455,10 +463,19 @@ impl<H: Handler> Inner<H> {
             for m in messages {
                 let permit = take_one();
                 let this = Arc::clone(self);
-                jobs.spawn(async move {
-                    this.process(m).await;
-                    drop(permit);
-                });
+                match self
+                    .groups
+                    .try_enter(m.group_id.as_deref(), m.receive_count <= 1)
+                {
+                    Some(slot) => jobs.spawn(async move {
+                        this.process(m).await;
+                        drop((slot, permit));
+                    }),
+                    None => jobs.spawn(async move {
+                        this.defer_for_group(m).await;
+                        drop(permit);
+                    }),
+                };
             }
         }
         self.report_in_flight();
@@ -797,13 +814,13 @@ impl<H: Handler> Inner<H> {
         let fifo = target.queue.fifo;
         Ok(SendEntry {
             queue_url: target.queue.url.clone(),
-            group_id: if fifo {
-                out.group_id
-                    .or_else(|| incoming.group_id.clone())
-                    .or_else(|| Some("default".to_owned()))
-            } else {
-                None
-            },
+            // The tenant's group travels with everything derived from its message, on standard
+            // queues too (fair queues), unless the handler names another.
+            group_id: carried_group_id(
+                fifo,
+                out.group_id.as_deref().or(incoming.group_id.as_deref()),
+            ),
+            delay_seconds: None,
             // Derived from what a retry does not change, so a retried forward is deduplicated
             // by a FIFO target (a body holds times that change from one attempt to the next).
             deduplication_id: fifo.then(|| {
@@ -813,6 +830,33 @@ impl<H: Handler> Inner<H> {
             body: out.body,
             attributes,
         })
+    }
+
+    /// A first attempt whose group is at its cap in this task: sent again to the queue with a
+    /// short delay, unchanged (body, every attribute, group), then deleted; no attempt is used.
+    /// If the send fails, the message goes back to the queue after the same delay instead
+    /// (that receive then counts as an attempt).
+    async fn defer_for_group(&self, message: Message) {
+        let queue = &self.pair.queue.name;
+        let again = SendEntry {
+            queue_url: self.pair.queue.url.clone(),
+            body: message.body.clone(),
+            attributes: message.raw_attributes.clone(),
+            group_id: message.group_id.clone(),
+            deduplication_id: None,
+            delay_seconds: Some(GROUP_DEFER_SECS),
+        };
+        match self.sends.submit(again).await {
+            Ok(()) => {
+                self.acknowledge(&message).await;
+                events::deferred_for_group(queue);
+            }
+            Err(e) => {
+                warn!(queue = %queue, error = %e, "could not defer a message over its group's cap; it comes back after its visibility");
+                self.set_visibility(&message.receipt_handle, GROUP_DEFER_SECS)
+                    .await;
+            }
+        }
     }
 
     async fn acknowledge(&self, message: &Message) {
@@ -914,6 +958,12 @@ impl<H: Handler> Inner<H> {
         // one of its own and leaves it here (a run moves each message once), and the next
         // redrive counts on from it (a FIFO deduplication id new for each redrive).
         let mut attributes = message.raw_attributes.clone();
+        // Only a record that is one (at the edge an upstream may set anything), kept whole
+        // below: masking digits or trimming it away would let the redrive run that moved this
+        // message take it again.
+        let redrive = attributes
+            .remove(attribution::REDRIVE)
+            .and_then(|v| v.string_value().and_then(kept_redrive_record));
         // A message refused for payment data is kept without a digit: the DLQ (kept for days,
         // exported, read by people) must not store what the edge refused to let in.
         let payment_data = attribution.reason == "payment_data";
@@ -923,6 +973,9 @@ impl<H: Handler> Inner<H> {
                     *value = string_attribute(crate::edge::mask_digits(text));
                 }
             }
+        }
+        if let Some(record) = redrive {
+            attributes.insert(attribution::REDRIVE.to_owned(), string_attribute(record));
         }
         let body = if payment_data {
             crate::edge::mask_digits(&message.body)
@@ -949,7 +1002,11 @@ impl<H: Handler> Inner<H> {
             while over(&attributes) {
                 let largest = attributes
                     .iter()
-                    .filter(|(k, _)| k.as_str() != attribution::ATTRIBUTION && (any || !ours(k)))
+                    .filter(|(k, _)| {
+                        k.as_str() != attribution::ATTRIBUTION
+                            && k.as_str() != attribution::REDRIVE
+                            && (any || !ours(k))
+                    })
                     .max_by_key(bytes)
                     .map(|(k, _)| k.clone());
                 let Some(name) = largest else { break };
@@ -975,12 +1032,8 @@ impl<H: Handler> Inner<H> {
                 queue_url: dlq.url.clone(),
                 body,
                 attributes,
-                group_id: dlq.fifo.then(|| {
-                    message
-                        .group_id
-                        .clone()
-                        .unwrap_or_else(|| "default".to_owned())
-                }),
+                group_id: carried_group_id(dlq.fifo, message.group_id.as_deref()),
+                delay_seconds: None,
                 deduplication_id: dlq.fifo.then(|| {
                     message
                         .deduplication_id
@@ -1070,6 +1123,28 @@ fn stable_deduplication_id(incoming: &Message, queue: &str, body: &str) -> Strin
         (Some(id), Some(v)) => crate::contract::fingerprint(&(queue, id, &v["payload"])),
         _ => crate::contract::fingerprint(&(queue, &incoming.message_id)),
     }
+}
+
+/// The redrive record a dead-lettered message keeps: a well-formed record, rewritten from its
+/// fields (a few hundred bytes at most), its texts masked when they hold a card number, its id
+/// kept only when valid. `None` for anything else.
+fn kept_redrive_record(raw: &str) -> Option<String> {
+    if raw.len() > 2048 {
+        return None;
+    }
+    let mut record: attribution::RedriveRecord = serde_json::from_str(raw).ok()?;
+    let clean = |text: &str, max: usize| -> String {
+        let text: String = text.chars().take(max).collect();
+        if crate::edge::holds_card_number(&text) {
+            crate::edge::mask_digits(&text)
+        } else {
+            text
+        }
+    };
+    record.id = record.id.filter(|id| super::message::is_valid_id(id));
+    record.from_queue = clean(&record.from_queue, 256);
+    record.previous_reason = record.previous_reason.map(|r| clean(&r, 128));
+    serde_json::to_string(&record).ok()
 }
 
 fn string_attribute(value: String) -> MessageAttributeValue {
@@ -1227,6 +1302,7 @@ async fn send_batch(
                         )
                         .set_message_group_id(e.group_id.clone())
                         .set_message_deduplication_id(e.deduplication_id.clone())
+                        .set_delay_seconds(e.delay_seconds)
                         .build()
                         .expect("id and body are set")
                 })
@@ -1413,6 +1489,7 @@ mod tests {
             attributes: HashMap::new(),
             group_id: None,
             deduplication_id: None,
+            delay_seconds: None,
         };
         let results = send_batch(sqs, vec![entry("a"), entry("a"), entry("b")], 256 * 1024).await;
         assert_eq!(results[0], Ok(()));
@@ -1442,6 +1519,27 @@ mod tests {
             0,
             "past the limit: visible again at once rather than refused"
         );
+    }
+
+    #[test]
+    fn a_dead_lettered_message_keeps_a_well_formed_redrive_record_without_card_digits() {
+        let record = r#"{"count":2,"at":"2026-11-25T04:20:00Z","from_queue":"fleet-ingest-t0c6-dlq","previous_reason":"malformed_json","id":"20261125T042000Z-3f9a1c2b"}"#;
+        let kept: serde_json::Value =
+            serde_json::from_str(&kept_redrive_record(record).unwrap()).unwrap();
+        assert_eq!(kept["id"], "20261125T042000Z-3f9a1c2b");
+        assert_eq!(kept["count"], 2);
+        assert_eq!(
+            kept["from_queue"], "fleet-ingest-t0c6-dlq",
+            "no card, unchanged"
+        );
+        // Forged at the edge: a card number in a text, an id that is not one.
+        let forged = r#"{"count":1,"at":"2026-11-25T04:20:00Z","from_queue":"4111 1111 1111 1111","previous_reason":null,"id":"x y"}"#;
+        let kept: serde_json::Value =
+            serde_json::from_str(&kept_redrive_record(forged).unwrap()).unwrap();
+        assert_eq!(kept["from_queue"], "#### #### #### ####");
+        assert!(kept.get("id").is_none());
+        assert_eq!(kept_redrive_record("not a record"), None);
+        assert_eq!(kept_redrive_record(&"x".repeat(5000)), None);
     }
 
     #[test]
@@ -1482,5 +1580,221 @@ mod tests {
         );
         let chunks = chunk_by_size(&items[..4], |_| 100_000, 256 * 1024);
         assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2]);
+    }
+}
+
+#[cfg(test)]
+mod fairness_tests {
+    //! A task under a per-group cap, with SQS mocked (the emulator takes a MessageGroupId on a
+    //! standard queue but does not return it): the noisy group gets its cap, the quiet one runs
+    //! at once, and the overflow goes back to the queue with its group, no attempt used.
+
+    use std::collections::BTreeMap;
+    use std::num::NonZeroUsize;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use aws_sdk_sqs::operation::change_message_visibility_batch::ChangeMessageVisibilityBatchOutput;
+    use aws_sdk_sqs::operation::delete_message_batch::DeleteMessageBatchOutput;
+    use aws_sdk_sqs::operation::get_queue_url::GetQueueUrlOutput;
+    use aws_sdk_sqs::operation::receive_message::ReceiveMessageOutput;
+    use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchOutput;
+    use aws_sdk_sqs::types::{
+        DeleteMessageBatchResultEntry, Message as SqsMessage, MessageSystemAttributeName,
+        SendMessageBatchResultEntry,
+    };
+    use aws_smithy_mocks::{mock, mock_client, RuleMode};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::config::FleetConfig;
+    use crate::failure::HandlerError;
+    use crate::health::Health;
+    use crate::runtime::{Consumer, ConsumerSettings, Handler, Message, Outcome, Outgoing};
+    use crate::topology::Topology;
+
+    /// Records the groups it runs, and forwards each message to the warehouse queue.
+    #[derive(Default)]
+    struct Recorder {
+        ran: Mutex<Vec<String>>,
+    }
+
+    impl Handler for Recorder {
+        async fn handle(&self, message: &Message) -> Result<Outcome, HandlerError> {
+            let group = message.group_id.clone().unwrap_or_default();
+            self.ran.lock().unwrap().push(group);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(Outcome::forward(Outgoing::new("warehouse", "{}")))
+        }
+    }
+
+    fn sqs_message(id: &str, group: &str) -> SqsMessage {
+        SqsMessage::builder()
+            .message_id(id)
+            .receipt_handle(format!("receipt-{id}"))
+            .body(format!("{{\"id\":\"{id}\"}}"))
+            .attributes(MessageSystemAttributeName::MessageGroupId, group)
+            .attributes(MessageSystemAttributeName::ApproximateReceiveCount, "1")
+            .build()
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Sent {
+        queue: String,
+        group: Option<String>,
+        delay: Option<i32>,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_noisy_group_gets_its_cap_the_quiet_one_runs_and_the_overflow_waits_in_the_queue() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/fleet.toml");
+        let config = FleetConfig::load(std::path::Path::new(path)).unwrap();
+        let mut worker = config.workers["orders"].clone();
+        worker.max_in_flight_per_group = NonZeroUsize::new(1);
+        worker.pollers = NonZeroUsize::new(1).unwrap();
+        worker.receive_wait_secs = 0;
+        worker.ack_flush_ms = 1;
+
+        let urls = mock!(aws_sdk_sqs::Client::get_queue_url).then_compute_output(|r| {
+            GetQueueUrlOutput::builder()
+                .queue_url(format!("https://sqs.test/{}", r.queue_name().unwrap()))
+                .build()
+        });
+        let receives = Arc::new(Mutex::new(0));
+        let receive = {
+            let receives = Arc::clone(&receives);
+            mock!(aws_sdk_sqs::Client::receive_message).then_compute_output(move |_| {
+                let mut n = receives.lock().unwrap();
+                *n += 1;
+                let messages = if *n == 1 {
+                    vec![
+                        sqs_message("n1", "noisy"),
+                        sqs_message("n2", "noisy"),
+                        sqs_message("n3", "noisy"),
+                        sqs_message("q1", "quiet"),
+                    ]
+                } else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    Vec::new()
+                };
+                ReceiveMessageOutput::builder()
+                    .set_messages(Some(messages))
+                    .build()
+            })
+        };
+        let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
+        let send = {
+            let sent = Arc::clone(&sent);
+            mock!(aws_sdk_sqs::Client::send_message_batch).then_compute_output(move |r| {
+                let mut out = SendMessageBatchOutput::builder().set_failed(Some(vec![]));
+                for e in r.entries() {
+                    sent.lock().unwrap().push(Sent {
+                        queue: r
+                            .queue_url()
+                            .unwrap()
+                            .rsplit('/')
+                            .next()
+                            .unwrap()
+                            .to_owned(),
+                        group: e.message_group_id().map(str::to_owned),
+                        delay: e.delay_seconds(),
+                    });
+                    out = out.successful(
+                        SendMessageBatchResultEntry::builder()
+                            .id(e.id())
+                            .message_id("new")
+                            .md5_of_message_body("x")
+                            .build()
+                            .unwrap(),
+                    );
+                }
+                out.build().unwrap()
+            })
+        };
+        let deleted: Arc<Mutex<Vec<String>>> = Arc::default();
+        let delete = {
+            let deleted = Arc::clone(&deleted);
+            mock!(aws_sdk_sqs::Client::delete_message_batch).then_compute_output(move |r| {
+                let mut out = DeleteMessageBatchOutput::builder().set_failed(Some(vec![]));
+                for e in r.entries() {
+                    deleted.lock().unwrap().push(e.receipt_handle().to_owned());
+                    out = out.successful(
+                        DeleteMessageBatchResultEntry::builder()
+                            .id(e.id())
+                            .build()
+                            .unwrap(),
+                    );
+                }
+                out.build().unwrap()
+            })
+        };
+        let visibility =
+            mock!(aws_sdk_sqs::Client::change_message_visibility_batch).then_output(|| {
+                ChangeMessageVisibilityBatchOutput::builder()
+                    .set_successful(Some(vec![]))
+                    .set_failed(Some(vec![]))
+                    .build()
+                    .unwrap()
+            });
+        let sqs = mock_client!(
+            aws_sdk_sqs,
+            RuleMode::MatchAny,
+            [&urls, &receive, &send, &delete, &visibility]
+        );
+        let topology = Topology::resolve(&sqs, &config).await.unwrap();
+        let orders = topology.pair("orders").unwrap().queue.name.clone();
+        let warehouse = topology.pair("warehouse").unwrap().queue.name.clone();
+        let handler = Arc::new(Recorder::default());
+        let consumer = Consumer::new(
+            sqs,
+            Arc::clone(&handler),
+            ConsumerSettings {
+                role: "orders".into(),
+                worker,
+                topology,
+                max_message_bytes: 256 * 1024,
+                untrusted_edge: false,
+            },
+            Health::default(),
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(consumer.run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        shutdown.cancel();
+        run.await.unwrap();
+
+        let mut ran = handler.ran.lock().unwrap().clone();
+        ran.sort();
+        assert_eq!(
+            ran,
+            ["noisy", "quiet"],
+            "one of the noisy group, and the quiet one"
+        );
+        let sent = sent.lock().unwrap().clone();
+        let mut by_queue: BTreeMap<String, Vec<Sent>> = BTreeMap::new();
+        for s in sent {
+            by_queue.entry(s.queue.clone()).or_default().push(s);
+        }
+        let deferred = &by_queue[&orders];
+        assert_eq!(deferred.len(), 2, "two over the cap go back to their queue");
+        for d in deferred {
+            assert_eq!(d.group.as_deref(), Some("noisy"), "with their group");
+            assert_eq!(d.delay, Some(super::GROUP_DEFER_SECS));
+        }
+        let mut forwarded: Vec<Option<String>> = by_queue[&warehouse]
+            .iter()
+            .map(|s| s.group.clone())
+            .collect();
+        forwarded.sort();
+        assert_eq!(
+            forwarded,
+            [Some("noisy".to_owned()), Some("quiet".to_owned())],
+            "a forward to a standard queue carries its tenant's group"
+        );
+        assert_eq!(
+            deleted.lock().unwrap().len(),
+            4,
+            "every received message left the queue once"
+        );
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use fleet_common::attribution::{self, RedriveRecord};
+use fleet_common::runtime::carried_group_id;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -116,6 +117,12 @@ pub struct Report {
     pub came_back: u64,
     /// Their reasons now.
     pub came_back_reasons: BTreeMap<String, u64>,
+    /// Messages sent to the DLQ after the run started, without this run's record (a redrive
+    /// record lost, a worker of an older build): left alone too, for a later run.
+    pub arrived_during_run: u64,
+    /// Matched messages the canary's watch read beyond what it holds back, left for a later
+    /// run.
+    pub left_for_later: u64,
     /// Moved and not back by the end of the run: applied, or still being retried downstream.
     pub not_back: u64,
     /// What became of the canary, with `--canary`.
@@ -377,12 +384,12 @@ pub fn redriven_entry(
     let mut entry = SendMessageBatchRequestEntry::builder()
         .id(id.to_string())
         .message_body(&m.body)
-        .set_message_attributes(Some(attributes));
+        .set_message_attributes(Some(attributes))
+        // The tenant's group travels, on standard queues too (fair queues).
+        .set_message_group_id(carried_group_id(fifo, m.group_id()));
     if fifo {
         let original = m.deduplication_id().unwrap_or(&m.message_id);
-        entry = entry
-            .message_group_id(m.group_id().unwrap_or("default"))
-            .message_deduplication_id(redrive_deduplication_id(original, record.count));
+        entry = entry.message_deduplication_id(redrive_deduplication_id(original, record.count));
     }
     entry.build().map_err(|e| e.to_string())
 }
@@ -406,7 +413,12 @@ struct Mover<'a> {
     first_send: Option<Instant>,
     last_send: Instant,
     waited: Duration,
+    /// When the run started: messages sent to the DLQ later are not its to move.
+    started: OffsetDateTime,
 }
+
+/// The most matched messages a canary's watch holds back (read, not yet moved).
+const WATCH_HOLD_LIMIT: usize = 10_000;
 
 /// A matched message with the queue it goes to.
 struct Planned {
@@ -438,6 +450,7 @@ impl<'a> Mover<'a> {
             Some(expected),
             if opts.dry_run { "reading" } else { "redriving" },
         );
+        let started = OffsetDateTime::now_utc();
         Self {
             ctx,
             dlq,
@@ -445,10 +458,11 @@ impl<'a> Mover<'a> {
             to,
             opts,
             stop,
+            started,
             reader: Reader::new(ctx, dlq, opts.hold),
             report: Report {
                 queue: dlq.name.clone(),
-                redrive_id: new_redrive_id(OffsetDateTime::now_utc()),
+                redrive_id: new_redrive_id(started),
                 path: if opts.dry_run {
                     "dry-run"
                 } else {
@@ -498,7 +512,7 @@ impl<'a> Mover<'a> {
         let mut held_back: Vec<Planned> = Vec::new();
         while !self.stop.is_cancelled() {
             if let Some(c) = canary {
-                if self.report.moved >= c.size as u64 {
+                if self.report.moved + self.report.not_deleted >= c.size as u64 {
                     if !self.watch_canary(c, &mut held_back).await? {
                         return Ok(());
                     }
@@ -519,18 +533,22 @@ impl<'a> Mover<'a> {
             };
             let mut planned = self.plan(batch).await?;
             if let Some(c) = canary {
-                let room = (c.size as u64).saturating_sub(self.report.moved) as usize;
+                // Sent but not deleted went out too: it counts toward the canary.
+                let out = self.report.moved + self.report.not_deleted;
+                let room = (c.size as u64).saturating_sub(out) as usize;
                 held_back.extend(planned.split_off(room.min(planned.len())));
             }
             self.send_planned(planned).await?;
         }
+        // Fewer matched than the canary's size: what moved is the canary; it is watched before
+        // anything held back moves, and nothing held back moves unwatched (Ctrl-C, or a canary
+        // that could not be sent at all).
         if let Some(c) = canary {
-            // Fewer matched than the canary's size: what moved is the canary; watch it anyway.
-            if !self.stop.is_cancelled() && self.report.moved > 0 {
-                self.watch_canary(c, &mut held_back).await?;
+            if self.stop.is_cancelled() || self.report.moved == 0 {
+                return Ok(());
             }
-            let planned = std::mem::take(&mut held_back);
-            if !self.report.halted {
+            if self.watch_canary(c, &mut held_back).await? {
+                let planned = std::mem::take(&mut held_back);
                 self.send_planned(planned).await?;
             }
         }
@@ -566,6 +584,15 @@ impl<'a> Mover<'a> {
             if self.returns_above_threshold() {
                 break;
             }
+            if held_back.len() >= WATCH_HOLD_LIMIT {
+                // Enough held: wait out the watch without reading (returns are not seen now).
+                let rest = c.watch.saturating_sub(started.elapsed());
+                tokio::select! {
+                    () = tokio::time::sleep(rest) => {}
+                    () = self.stop.cancelled() => {}
+                }
+                break;
+            }
             let batch = self.reader.next(10).await?;
             if batch.is_empty() {
                 if self.reader.exhausted(self.ctx).await? {
@@ -578,7 +605,15 @@ impl<'a> Mover<'a> {
                 }
                 continue;
             }
-            let planned = self.plan(batch).await?;
+            let mut planned = self.plan(batch).await?;
+            let room = WATCH_HOLD_LIMIT.saturating_sub(held_back.len());
+            if planned.len() > room {
+                let over = planned.split_off(room);
+                self.report.left_for_later += over.len() as u64;
+                self.report.matched -= over.len() as u64;
+                let over: Vec<DlqMessage> = over.into_iter().map(|p| p.message).collect();
+                self.reader.release(&over).await;
+            }
             held_back.extend(planned);
             self.bar.set_message(format!(
                 "canary: {moved} moved, {} came back",
@@ -649,6 +684,12 @@ impl<'a> Mover<'a> {
                 *self.report.came_back_reasons.entry(reason).or_default() += 1;
                 continue;
             }
+            // Sent to the DLQ after the run started (by this machine's clock): not in the DLQ
+            // when the run began, so not this run's, whatever record it lost on the way.
+            if m.sent_at().is_some_and(|sent| sent > self.started) {
+                self.report.arrived_during_run += 1;
+                continue;
+            }
             if self.max_reached() || !self.opts.filter.matches(&m, stamp) {
                 continue;
             }
@@ -710,6 +751,11 @@ impl<'a> Mover<'a> {
         }
         for (name, messages) in by_destination {
             for chunk in messages.chunks(self.burst as usize) {
+                // What is not sent stays held and is released (visible again) at the end.
+                if self.stop.is_cancelled() || self.returns_above_threshold() {
+                    self.report.halted |= self.returns_above_threshold();
+                    return Ok(());
+                }
                 self.send_chunk(&name, chunk).await?;
             }
         }
@@ -881,7 +927,13 @@ pub fn print(report: &Report) {
             c.came_back_pct,
             c.halt_above_pct,
             c.watched_ms as f64 / 1000.0,
-            if c.passed { "passed" } else { "halted" }
+            if c.passed {
+                "passed"
+            } else if report.halted {
+                "halted"
+            } else {
+                "interrupted"
+            }
         );
     }
     let outcome = [
@@ -913,6 +965,13 @@ pub fn print(report: &Report) {
         crate::outln!(
             "{}",
             output::table(&["came back with reason", "messages"], rows)
+        );
+    }
+    if report.arrived_during_run + report.left_for_later > 0 {
+        crate::outln!(
+            "{} arrived in the DLQ after the run started and {} were read during the canary's watch beyond what it holds: left for a later run",
+            report.arrived_during_run,
+            report.left_for_later
         );
     }
     if report.halted {
@@ -1025,6 +1084,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(second.message_deduplication_id(), Some("evt-7.r2"));
+        // A standard queue (fair queues): the group travels, no deduplication id.
+        let standard =
+            redriven_entry(&m, 0, "q-dlq", "run-1", false, OffsetDateTime::UNIX_EPOCH).unwrap();
+        assert_eq!(standard.message_group_id(), Some("order-7"));
+        assert_eq!(standard.message_deduplication_id(), None);
         let long = redrive_deduplication_id(&"x".repeat(128), 1);
         assert!(long.len() <= 128 && long.ends_with(".r1"));
     }

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+use fleet_common::runtime::carried_group_id;
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -367,11 +368,11 @@ pub async fn import(
             let mut e = SendMessageBatchRequestEntry::builder()
                 .id(i.to_string())
                 .message_body(&m.body)
-                .set_message_attributes(Some(m.sdk_attributes().map_err(CliError::Usage)?));
+                .set_message_attributes(Some(m.sdk_attributes().map_err(CliError::Usage)?))
+                // The tenant's group travels, on standard queues too (fair queues).
+                .set_message_group_id(carried_group_id(to.fifo(), m.group_id()));
             if to.fifo() {
-                e = e
-                    .message_group_id(m.group_id().unwrap_or("default"))
-                    .message_deduplication_id(m.deduplication_id().unwrap_or(&m.message_id));
+                e = e.message_deduplication_id(m.deduplication_id().unwrap_or(&m.message_id));
             }
             entries.push(e.build().map_err(|e| CliError::Usage(e.to_string()))?);
         }
