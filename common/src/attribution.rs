@@ -118,13 +118,15 @@ pub fn fit_attributes<V>(attributes: &mut std::collections::HashMap<String, V>) 
     if attributes.len() <= MAX_MESSAGE_ATTRIBUTES {
         return Vec::new();
     }
-    const OURS: [&str; 6] = [
+    const OURS: [&str; 8] = [
         CORRELATION_ID,
         ATTRIBUTION,
         REDRIVE,
+        crate::trace::TRACEPARENT,
         SOURCE,
         REQUEST_ID,
         RECEIVED_AT,
+        crate::trace::TRACESTATE,
     ];
     let mut names: Vec<String> = attributes.keys().cloned().collect();
     names.sort_by_key(|n| {

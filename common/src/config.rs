@@ -171,6 +171,11 @@ pub struct ObservabilityConfig {
     /// this long (a wedged poller), so the orchestrator replaces the task.
     #[serde(default = "default_poller_stale_secs")]
     pub poller_stale_secs: u32,
+    /// Export one trace per order (OpenTelemetry, OTLP over HTTP) to this collector, e.g.
+    /// `http://localhost:4318` (an ADOT or OpenTelemetry Collector sidecar). Absent: off, unless
+    /// the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for ObservabilityConfig {
@@ -182,6 +187,7 @@ impl Default for ObservabilityConfig {
             emf_interval_secs: default_emf_interval_secs(),
             emf_namespace: default_emf_namespace(),
             poller_stale_secs: default_poller_stale_secs(),
+            otlp_endpoint: None,
         }
     }
 }
@@ -658,6 +664,14 @@ impl FleetConfig {
                     poller_floor_ms.div_ceil(1000)
                 ),
             ));
+        }
+        if let Some(endpoint) = &self.observability.otlp_endpoint {
+            if !endpoint.starts_with("http://") || endpoint.len() <= "http://".len() {
+                return Err(ConfigError::invalid(
+                    "observability.otlp_endpoint",
+                    "must be an http:// URL of the collector (e.g. http://localhost:4318, a sidecar): the exporter speaks OTLP over plain HTTP to a local collector, which forwards over TLS",
+                ));
+            }
         }
         self.validate_senders()?;
         if !(1024..=1024 * 1024).contains(&self.aws.sqs_max_message_bytes) {

@@ -20,6 +20,7 @@ pub mod redact;
 pub mod runtime;
 pub mod telemetry;
 pub mod topology;
+pub mod trace;
 
 pub use failure::{HandlerError, Reason};
 

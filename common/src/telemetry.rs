@@ -11,6 +11,7 @@ use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, Share
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use metrics_util::layers::FanoutBuilder;
 use metrics_util::registry::{AtomicStorage, Registry};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, ObservabilityConfig};
@@ -26,22 +27,31 @@ pub struct Metrics {
     pub emf: Arc<EmfRecorder>,
 }
 
-/// Installs the global tracing subscriber; `RUST_LOG` filters (default `info`). Logs go to
-/// stderr so stdout stays free for command output and EMF lines. Safe to call twice.
-pub fn init_tracing(format: LogFormat) {
+/// Installs the global tracing subscriber; `RUST_LOG` filters the logs (default `info`). Logs
+/// go to stderr so stdout stays free for command output and EMF lines. With `traces`, spans
+/// are also exported as OpenTelemetry spans (see [`crate::trace`]), whatever `RUST_LOG` says.
+/// Safe to call twice.
+pub fn init_tracing(format: LogFormat, traces: Option<&SdkTracerProvider>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder
+    let logs = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
             .with_writer(|| VersionStamped(std::io::stderr()))
-            .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .compact()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(traces.map(crate::trace::layer))
+        .try_init();
 }
 
 /// A JSON log line with the build's version as its first field: `{"version":"0.1.0+…",…}`, so

@@ -35,6 +35,7 @@ fn start<H: Handler>(
             topology: env.topology.clone(),
             max_message_bytes: env.config.aws.sqs_max_message_bytes,
             untrusted_edge: false,
+            aws_trace_header: false,
         },
         Health::default(),
     )
@@ -610,6 +611,7 @@ async fn the_edge_ignores_forged_fleet_attributes_and_an_oversized_message_still
             topology: env.topology.clone(),
             max_message_bytes: env.config.aws.sqs_max_message_bytes,
             untrusted_edge: true,
+            aws_trace_header: false,
         },
         Health::default(),
     )

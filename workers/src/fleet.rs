@@ -60,6 +60,12 @@ pub async fn run(
             topology: topology.clone(),
             max_message_bytes: config.aws.sqs_max_message_bytes,
             untrusted_edge: role == "ingestion",
+            // The emulator does not keep system attributes; real SQS carries X-Ray's header.
+            aws_trace_header: !config
+                .aws
+                .sqs_endpoint_url
+                .as_deref()
+                .is_some_and(fleet_common::aws::is_loopback_url),
         };
         let (task, role_stats) = match role.as_str() {
             "ingestion" => spawn(

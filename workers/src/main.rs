@@ -99,8 +99,28 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init_tracing(config.observability.log_format);
-    match run(cli.command, config).await {
+    // One trace per order, exported when switched on (observability.otlp_endpoint or
+    // OTEL_EXPORTER_OTLP_ENDPOINT); off by default.
+    let traces = match &cli.command {
+        Command::Run { role } => match fleet_common::trace::otlp_provider(
+            config.observability.otlp_endpoint.as_deref(),
+            role.name(),
+        ) {
+            Ok(traces) => traces,
+            Err(e) => {
+                eprintln!("worker: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    telemetry::init_tracing(config.observability.log_format, traces.as_ref());
+    let outcome = run(cli.command, config).await;
+    if let Some(traces) = traces {
+        // Flushes the spans still batched (the exporter blocks: off the async threads).
+        let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+    }
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("worker: {e:#}");

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
-    MessageAttributeValue, MessageSystemAttributeName, SendMessageBatchRequestEntry,
+    MessageAttributeValue, MessageSystemAttributeName, MessageSystemAttributeNameForSends,
+    MessageSystemAttributeValue, SendMessageBatchRequestEntry,
 };
 use backon::{ExponentialBuilder, Retryable};
 use futures::FutureExt;
@@ -113,6 +114,9 @@ pub struct ConsumerSettings {
     /// fleet's, so handlers and attributions never see them (they still travel, as received,
     /// into a DLQ).
     pub untrusted_edge: bool,
+    /// Write the trace context also as the `AWSTraceHeader` system attribute (real SQS; the
+    /// local emulator does not keep it).
+    pub aws_trace_header: bool,
 }
 
 /// A running consumer of one queue.
@@ -144,6 +148,7 @@ struct Inner<H> {
     sends: Batcher<SendEntry>,
     max_message_bytes: usize,
     untrusted_edge: bool,
+    aws_trace_header: bool,
     stats: Arc<Stats>,
     health: Health,
 }
@@ -158,6 +163,8 @@ struct SendEntry {
     deduplication_id: Option<String>,
     /// Seconds before the message can be received (a deferral).
     delay_seconds: Option<i32>,
+    /// The `AWSTraceHeader` system attribute (on AWS: the trace context without an attribute).
+    aws_trace_header: Option<String>,
 }
 
 impl SendEntry {
@@ -199,6 +206,7 @@ impl<H: Handler> Consumer<H> {
             topology,
             max_message_bytes,
             untrusted_edge,
+            aws_trace_header,
         } = settings;
         let pair = topology.pair(&worker.queue).cloned().ok_or_else(|| {
             format!(
@@ -237,6 +245,7 @@ impl<H: Handler> Consumer<H> {
                 sends,
                 max_message_bytes,
                 untrusted_edge,
+                aws_trace_header,
                 stats: Arc::new(Stats::default()),
                 health,
             }),
@@ -517,9 +526,11 @@ impl<H: Handler> Inner<H> {
                     return;
                 }
                 let mut extra_attempts = 0;
+                let span = self.message_span(&m);
                 loop {
                     let attempt = m.receive_count + extra_attempts;
-                    let result = match self.run_through_throttling(&m).await {
+                    let ran = self.run_through_throttling(&m).instrument(span.clone());
+                    let result = match ran.await {
                         Ran::Done(result) => result,
                         Ran::Stopped => {
                             let left = std::iter::once(m.receipt_handle.clone())
@@ -529,7 +540,8 @@ impl<H: Handler> Inner<H> {
                             return;
                         }
                     };
-                    match self.settle(&m, attempt, result, true).await {
+                    let settled = self.settle(&m, attempt, result, true);
+                    match settled.instrument(span.clone()).await {
                         Settled::Left => break,
                         Settled::RetryIn(delay) => {
                             // Held no longer than SQS lets a receive stay invisible.
@@ -619,7 +631,9 @@ impl<H: Handler> Inner<H> {
     /// consumer's concurrency limit shrinks, for up to `throttle_patience_secs`: throttling
     /// alone does not use up the message's attempts. Returns whether the message left the
     /// queue.
-    async fn process(&self, message: Message) -> bool {
+    /// The span of one message's handling: every line logged in it carries the correlation id;
+    /// with tracing on it is the message's span in the order's trace.
+    fn message_span(&self, message: &Message) -> tracing::Span {
         let correlation_id = message
             .correlation_id
             .clone()
@@ -636,6 +650,12 @@ impl<H: Handler> Inner<H> {
             redrive = message.redrive_id().unwrap_or_default(),
             version = crate::build_info::VERSION,
         );
+        crate::trace::attach(&span, message);
+        span
+    }
+
+    async fn process(&self, message: Message) -> bool {
+        let span = self.message_span(&message);
         async {
             self.in_flight
                 .lock()
@@ -806,6 +826,18 @@ impl<H: Handler> Inner<H> {
                     .or_insert_with(|| value.clone());
             }
         }
+        // The order's trace: this message's span is the parent of the next stage's.
+        let trace = crate::trace::outgoing(incoming);
+        let aws_trace_header = if self.aws_trace_header {
+            trace
+                .first()
+                .and_then(|(_, parent)| crate::trace::traceparent_to_xray(parent))
+        } else {
+            None
+        };
+        for (name, value) in trace {
+            attributes.insert(name.to_owned(), value);
+        }
         let mut attributes: HashMap<String, MessageAttributeValue> = attributes
             .into_iter()
             .map(|(k, v)| (k, string_attribute(v)))
@@ -821,6 +853,7 @@ impl<H: Handler> Inner<H> {
                 out.group_id.as_deref().or(incoming.group_id.as_deref()),
             ),
             delay_seconds: None,
+            aws_trace_header,
             // Derived from what a retry does not change, so a retried forward is deduplicated
             // by a FIFO target (a body holds times that change from one attempt to the next).
             deduplication_id: fifo.then(|| {
@@ -845,6 +878,7 @@ impl<H: Handler> Inner<H> {
             group_id: message.group_id.clone(),
             deduplication_id: None,
             delay_seconds: Some(GROUP_DEFER_SECS),
+            aws_trace_header: message.aws_trace_header.clone(),
         };
         match self.sends.submit(again).await {
             Ok(()) => {
@@ -1034,6 +1068,7 @@ impl<H: Handler> Inner<H> {
                 attributes,
                 group_id: carried_group_id(dlq.fifo, message.group_id.as_deref()),
                 delay_seconds: None,
+                aws_trace_header: message.aws_trace_header.clone(),
                 deduplication_id: dlq.fifo.then(|| {
                     message
                         .deduplication_id
@@ -1303,6 +1338,16 @@ async fn send_batch(
                         .set_message_group_id(e.group_id.clone())
                         .set_message_deduplication_id(e.deduplication_id.clone())
                         .set_delay_seconds(e.delay_seconds)
+                        .set_message_system_attributes(e.aws_trace_header.as_ref().map(|h| {
+                            HashMap::from([(
+                                MessageSystemAttributeNameForSends::AwsTraceHeader,
+                                MessageSystemAttributeValue::builder()
+                                    .data_type("String")
+                                    .string_value(h)
+                                    .build()
+                                    .expect("data type is set"),
+                            )])
+                        }))
                         .build()
                         .expect("id and body are set")
                 })
@@ -1490,6 +1535,7 @@ mod tests {
             group_id: None,
             deduplication_id: None,
             delay_seconds: None,
+            aws_trace_header: None,
         };
         let results = send_batch(sqs, vec![entry("a"), entry("a"), entry("b")], 256 * 1024).await;
         assert_eq!(results[0], Ok(()));
@@ -1753,6 +1799,7 @@ mod fairness_tests {
                 topology,
                 max_message_bytes: 256 * 1024,
                 untrusted_edge: false,
+                aws_trace_header: false,
             },
             Health::default(),
         )

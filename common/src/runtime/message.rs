@@ -42,6 +42,8 @@ pub struct Message {
     /// Who sent it, as SQS saw it (the `SenderId` system attribute): an IAM principal's
     /// unique id, which the sender cannot choose.
     pub sender_id: Option<String>,
+    /// The `AWSTraceHeader` system attribute (X-Ray's trace context), when SQS carries one.
+    pub aws_trace_header: Option<String>,
 }
 
 /// An id the fleet takes from outside (correlation id): 1–128 characters of letters, digits and
@@ -91,6 +93,7 @@ impl Message {
             deduplication_id: sys(MessageSystemAttributeName::MessageDeduplicationId),
             received: std::time::Instant::now(),
             sender_id: sys(MessageSystemAttributeName::SenderId),
+            aws_trace_header: sys(MessageSystemAttributeName::AwsTraceHeader),
         })
     }
 
@@ -110,13 +113,18 @@ impl Message {
             deduplication_id: None,
             received: std::time::Instant::now(),
             sender_id: Some("000000000000".to_owned()),
+            aws_trace_header: None,
         }
     }
 
     /// The `dlq redrive` run that last moved this message back, when it carries a record of
     /// one (logged with every line about the message).
     pub fn redrive_id(&self) -> Option<String> {
-        let record = self.attributes.get(crate::attribution::REDRIVE)?;
+        // As received: the edge hides `fleet-*` attributes from handlers, not from logs.
+        let record = self
+            .raw_attributes
+            .get(crate::attribution::REDRIVE)?
+            .string_value()?;
         serde_json::from_str::<crate::attribution::RedriveRecord>(record)
             .ok()?
             .id
