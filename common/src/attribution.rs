@@ -118,7 +118,7 @@ pub fn fit_attributes<V>(attributes: &mut std::collections::HashMap<String, V>) 
     if attributes.len() <= MAX_MESSAGE_ATTRIBUTES {
         return Vec::new();
     }
-    const OURS: [&str; 8] = [
+    const OURS: [&str; 9] = [
         CORRELATION_ID,
         ATTRIBUTION,
         REDRIVE,
@@ -127,6 +127,7 @@ pub fn fit_attributes<V>(attributes: &mut std::collections::HashMap<String, V>) 
         REQUEST_ID,
         RECEIVED_AT,
         crate::trace::TRACESTATE,
+        crate::runtime::DEFERRALS,
     ];
     let mut names: Vec<String> = attributes.keys().cloned().collect();
     names.sort_by_key(|n| {

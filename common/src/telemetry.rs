@@ -224,6 +224,8 @@ impl EmfRecorder {
         self.registry.visit_histograms(|key, histogram| {
             let mut values = Vec::new();
             histogram.clear_with(|chunk| values.extend_from_slice(chunk));
+            // CloudWatch takes finite numbers only (serde would write NaN as null).
+            values.retain(|v: &f64| v.is_finite());
             if !values.is_empty() {
                 let unit = if key.name().ends_with("_seconds") {
                     "Seconds"
@@ -380,6 +382,8 @@ mod tests {
             for v in &recorded {
                 h.record(*v);
             }
+            h.record(f64::NAN);
+            h.record(f64::INFINITY);
         });
         let lines = emf.flush("OrderFleet", "orders", 1);
         let doc: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();

@@ -36,7 +36,12 @@ pub fn incoming(
     let mut carrier: HashMap<String, String> = HashMap::new();
     if let Some(parent) = attributes.get(TRACEPARENT) {
         carrier.insert(TRACEPARENT.to_owned(), parent.clone());
-        if let Some(state) = attributes.get(TRACESTATE) {
+        // Vendor state is carried only when it is small and holds no card number: it goes into
+        // every span exported and every message forwarded.
+        if let Some(state) = attributes
+            .get(TRACESTATE)
+            .filter(|s| s.len() <= 512 && !crate::edge::holds_card_number(s))
+        {
             carrier.insert(TRACESTATE.to_owned(), state.clone());
         }
     } else if let Some(parent) = aws_trace_header.and_then(xray_to_traceparent) {
@@ -135,7 +140,8 @@ pub fn traceparent_to_xray(traceparent: &str) -> Option<String> {
 /// which the exporter reads itself).
 pub fn exporter_endpoint(configured: Option<&str>) -> Option<Option<String>> {
     if let Some(base) = configured {
-        return Some(Some(format!("{}/v1/traces", base.trim_end_matches('/'))));
+        let base = base.trim_end_matches('/').trim_end_matches("/v1/traces");
+        return Some(Some(format!("{base}/v1/traces")));
     }
     let from_env = [
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
@@ -187,14 +193,20 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     use tracing_subscriber::Layer as _;
-    let spans = tracing_subscriber::filter::Targets::new()
+    let targets = tracing_subscriber::filter::Targets::new()
         .with_target("aws_sdk_dynamodb", tracing::Level::DEBUG)
         .with_target("aws_sdk_sqs", tracing::Level::DEBUG)
         .with_target("fleet_common", tracing::Level::WARN)
         .with_target("workers", tracing::Level::WARN);
+    // An SDK call is a span only inside a message's span: the pollers' receives, the batched
+    // acknowledgements and sends would otherwise each be a trace of their own.
+    let inside_a_message = tracing_subscriber::filter::dynamic_filter_fn(|meta, cx| {
+        !meta.target().starts_with("aws_sdk_") || cx.lookup_current().is_some()
+    });
     tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("order-fleet"))
-        .with_filter(spans)
+        .with_filter(targets)
+        .with_filter(inside_a_message)
 }
 
 #[cfg(test)]
@@ -241,6 +253,27 @@ mod tests {
                 .trace_id()
                 .to_string(),
             "5759e988bd862e3fe1be46a994272793"
+        );
+    }
+
+    #[test]
+    fn a_trace_state_holding_a_card_number_or_too_long_is_not_carried() {
+        let mut m = Message::for_test("{}");
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        m.attributes
+            .insert(TRACEPARENT.to_owned(), parent.to_owned());
+        m.attributes
+            .insert(TRACESTATE.to_owned(), "vendor=ok".to_owned());
+        assert_eq!(outgoing(&m)[1], (TRACESTATE, "vendor=ok".to_owned()));
+        m.attributes
+            .insert(TRACESTATE.to_owned(), "pan=4111111111111111".to_owned());
+        assert_eq!(outgoing(&m), vec![(TRACEPARENT, parent.to_owned())]);
+        m.attributes
+            .insert(TRACESTATE.to_owned(), format!("v={}", "a".repeat(600)));
+        assert_eq!(outgoing(&m).len(), 1);
+        assert_eq!(
+            exporter_endpoint(Some("http://collector:4318/v1/traces/")),
+            Some(Some("http://collector:4318/v1/traces".to_owned()))
         );
     }
 

@@ -23,7 +23,7 @@ use tracing::{error_span, info, warn, Instrument};
 
 use super::batcher::{Batcher, EntryResult};
 use super::concurrency::Concurrency;
-use super::fairness::{carried_group_id, GroupLimits};
+use super::fairness::{self, carried_group_id, GroupLimits, MAX_DEFERRALS};
 use super::message::{Handler, Message, Outcome, Outgoing};
 use crate::attribution::{self, Attribution, CORRELATION_ID, RECEIVED_AT, REQUEST_ID, SOURCE};
 use crate::config::WorkerConfig;
@@ -472,10 +472,9 @@ impl<H: Handler> Inner<H> {
             for m in messages {
                 let permit = take_one();
                 let this = Arc::clone(self);
-                match self
-                    .groups
-                    .try_enter(m.group_id.as_deref(), m.receive_count <= 1)
-                {
+                let may_wait =
+                    m.receive_count <= 1 && fairness::deferrals(&m.attributes) < MAX_DEFERRALS;
+                match self.groups.try_enter(m.group_id.as_deref(), may_wait) {
                     Some(slot) => jobs.spawn(async move {
                         this.process(m).await;
                         drop((slot, permit));
@@ -842,7 +841,10 @@ impl<H: Handler> Inner<H> {
             .into_iter()
             .map(|(k, v)| (k, string_attribute(v)))
             .collect();
-        attribution::fit_attributes(&mut attributes);
+        let dropped = attribution::fit_attributes(&mut attributes);
+        if !dropped.is_empty() {
+            warn!(?dropped, target = %out.queue, "message attributes over SQS's limit of 10 were not forwarded");
+        }
         let fifo = target.queue.fifo;
         Ok(SendEntry {
             queue_url: target.queue.url.clone(),
@@ -871,10 +873,16 @@ impl<H: Handler> Inner<H> {
     /// (that receive then counts as an attempt).
     async fn defer_for_group(&self, message: Message) {
         let queue = &self.pair.queue.name;
+        let mut attributes = message.raw_attributes.clone();
+        attributes.insert(
+            fairness::DEFERRALS.to_owned(),
+            string_attribute((fairness::deferrals(&message.attributes) + 1).to_string()),
+        );
+        attribution::fit_attributes(&mut attributes);
         let again = SendEntry {
             queue_url: self.pair.queue.url.clone(),
             body: message.body.clone(),
-            attributes: message.raw_attributes.clone(),
+            attributes,
             group_id: message.group_id.clone(),
             deduplication_id: None,
             delay_seconds: Some(GROUP_DEFER_SECS),
@@ -1688,6 +1696,7 @@ mod fairness_tests {
         queue: String,
         group: Option<String>,
         delay: Option<i32>,
+        deferrals: Option<String>,
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1743,6 +1752,11 @@ mod fairness_tests {
                             .to_owned(),
                         group: e.message_group_id().map(str::to_owned),
                         delay: e.delay_seconds(),
+                        deferrals: e
+                            .message_attributes()
+                            .and_then(|a| a.get(crate::runtime::DEFERRALS))
+                            .and_then(|v| v.string_value())
+                            .map(str::to_owned),
                     });
                     out = out.successful(
                         SendMessageBatchResultEntry::builder()
@@ -1827,6 +1841,11 @@ mod fairness_tests {
         for d in deferred {
             assert_eq!(d.group.as_deref(), Some("noisy"), "with their group");
             assert_eq!(d.delay, Some(super::GROUP_DEFER_SECS));
+            assert_eq!(
+                d.deferrals.as_deref(),
+                Some("1"),
+                "counted, to bound deferral"
+            );
         }
         let mut forwarded: Vec<Option<String>> = by_queue[&warehouse]
             .iter()

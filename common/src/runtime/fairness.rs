@@ -5,12 +5,31 @@
 //! A first attempt over its group's cap is deferred by the consumer: sent again to its queue
 //! with a short delay (the same body, attributes and group) and then deleted, so the deferral
 //! uses none of the message's attempts and cannot push it toward the queue's redrive policy.
-//! A retry (second attempt or later) always runs: a message is deferred at most while it has
-//! not yet failed, so deferral cannot keep a failing message alive for ever.
+//! A retry (second attempt or later) always runs, and so does a message deferred
+//! [`MAX_DEFERRALS`] times already (counted in its [`DEFERRALS`] attribute, as each deferral is a
+//! new message to SQS): deferral delays a message by seconds, never for ever.
+//!
+//! The group is what the upstream declares (the edge authenticates the sender, not its tenants):
+//! a message without a group is never limited.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
+
+/// The attribute counting how often a message was deferred for its group's cap.
+pub const DEFERRALS: &str = "fleet-deferrals";
+
+/// How often a message may be deferred before it runs whatever its group's count (about 30 s of
+/// deferral, at one second each).
+pub const MAX_DEFERRALS: u32 = 30;
+
+/// How often `attributes` say the message was deferred already.
+pub fn deferrals(attributes: &std::collections::BTreeMap<String, String>) -> u32 {
+    attributes
+        .get(DEFERRALS)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
 
 /// Per-group counts of running messages, under a cap.
 #[derive(Debug, Clone)]
@@ -36,8 +55,9 @@ impl GroupLimits {
     }
 
     /// A slot for a message of `group` (`None`: a message without a group, never limited), or
-    /// `None` when its group is at the cap and the message may wait (`first_attempt`).
-    pub fn try_enter(&self, group: Option<&str>, first_attempt: bool) -> Option<GroupSlot> {
+    /// `None` when its group is at the cap and the message may wait (`may_wait`: a first attempt
+    /// deferred fewer than [`MAX_DEFERRALS`] times).
+    pub fn try_enter(&self, group: Option<&str>, may_wait: bool) -> Option<GroupSlot> {
         let (Some(cap), Some(group)) = (self.cap, group) else {
             return Some(GroupSlot {
                 group: None,
@@ -46,7 +66,7 @@ impl GroupLimits {
         };
         let mut running = self.running.lock().expect("group counts");
         let count = running.entry(group.to_owned()).or_default();
-        if *count >= cap.get() && first_attempt {
+        if *count >= cap.get() && may_wait {
             if *count == 0 {
                 running.remove(group);
             }
@@ -126,6 +146,17 @@ mod tests {
             limits.try_enter(Some("noisy"), true).is_some(),
             "room again"
         );
+    }
+
+    #[test]
+    fn a_message_deferred_often_enough_runs_whatever_its_group_count() {
+        let mut attributes = std::collections::BTreeMap::new();
+        assert_eq!(deferrals(&attributes), 0);
+        attributes.insert(DEFERRALS.to_owned(), MAX_DEFERRALS.to_string());
+        let limits = GroupLimits::new(NonZeroUsize::new(1));
+        let _running = limits.try_enter(Some("noisy"), true).unwrap();
+        let may_wait = deferrals(&attributes) < MAX_DEFERRALS;
+        assert!(limits.try_enter(Some("noisy"), may_wait).is_some());
     }
 
     #[test]
