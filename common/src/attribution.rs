@@ -61,7 +61,7 @@ pub struct Attribution {
         with = "time::serde::rfc3339::option"
     )]
     pub imported_at: Option<OffsetDateTime>,
-    /// The build of the worker that gave up ([`crate::build::VERSION`]: crate version and git
+    /// The build of the worker that gave up ([`crate::build_info::VERSION`]: crate version and git
     /// revision), so that a DLQ spike after a release points at the release. Absent on
     /// attributions written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,331 @@
+//! The job: one message (or one FIFO group) through its handler, within a deadline, with the
+//! visibility heartbeat, throttling retried in place, and the result settled: acknowledged,
+//! retried later, or dead-lettered.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl<H: Handler> Inner<H> {
+    /// A FIFO group's messages of one receive, strictly in order. All of them are held, and
+    /// heartbeated, until each is done: a transient failure is retried here, in place, after
+    /// its backoff (counting the attempt), so that no later message overtakes it and none is
+    /// handed back to SQS, where every new receive would raise its receive count toward the
+    /// DLQ. Shutdown releases whatever is still held.
+    pub(super) async fn run_group(self: Arc<Self>, group: Vec<(Message, OwnedSemaphorePermit)>) {
+        let held: Vec<String> = group
+            .iter()
+            .map(|(m, _)| m.receipt_handle.clone())
+            .collect();
+        {
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            for (m, _) in &group {
+                in_flight.insert(m.message_id.clone(), m.receipt_handle.clone());
+            }
+        }
+        let held = Mutex::new(held);
+        let ids: Vec<String> = group.iter().map(|(m, _)| m.message_id.clone()).collect();
+        let received = group.first().map(|(m, _)| m.received);
+        // Hands the rest of the group back to SQS: no longer heartbeated, visible at once.
+        let hand_back = |left: Vec<String>| {
+            held.lock().expect("held lock").clear();
+            self.release(left)
+        };
+        let work = async {
+            let mut rest = group.into_iter();
+            while let Some((m, permit)) = rest.next() {
+                if self.stopping.is_cancelled() {
+                    // Shutdown: nothing more is started; the group goes back whole.
+                    let left = std::iter::once(m.receipt_handle.clone())
+                        .chain(rest.map(|(m, _)| m.receipt_handle))
+                        .collect();
+                    hand_back(left).await;
+                    return;
+                }
+                let mut extra_attempts = 0;
+                let span = self.message_span(&m);
+                loop {
+                    let attempt = m.receive_count + extra_attempts;
+                    let ran = self.run_through_throttling(&m).instrument(span.clone());
+                    let result = match ran.await {
+                        Ran::Done(result) => result,
+                        Ran::Stopped => {
+                            let left = std::iter::once(m.receipt_handle.clone())
+                                .chain(rest.map(|(m, _)| m.receipt_handle))
+                                .collect();
+                            hand_back(left).await;
+                            return;
+                        }
+                    };
+                    let settled = self.settle(&m, attempt, result, true);
+                    match settled.instrument(span.clone()).await {
+                        Settled::Left => break,
+                        Settled::RetryIn(delay) => {
+                            // Held no longer than SQS lets a receive stay invisible.
+                            let fits =
+                                m.received.elapsed() + delay + self.worker.handler_deadline()
+                                    < MAX_VISIBILITY.saturating_sub(VISIBILITY_MARGIN);
+                            if !fits {
+                                let left = std::iter::once(m.receipt_handle.clone())
+                                    .chain(rest.map(|(m, _)| m.receipt_handle))
+                                    .collect();
+                                hand_back(left).await;
+                                return;
+                            }
+                            tokio::select! {
+                                () = tokio::time::sleep(delay) => extra_attempts += 1,
+                                () = self.stopping.cancelled() => {
+                                    let left = std::iter::once(m.receipt_handle.clone())
+                                        .chain(rest.map(|(m, _)| m.receipt_handle))
+                                        .collect();
+                                    hand_back(left).await;
+                                    return;
+                                }
+                            }
+                        }
+                        Settled::Stays => {
+                            let left = rest.map(|(m, _)| m.receipt_handle).collect();
+                            hand_back(left).await;
+                            return;
+                        }
+                    }
+                }
+                held.lock()
+                    .expect("held lock")
+                    .retain(|r| *r != m.receipt_handle);
+                self.in_flight
+                    .lock()
+                    .expect("in-flight lock")
+                    .remove(&m.message_id);
+                drop(permit);
+            }
+        };
+        let received = received.unwrap_or_else(std::time::Instant::now);
+        tokio::select! {
+            () = work => {}
+            never = self.heartbeat(&held, received) => match never {},
+        }
+        // Done, dead-lettered or handed back: none of the group is this task's any more.
+        let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+        for id in &ids {
+            in_flight.remove(id);
+        }
+        drop(in_flight);
+        self.report_in_flight();
+    }
+
+    /// Runs the handler once, within its deadline; a panic is a transient failure.
+    pub(super) async fn run_handler(&self, message: &Message) -> Result<Outcome, HandlerError> {
+        let deadline = self.worker.handler_deadline();
+        let _job = self.health.job(self.pair.queue.name.clone(), deadline);
+        let started = Instant::now();
+        let work = AssertUnwindSafe(self.handler.handle(message)).catch_unwind();
+        let result = match tokio::time::timeout(deadline, work).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => Err(HandlerError::transient(
+                Reason::HANDLER_PANIC,
+                panic_text(&panic),
+            )),
+            Err(_) => {
+                events::handler_deadline_exceeded(&self.pair.queue.name, deadline);
+                Err(HandlerError::transient(
+                    Reason::HANDLER_DEADLINE_EXCEEDED,
+                    format!("the handler ran past its {} s deadline", deadline.as_secs()),
+                ))
+            }
+        };
+        events::handled(&self.pair.queue.name, started.elapsed(), message.age());
+        result
+    }
+
+    /// Runs the handler, with a heartbeat, until the message is settled: done (acknowledged),
+    /// retried later, or dead-lettered. Throttling is retried here, in place, while the
+    /// consumer's concurrency limit shrinks, for up to `throttle_patience_secs`: throttling
+    /// alone does not use up the message's attempts. Returns whether the message left the
+    /// queue.
+    /// The span of one message's handling: every line logged in it carries the correlation id;
+    /// with tracing on it is the message's span in the order's trace.
+    pub(super) fn message_span(&self, message: &Message) -> tracing::Span {
+        let correlation_id = message
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| format!("msg-{}", message.message_id));
+        // ERROR level so that the span, and with it the correlation id on every line logged
+        // inside it, survives any log filter (a span disabled by the filter carries no fields).
+        let span = error_span!(
+            "message",
+            correlation_id = %correlation_id,
+            message_id = %message.message_id,
+            worker = %self.role,
+            queue = %self.pair.queue.name,
+            attempt = message.receive_count,
+            redrive = message.redrive_id().unwrap_or_default(),
+            version = crate::build_info::VERSION,
+        );
+        crate::trace::attach(&span, message);
+        span
+    }
+
+    pub(super) async fn process(&self, message: Message) -> bool {
+        let span = self.message_span(&message);
+        async {
+            self.in_flight
+                .lock()
+                .expect("in-flight lock")
+                .insert(message.message_id.clone(), message.receipt_handle.clone());
+            let held = Mutex::new(vec![message.receipt_handle.clone()]);
+            let ran = tokio::select! {
+                ran = self.run_through_throttling(&message) => ran,
+                never = self.heartbeat(&held, message.received) => match never {},
+            };
+            let left_queue = match ran {
+                Ran::Done(result) => matches!(
+                    self.settle(&message, message.receive_count, result, false)
+                        .await,
+                    Settled::Left
+                ),
+                Ran::Stopped => {
+                    // Shutdown while throttled: back to the queue at once, no attempt used.
+                    self.release(vec![message.receipt_handle.clone()]).await;
+                    false
+                }
+            };
+            self.in_flight
+                .lock()
+                .expect("in-flight lock")
+                .remove(&message.message_id);
+            left_queue
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Runs the handler; throttling is retried here, in place, after a growing pause, while the
+    /// consumer's concurrency limit shrinks, for up to `throttle_patience_secs` (and never past
+    /// what SQS lets a receive stay invisible): throttling alone uses no attempt. `Stopped`
+    /// when shutdown came during a throttled pause.
+    pub(super) async fn run_through_throttling(&self, message: &Message) -> Ran {
+        let mut first_throttle: Option<Instant> = None;
+        let mut rounds = 0;
+        loop {
+            let result = self.run_handler(message).await;
+            if !matches!(&result, Err(e) if e.is_throttled()) {
+                return Ran::Done(result);
+            }
+            let since = *first_throttle.get_or_insert_with(Instant::now);
+            rounds += 1;
+            let pause = retry_delay(rounds, Duration::from_millis(200), Duration::from_secs(10));
+            let limit = self.concurrency.throttled();
+            Stats::bump(&self.stats.throttled, 1);
+            let lowest = &self.stats.lowest_concurrency_limit;
+            let current = lowest.load(Ordering::Relaxed);
+            if current == 0 || (limit as u64) < current {
+                lowest.store(limit as u64, Ordering::Relaxed);
+            }
+            events::concurrency_limit(&self.pair.queue.name, limit);
+            if self.stopping.is_cancelled() {
+                return Ran::Stopped;
+            }
+            let within_patience = since.elapsed() + pause <= self.worker.throttle_patience();
+            let within_visibility =
+                message.received.elapsed() + pause + self.worker.handler_deadline()
+                    < MAX_VISIBILITY.saturating_sub(VISIBILITY_MARGIN);
+            if !within_patience || !within_visibility {
+                return Ran::Done(result);
+            }
+            events::throttled(&self.pair.queue.name, limit, pause);
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.stopping.cancelled() => return Ran::Stopped,
+            }
+        }
+    }
+
+    /// Acts on a handler's result: forwards and acknowledges, or fails the message (attempt
+    /// number `attempt`). `hold`: a transient failure is retried by the caller in place (FIFO)
+    /// instead of by changing the message's visibility.
+    pub(super) async fn settle(
+        &self,
+        message: &Message,
+        attempt: u32,
+        result: Result<Outcome, HandlerError>,
+        hold: bool,
+    ) -> Settled {
+        match result {
+            Ok(outcome) => {
+                let started = Instant::now();
+                match self.forward(message, outcome).await {
+                    Ok(()) => {
+                        self.acknowledge(message).await;
+                        let before = self.concurrency.limit();
+                        let after = self.concurrency.succeeded();
+                        if after != before {
+                            events::concurrency_limit(&self.pair.queue.name, after);
+                        }
+                        Stats::bump(&self.stats.succeeded, 1);
+                        events::succeeded(&self.pair.queue.name, started.elapsed());
+                        Settled::Left
+                    }
+                    Err(e) => {
+                        self.fail(
+                            message,
+                            attempt,
+                            HandlerError::transient(Reason::FORWARD_FAILED, e),
+                            hold,
+                        )
+                        .await
+                    }
+                }
+            }
+            Err(error) => self.fail(message, attempt, error, hold).await,
+        }
+    }
+
+    /// The visibility a heartbeat asks for: the queue's timeout, within what is left of the 12
+    /// hours SQS allows from the receive; `None` when nothing is left.
+    pub(super) fn extension(&self, received: std::time::Instant) -> Option<i32> {
+        let full = Duration::from_secs(self.pair.settings.visibility_timeout_secs.into());
+        let left = MAX_VISIBILITY
+            .saturating_sub(received.elapsed())
+            .saturating_sub(VISIBILITY_MARGIN);
+        let secs = full.min(left).as_secs();
+        (secs > 0).then_some(secs as i32)
+    }
+
+    /// Extends the visibility of every message in `held` (one message, or a FIFO group's) every
+    /// heartbeat interval, for as long as it is polled, never past SQS's 12 hours from the
+    /// receive.
+    pub(super) async fn heartbeat(
+        &self,
+        held: &Mutex<Vec<String>>,
+        received: std::time::Instant,
+    ) -> std::convert::Infallible {
+        let every = self.worker.heartbeat_interval();
+        let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+        loop {
+            ticks.tick().await;
+            let Some(extend_to) = self.extension(received) else {
+                continue;
+            };
+            let receipts = held.lock().expect("held lock").clone();
+            for chunk in receipts.chunks(SQS_BATCH) {
+                let ok = self.change_visibility(chunk, extend_to).await.is_ok();
+                events::heartbeat(&self.pair.queue.name, ok);
+            }
+        }
+    }
+
+    pub(super) async fn acknowledge(&self, message: &Message) {
+        // A failed delete is not a lost message: SQS delivers it again and the handler's
+        // idempotency absorbs it. The batcher has already logged and counted the failure.
+        let _ = self.acks.submit(message.receipt_handle.clone()).await;
+    }
+}
+
+pub(super) fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_owned());
+    format!("handler panicked: {text}")
+}

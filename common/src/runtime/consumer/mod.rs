@@ -1,0 +1,576 @@
+//! The consumer: one queue, its pollers, its jobs, and graceful shutdown. By concern:
+//!
+//! - this file: the consumer's lifecycle (start, shutdown), its settings and shared state;
+//! - [`poll`]: the long-poll loops, the in-flight cap and the adaptive limit, dispatch;
+//! - [`job`]: a message (or a FIFO group) through its handler, heartbeat, settling;
+//! - [`outgoing`]: forwards, FIFO deduplication ids, deferral for a group's cap;
+//! - [`dead_letter`]: retry later, or the DLQ with the attribution of why;
+//! - [`sqs_io`]: SQS batch calls entry by entry, visibility changes, with their mock tests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
+    MessageAttributeValue, MessageSystemAttributeName, MessageSystemAttributeNameForSends,
+    MessageSystemAttributeValue, SendMessageBatchRequestEntry,
+};
+use backon::{ExponentialBuilder, Retryable};
+use futures::FutureExt;
+use time::OffsetDateTime;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error_span, info, warn, Instrument};
+
+use super::batcher::{Batcher, EntryResult};
+use super::concurrency::Concurrency;
+use super::fairness::{self, carried_group_id, GroupLimits, MAX_DEFERRALS};
+use super::message::{Handler, Message, Outcome, Outgoing};
+use crate::attribution::{self, Attribution, CORRELATION_ID, RECEIVED_AT, REQUEST_ID, SOURCE};
+use crate::config::WorkerConfig;
+use crate::events;
+use crate::failure::{retry_delay, FailureClass, HandlerError, Reason};
+use crate::health::Health;
+use crate::redact::redact;
+use crate::topology::{QueuePair, QueueRef, Topology};
+
+mod dead_letter;
+mod job;
+mod outgoing;
+mod poll;
+mod sqs_io;
+
+use outgoing::string_attribute;
+use sqs_io::{delete_batch, send_batch};
+
+/// Entries per SQS batch call.
+const SQS_BATCH: usize = 10;
+/// The longest visibility SQS accepts.
+const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
+/// How long a poller waits for enough free capacity to ask for a full batch.
+const BATCH_FILL_WAIT: Duration = Duration::from_millis(100);
+/// How long a message deferred for its group's cap waits before it can be received again.
+const GROUP_DEFER_SECS: i32 = 1;
+
+/// Counters of one consumer's run, for reports and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Messages received.
+    pub received: AtomicU64,
+    /// Messages whose effect is done and that were acknowledged.
+    pub succeeded: AtomicU64,
+    /// Transient failures sent back for a retry.
+    pub retried: AtomicU64,
+    /// Messages the worker dead-lettered.
+    pub dead_lettered: AtomicU64,
+    /// Messages released (made visible) at shutdown.
+    pub released: AtomicU64,
+    /// Handler runs throttled downstream and retried in place.
+    pub throttled: AtomicU64,
+    /// The lowest the adaptive concurrency limit went (0 = never lowered).
+    pub lowest_concurrency_limit: AtomicU64,
+}
+
+impl Stats {
+    fn bump(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Kept between a visibility SQS caps at 12 hours from the receive and what is asked for.
+const VISIBILITY_MARGIN: Duration = Duration::from_secs(5);
+
+/// How running a handler through throttling ended.
+enum Ran {
+    /// A result to act on.
+    Done(Result<Outcome, HandlerError>),
+    /// Shutdown came while throttled: hand the message back, no attempt used.
+    Stopped,
+}
+
+/// What became of a message after a handler run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// It left the queue: done, or in the DLQ.
+    Left,
+    /// It stays on the queue, hidden until its retry.
+    Stays,
+    /// The caller holds it and retries in place after this delay (FIFO groups).
+    RetryIn(Duration),
+}
+
+/// The visibility, in whole seconds, that hides a message for `delay` when it was received
+/// `held` ago: rounded up (a 300 ms delay must not become 0, an immediate redelivery), and
+/// within SQS's limit of 12 hours from the receive, less a margin for the request itself.
+fn retry_visibility(delay: Duration, held: Duration) -> i32 {
+    let limit = MAX_VISIBILITY
+        .saturating_sub(held)
+        .saturating_sub(VISIBILITY_MARGIN);
+    let secs = delay.min(limit).as_secs_f64().ceil();
+    secs as i32
+}
+
+/// Everything a consumer needs besides its handler.
+pub struct ConsumerSettings {
+    /// The worker role (for logs, metrics and attribution).
+    pub role: String,
+    /// The role's settings.
+    pub worker: WorkerConfig,
+    /// The queues: the consumed one is `worker.queue`; forwards may target any.
+    pub topology: Topology,
+    /// SQS's limit on a message and a batch (`aws.sqs_max_message_bytes`).
+    pub max_message_bytes: usize,
+    /// The queue is the untrusted edge: the `fleet-*` attributes an upstream sets are not the
+    /// fleet's, so handlers and attributions never see them (they still travel, as received,
+    /// into a DLQ).
+    pub untrusted_edge: bool,
+    /// Write the trace context also as the `AWSTraceHeader` system attribute (real SQS; the
+    /// local emulator does not keep it).
+    pub aws_trace_header: bool,
+}
+
+/// A running consumer of one queue.
+pub struct Consumer<H> {
+    inner: Arc<Inner<H>>,
+}
+
+struct Inner<H> {
+    /// The business logic.
+    handler: H,
+    sqs: aws_sdk_sqs::Client,
+    role: String,
+    /// The consumed queue and its DLQ.
+    pair: QueuePair,
+    worker: WorkerConfig,
+    /// Forward targets by logical name.
+    topology: Topology,
+    /// The in-flight cap: one permit per message from receive to acknowledgement.
+    capacity: Arc<Semaphore>,
+    /// The adaptive limit under the cap: halved by throttling, grown back by successes.
+    concurrency: Concurrency,
+    /// Running messages per message group, under `max_in_flight_per_group`.
+    groups: GroupLimits,
+    /// Cancelled when shutdown starts: throttled jobs stop retrying in place.
+    stopping: CancellationToken,
+    /// Receipt handles of messages in flight, to release them at shutdown.
+    in_flight: Mutex<HashMap<String, String>>,
+    acks: Batcher<String>,
+    sends: Batcher<SendEntry>,
+    max_message_bytes: usize,
+    untrusted_edge: bool,
+    aws_trace_header: bool,
+    stats: Arc<Stats>,
+    health: Health,
+}
+
+/// One message to send in a batch.
+#[derive(Debug, Clone)]
+struct SendEntry {
+    queue_url: String,
+    body: String,
+    attributes: HashMap<String, MessageAttributeValue>,
+    group_id: Option<String>,
+    deduplication_id: Option<String>,
+    /// Seconds before the message can be received (a deferral).
+    delay_seconds: Option<i32>,
+    /// The `AWSTraceHeader` system attribute (on AWS: the trace context without an attribute).
+    aws_trace_header: Option<String>,
+}
+
+impl SendEntry {
+    /// The size SQS counts: the body and every attribute's name, type and value.
+    fn size(&self) -> usize {
+        self.body.len() + attributes_size(&self.attributes)
+    }
+}
+
+/// The bytes SQS counts for message attributes.
+fn attributes_size(attributes: &HashMap<String, MessageAttributeValue>) -> usize {
+    attributes
+        .iter()
+        .map(|(k, v)| {
+            crate::edge::attribute_bytes(
+                k,
+                v.data_type(),
+                v.string_value().map_or(0, str::len)
+                    + v.binary_value().map_or(0, |b| b.as_ref().len()),
+            )
+        })
+        .sum()
+}
+
+impl<H: Handler> Consumer<H> {
+    /// Creates a consumer of `settings.worker.queue`.
+    ///
+    /// # Errors
+    /// When the worker's queue is not in the topology.
+    pub fn new(
+        sqs: aws_sdk_sqs::Client,
+        handler: H,
+        settings: ConsumerSettings,
+        health: Health,
+    ) -> Result<Self, String> {
+        let ConsumerSettings {
+            role,
+            worker,
+            topology,
+            max_message_bytes,
+            untrusted_edge,
+            aws_trace_header,
+        } = settings;
+        let pair = topology.pair(&worker.queue).cloned().ok_or_else(|| {
+            format!(
+                "queue `{}` of worker `{role}` is not in the topology",
+                worker.queue
+            )
+        })?;
+        let linger = Duration::from_millis(worker.ack_flush_ms);
+        let (acks, _) = {
+            let sqs = sqs.clone();
+            let queue = pair.queue.clone();
+            Batcher::spawn(SQS_BATCH, linger, move |receipts| {
+                delete_batch(sqs.clone(), queue.clone(), receipts)
+            })
+        };
+        let (sends, _) = {
+            let sqs = sqs.clone();
+            Batcher::spawn(SQS_BATCH, linger, move |entries| {
+                send_batch(sqs.clone(), entries, max_message_bytes)
+            })
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                handler,
+                sqs,
+                capacity: Arc::new(Semaphore::new(worker.max_in_flight.get())),
+                concurrency: Concurrency::new(worker.max_in_flight.get()),
+                groups: GroupLimits::new(worker.max_in_flight_per_group),
+                stopping: CancellationToken::new(),
+                role,
+                pair,
+                worker,
+                topology,
+                in_flight: Mutex::new(HashMap::new()),
+                acks,
+                sends,
+                max_message_bytes,
+                untrusted_edge,
+                aws_trace_header,
+                stats: Arc::new(Stats::default()),
+                health,
+            }),
+        })
+    }
+
+    /// The run's counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.inner.stats)
+    }
+
+    /// Polls until `shutdown` is cancelled, then stops polling, lets in-flight jobs finish
+    /// within the worker's shutdown deadline, releases what is left to the queue at once, and
+    /// returns. Work already accepted is never cancelled mid-handler by this function.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let inner = self.inner;
+        let jobs = TaskTracker::new();
+        let pollers = TaskTracker::new();
+        info!(
+            worker = %inner.role,
+            queue = %inner.pair.queue.name,
+            pollers = inner.worker.pollers.get(),
+            max_in_flight = inner.worker.max_in_flight.get(),
+            "consumer started"
+        );
+        inner.health.set_ready(true);
+        events::concurrency_limit(&inner.pair.queue.name, inner.concurrency.limit());
+        for _ in 0..inner.worker.pollers.get() {
+            pollers.spawn(Arc::clone(&inner).poll_loop(shutdown.clone(), jobs.clone()));
+        }
+        pollers.close();
+
+        shutdown.cancelled().await;
+        inner.stopping.cancel();
+        inner.health.set_ready(false);
+        let deadline = Instant::now() + inner.worker.shutdown_deadline();
+        info!(worker = %inner.role, deadline_secs = inner.worker.shutdown_deadline_secs, "shutting down: polling stops, in-flight jobs finish");
+        let _ = tokio::time::timeout_at(deadline, pollers.wait()).await;
+        jobs.close();
+        if tokio::time::timeout_at(deadline, jobs.wait())
+            .await
+            .is_err()
+        {
+            let left: Vec<String> = inner
+                .in_flight
+                .lock()
+                .expect("in-flight lock")
+                .values()
+                .cloned()
+                .collect();
+            warn!(worker = %inner.role, unfinished = left.len(), "shutdown deadline reached; releasing unfinished messages");
+            inner.release(left).await;
+        }
+        info!(worker = %inner.role, "consumer stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_visibility_rounds_up_and_stays_within_twelve_hours_of_the_receive() {
+        assert_eq!(
+            retry_visibility(Duration::from_millis(300), Duration::ZERO),
+            1
+        );
+        assert_eq!(
+            retry_visibility(Duration::from_millis(1500), Duration::ZERO),
+            2
+        );
+        assert_eq!(
+            retry_visibility(Duration::from_secs(60), Duration::ZERO),
+            60
+        );
+        // Held for 11 h 59 min: at most what is left of the 12 hours, less the margin.
+        let held = MAX_VISIBILITY - Duration::from_secs(60);
+        assert_eq!(retry_visibility(Duration::from_secs(3600), held), 55);
+        assert_eq!(
+            retry_visibility(Duration::from_secs(3600), MAX_VISIBILITY),
+            0,
+            "past the limit: visible again at once rather than refused"
+        );
+    }
+}
+
+#[cfg(test)]
+mod fairness_tests {
+    //! A task under a per-group cap, with SQS mocked (the emulator takes a MessageGroupId on a
+    //! standard queue but does not return it): the noisy group gets its cap, the quiet one runs
+    //! at once, and the overflow goes back to the queue with its group, no attempt used.
+
+    use std::collections::BTreeMap;
+    use std::num::NonZeroUsize;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use aws_sdk_sqs::operation::change_message_visibility_batch::ChangeMessageVisibilityBatchOutput;
+    use aws_sdk_sqs::operation::delete_message_batch::DeleteMessageBatchOutput;
+    use aws_sdk_sqs::operation::get_queue_url::GetQueueUrlOutput;
+    use aws_sdk_sqs::operation::receive_message::ReceiveMessageOutput;
+    use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchOutput;
+    use aws_sdk_sqs::types::{
+        DeleteMessageBatchResultEntry, Message as SqsMessage, MessageSystemAttributeName,
+        SendMessageBatchResultEntry,
+    };
+    use aws_smithy_mocks::{mock, mock_client, RuleMode};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::config::FleetConfig;
+    use crate::failure::HandlerError;
+    use crate::health::Health;
+    use crate::runtime::{Consumer, ConsumerSettings, Handler, Message, Outcome, Outgoing};
+    use crate::topology::Topology;
+
+    /// Records the groups it runs, and forwards each message to the warehouse queue.
+    #[derive(Default)]
+    struct Recorder {
+        ran: Mutex<Vec<String>>,
+    }
+
+    impl Handler for Recorder {
+        async fn handle(&self, message: &Message) -> Result<Outcome, HandlerError> {
+            let group = message.group_id.clone().unwrap_or_default();
+            self.ran.lock().unwrap().push(group);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok(Outcome::forward(Outgoing::new("warehouse", "{}")))
+        }
+    }
+
+    fn sqs_message(id: &str, group: &str) -> SqsMessage {
+        SqsMessage::builder()
+            .message_id(id)
+            .receipt_handle(format!("receipt-{id}"))
+            .body(format!("{{\"id\":\"{id}\"}}"))
+            .attributes(MessageSystemAttributeName::MessageGroupId, group)
+            .attributes(MessageSystemAttributeName::ApproximateReceiveCount, "1")
+            .build()
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Sent {
+        queue: String,
+        group: Option<String>,
+        delay: Option<i32>,
+        deferrals: Option<String>,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_noisy_group_gets_its_cap_the_quiet_one_runs_and_the_overflow_waits_in_the_queue() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/fleet.toml");
+        let config = FleetConfig::load(std::path::Path::new(path)).unwrap();
+        let mut worker = config.workers["orders"].clone();
+        worker.max_in_flight_per_group = NonZeroUsize::new(1);
+        worker.pollers = NonZeroUsize::new(1).unwrap();
+        worker.receive_wait_secs = 0;
+        worker.ack_flush_ms = 1;
+
+        let urls = mock!(aws_sdk_sqs::Client::get_queue_url).then_compute_output(|r| {
+            GetQueueUrlOutput::builder()
+                .queue_url(format!("https://sqs.test/{}", r.queue_name().unwrap()))
+                .build()
+        });
+        let receives = Arc::new(Mutex::new(0));
+        let receive = {
+            let receives = Arc::clone(&receives);
+            mock!(aws_sdk_sqs::Client::receive_message).then_compute_output(move |_| {
+                let mut n = receives.lock().unwrap();
+                *n += 1;
+                let messages = if *n == 1 {
+                    vec![
+                        sqs_message("n1", "noisy"),
+                        sqs_message("n2", "noisy"),
+                        sqs_message("n3", "noisy"),
+                        sqs_message("q1", "quiet"),
+                    ]
+                } else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    Vec::new()
+                };
+                ReceiveMessageOutput::builder()
+                    .set_messages(Some(messages))
+                    .build()
+            })
+        };
+        let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
+        let send = {
+            let sent = Arc::clone(&sent);
+            mock!(aws_sdk_sqs::Client::send_message_batch).then_compute_output(move |r| {
+                let mut out = SendMessageBatchOutput::builder().set_failed(Some(vec![]));
+                for e in r.entries() {
+                    sent.lock().unwrap().push(Sent {
+                        queue: r
+                            .queue_url()
+                            .unwrap()
+                            .rsplit('/')
+                            .next()
+                            .unwrap()
+                            .to_owned(),
+                        group: e.message_group_id().map(str::to_owned),
+                        delay: e.delay_seconds(),
+                        deferrals: e
+                            .message_attributes()
+                            .and_then(|a| a.get(crate::runtime::DEFERRALS))
+                            .and_then(|v| v.string_value())
+                            .map(str::to_owned),
+                    });
+                    out = out.successful(
+                        SendMessageBatchResultEntry::builder()
+                            .id(e.id())
+                            .message_id("new")
+                            .md5_of_message_body("x")
+                            .build()
+                            .unwrap(),
+                    );
+                }
+                out.build().unwrap()
+            })
+        };
+        let deleted: Arc<Mutex<Vec<String>>> = Arc::default();
+        let delete = {
+            let deleted = Arc::clone(&deleted);
+            mock!(aws_sdk_sqs::Client::delete_message_batch).then_compute_output(move |r| {
+                let mut out = DeleteMessageBatchOutput::builder().set_failed(Some(vec![]));
+                for e in r.entries() {
+                    deleted.lock().unwrap().push(e.receipt_handle().to_owned());
+                    out = out.successful(
+                        DeleteMessageBatchResultEntry::builder()
+                            .id(e.id())
+                            .build()
+                            .unwrap(),
+                    );
+                }
+                out.build().unwrap()
+            })
+        };
+        let visibility =
+            mock!(aws_sdk_sqs::Client::change_message_visibility_batch).then_output(|| {
+                ChangeMessageVisibilityBatchOutput::builder()
+                    .set_successful(Some(vec![]))
+                    .set_failed(Some(vec![]))
+                    .build()
+                    .unwrap()
+            });
+        let sqs = mock_client!(
+            aws_sdk_sqs,
+            RuleMode::MatchAny,
+            [&urls, &receive, &send, &delete, &visibility]
+        );
+        let topology = Topology::resolve(&sqs, &config).await.unwrap();
+        let orders = topology.pair("orders").unwrap().queue.name.clone();
+        let warehouse = topology.pair("warehouse").unwrap().queue.name.clone();
+        let handler = Arc::new(Recorder::default());
+        let consumer = Consumer::new(
+            sqs,
+            Arc::clone(&handler),
+            ConsumerSettings {
+                role: "orders".into(),
+                worker,
+                topology,
+                max_message_bytes: 256 * 1024,
+                untrusted_edge: false,
+                aws_trace_header: false,
+            },
+            Health::default(),
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let run = tokio::spawn(consumer.run(shutdown.clone()));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        shutdown.cancel();
+        run.await.unwrap();
+
+        let mut ran = handler.ran.lock().unwrap().clone();
+        ran.sort();
+        assert_eq!(
+            ran,
+            ["noisy", "quiet"],
+            "one of the noisy group, and the quiet one"
+        );
+        let sent = sent.lock().unwrap().clone();
+        let mut by_queue: BTreeMap<String, Vec<Sent>> = BTreeMap::new();
+        for s in sent {
+            by_queue.entry(s.queue.clone()).or_default().push(s);
+        }
+        let deferred = &by_queue[&orders];
+        assert_eq!(deferred.len(), 2, "two over the cap go back to their queue");
+        for d in deferred {
+            assert_eq!(d.group.as_deref(), Some("noisy"), "with their group");
+            assert_eq!(d.delay, Some(super::GROUP_DEFER_SECS));
+            assert_eq!(
+                d.deferrals.as_deref(),
+                Some("1"),
+                "counted, to bound deferral"
+            );
+        }
+        let mut forwarded: Vec<Option<String>> = by_queue[&warehouse]
+            .iter()
+            .map(|s| s.group.clone())
+            .collect();
+        forwarded.sort();
+        assert_eq!(
+            forwarded,
+            [Some("noisy".to_owned()), Some("quiet".to_owned())],
+            "a forward to a standard queue carries its tenant's group"
+        );
+        assert_eq!(
+            deleted.lock().unwrap().len(),
+            4,
+            "every received message left the queue once"
+        );
+    }
+}

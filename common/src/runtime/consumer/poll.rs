@@ -1,0 +1,198 @@
+//! Polling and capacity: the long-poll loops, the in-flight cap and the adaptive concurrency
+//! limit they reserve under, the receive itself, and dispatch of what it brought: a job per
+//! message (within its group's cap), or per FIFO group.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl<H: Handler> Inner<H> {
+    pub(super) async fn poll_loop(self: Arc<Self>, shutdown: CancellationToken, jobs: TaskTracker) {
+        let mut failures: u32 = 0;
+        let probe = self
+            .health
+            .poller(format!("{}/{}", self.role, self.pair.queue.name));
+        loop {
+            probe.waiting_for_room(true);
+            let permits = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                permits = self.reserve_batch() => permits,
+            };
+            probe.waiting_for_room(false);
+            let receive = self.receive(permits.num_permits());
+            tokio::pin!(receive);
+            let received = tokio::select! {
+                biased;
+                result = &mut receive => result,
+                () = shutdown.cancelled() => {
+                    // A receive already sent may bring messages: let it finish (bounded by the
+                    // deadline) and hand those back at once, instead of leaving them invisible.
+                    let bounded = tokio::time::timeout(self.worker.shutdown_deadline(), receive).await;
+                    if let Ok(Ok(messages)) = bounded {
+                        self.release(messages.into_iter().map(|m| m.receipt_handle).collect()).await;
+                    }
+                    break;
+                }
+            };
+            match received {
+                Ok(messages) => {
+                    failures = 0;
+                    probe.received();
+                    let partial = !messages.is_empty() && messages.len() < permits.num_permits();
+                    self.dispatch(messages, permits, &jobs);
+                    if partial && self.worker.batch_window_ms > 0 {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(Duration::from_millis(self.worker.batch_window_ms)) => {}
+                        }
+                    }
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let backoff = retry_delay(
+                        failures,
+                        Duration::from_millis(200),
+                        Duration::from_secs(20),
+                    );
+                    events::receive_failed(&self.pair.queue.name, &error, backoff);
+                    drop(permits);
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for room under the adaptive concurrency limit and for at least one free slot,
+    /// then briefly (100 ms, or the batching window when it is longer) for enough to ask for a
+    /// full batch, never more than the limit leaves room for.
+    pub(super) async fn reserve_batch(&self) -> OwnedSemaphorePermit {
+        let max = self.worker.max_in_flight.get();
+        let room = loop {
+            let in_use = max - self.capacity.available_permits();
+            let room = self.concurrency.room(in_use);
+            if room > 0 {
+                break room;
+            }
+            // Jobs finishing and the limit growing both make room: look again soon.
+            self.concurrency
+                .wait_for_room(Duration::from_millis(50))
+                .await;
+        };
+        let want = (self.worker.batch_size as usize).min(max).min(room);
+        let mut permits = Arc::clone(&self.capacity)
+            .acquire_owned()
+            .await
+            .expect("capacity is never closed");
+        if want > 1 {
+            let more = Arc::clone(&self.capacity).acquire_many_owned((want - 1) as u32);
+            let fill_wait = BATCH_FILL_WAIT.max(Duration::from_millis(self.worker.batch_window_ms));
+            match tokio::time::timeout(fill_wait, more).await {
+                Ok(Ok(more)) => permits.merge(more),
+                _ => {
+                    while permits.num_permits() < want {
+                        match Arc::clone(&self.capacity).try_acquire_owned() {
+                            Ok(one) => permits.merge(one),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+        }
+        permits
+    }
+
+    pub(super) async fn receive(&self, max: usize) -> Result<Vec<Message>, String> {
+        // A long poll waits up to `receive_wait_secs` for messages before it answers: its
+        // deadline is the client's per-request deadline plus that wait.
+        let wait = Duration::from_secs(self.worker.receive_wait_secs.into());
+        let deadline = self
+            .sqs
+            .config()
+            .timeout_config()
+            .and_then(|t| t.operation_attempt_timeout())
+            .map(|t| t + wait);
+        let mut override_timeouts = aws_sdk_sqs::config::Builder::default();
+        if let Some(deadline) = deadline {
+            override_timeouts = override_timeouts.timeout_config(
+                aws_sdk_sqs::config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(deadline)
+                    .build(),
+            );
+        }
+        let out = self
+            .sqs
+            .receive_message()
+            .queue_url(&self.pair.queue.url)
+            .max_number_of_messages(max as i32)
+            .wait_time_seconds(self.worker.receive_wait_secs as i32)
+            .message_system_attribute_names(MessageSystemAttributeName::All)
+            .message_attribute_names("All")
+            .customize()
+            .config_override(override_timeouts)
+            .send()
+            .await
+            .map_err(|e| crate::sdk_error_message(&e))?;
+        let mut messages: Vec<Message> = out
+            .messages()
+            .iter()
+            .filter_map(Message::from_sqs)
+            .collect();
+        if self.untrusted_edge {
+            for m in &mut messages {
+                m.attributes.retain(|name, _| !name.starts_with("fleet-"));
+            }
+        }
+        events::received(&self.pair.queue.name, messages.len());
+        Stats::bump(&self.stats.received, messages.len() as u64);
+        Ok(messages)
+    }
+
+    /// Starts a job per message (per FIFO group, in order, on FIFO queues), each holding one
+    /// permit; surplus permits go back.
+    pub(super) fn dispatch(
+        self: &Arc<Self>,
+        messages: Vec<Message>,
+        mut permits: OwnedSemaphorePermit,
+        jobs: &TaskTracker,
+    ) {
+        let mut take_one = || permits.split(1).expect("one permit per received message");
+        if self.pair.queue.fifo {
+            let mut groups: BTreeMap<String, Vec<(Message, OwnedSemaphorePermit)>> =
+                BTreeMap::new();
+            for m in messages {
+                let group = m.group_id.clone().unwrap_or_default();
+                groups.entry(group).or_default().push((m, take_one()));
+            }
+            for (_, group) in groups {
+                let this = Arc::clone(self);
+                jobs.spawn(async move { this.run_group(group).await });
+            }
+        } else {
+            for m in messages {
+                let permit = take_one();
+                let this = Arc::clone(self);
+                let may_wait =
+                    m.receive_count <= 1 && fairness::deferrals(&m.attributes) < MAX_DEFERRALS;
+                match self.groups.try_enter(m.group_id.as_deref(), may_wait) {
+                    Some(slot) => jobs.spawn(async move {
+                        this.process(m).await;
+                        drop((slot, permit));
+                    }),
+                    None => jobs.spawn(async move {
+                        this.defer_for_group(m).await;
+                        drop(permit);
+                    }),
+                };
+            }
+        }
+        self.report_in_flight();
+    }
+
+    pub(super) fn report_in_flight(&self) {
+        let in_use = self.worker.max_in_flight.get() - self.capacity.available_permits();
+        events::in_flight(&self.pair.queue.name, in_use);
+    }
+}
