@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+use fleet_harness::scenario::Input;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
-use workers::scenario::Input;
 
 /// A backend's measured capacity.
 #[derive(Debug, Clone, Copy, Serialize, Default)]
@@ -89,7 +89,7 @@ pub async fn sqs(
                         order_id: None,
                     })
                     .collect();
-                workers::demo::send_batch(&sqs, &url, &batch).await
+                fleet_harness::queues::send_batch(&sqs, &url, &batch).await
             }
         })
         .buffer_unordered(16)
@@ -258,7 +258,7 @@ pub async fn dynamodb(
 }
 
 /// The fleet's own DynamoDB work without queues: `inputs` taken in at the edge and through every
-/// stage by the handlers chained in memory ([`workers::fleet::Inline`]), `loops` at a time, for
+/// stage by the handlers chained in memory ([`fleet_harness::chain::Inline`]), `loops` at a time, for
 /// `secs` or until the inputs run out. Messages handled per second (in `units_per_sec`; its
 /// `requests_per_sec` is the same figure). The fleet, which adds SQS between the stages, cannot
 /// go faster than this on the same tables.
@@ -266,7 +266,7 @@ pub async fn dynamodb(
 /// # Errors
 /// A loop that panicked.
 pub async fn workload(
-    inline: Arc<workers::fleet::Inline>,
+    inline: Arc<fleet_harness::chain::Inline>,
     inputs: Vec<String>,
     loops: usize,
     secs: u64,

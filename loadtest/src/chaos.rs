@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fleet_common::aws::Clients;
 use fleet_common::topology::Topology;
+use fleet_harness::queues::{dead_letter_mismatches, dead_letters, send_all, wait_idle};
+use fleet_harness::scenario::{Audit, Scenario};
 use rand::Rng;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use workers::catalog::CatalogFile;
-use workers::demo::{dead_letter_mismatches, dead_letters, send_all, wait_idle};
-use workers::scenario::{Audit, Scenario};
 use workers::store::Tables;
 
 /// The roles, each its own process.
@@ -295,7 +295,7 @@ pub async fn run(
     wait_idle(sqs, setup.topology, plan.phase_timeout).await?;
     clean.stop().await?;
 
-    let audit = workers::scenario::audit(
+    let audit = fleet_harness::scenario::audit(
         &setup.clients.dynamodb,
         &setup.tables,
         scenario,

@@ -19,16 +19,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aws_sdk_sqs::types::QueueAttributeName;
 use fleet_common::aws::{is_loopback_url, Clients};
 use fleet_common::config::FleetConfig;
 use fleet_common::topology::Topology;
+use fleet_harness::scenario::{self, Input, Mix, Scenario};
 use governor::{Quota, RateLimiter};
 use indicatif::{ProgressBar, ProgressStyle};
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
 use workers::catalog::CatalogFile;
-use workers::scenario::{self, Input, Mix, Scenario};
 use workers::store::Tables;
 
 use crate::report::{Report, Sample};
@@ -98,7 +97,10 @@ async fn workload_ceiling(
     let orders = usize::try_from(opts.ceiling_secs.saturating_mul(400)).unwrap_or(usize::MAX);
     let scenario = Scenario::generate(orders, opts.mix, catalog, opts.seed ^ 0x5eed, &scratch_tag);
     let inputs = scenario.submissions.into_iter().map(|i| i.body).collect();
-    let inline = Arc::new(workers::fleet::Inline::new(&scratch, &harness.dynamodb)?);
+    let inline = Arc::new(fleet_harness::chain::Inline::new(
+        &scratch,
+        &harness.dynamodb,
+    )?);
     ceiling::workload(inline, inputs, loops, opts.ceiling_secs).await
 }
 
@@ -276,7 +278,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     )
     .await?;
     if opts.start_fleet && opts.backlog {
-        report.backlog_before_start = workers::demo::queued(&harness.sqs, &topology).await?;
+        report.backlog_before_start =
+            fleet_harness::queues::queued(&harness.sqs, &topology).await?;
         let f = FleetProcess::start(&opts, &config, &report_path(&opts, "worker.log")).await?;
         sampler.attach(f.pid, f.metrics_addr);
         fleet = Some(f);
@@ -325,13 +328,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         opts.carrier_events,
     )
     .await?;
-    let dead = workers::demo::dead_letters(&harness.sqs, &topology).await?;
+    let dead = fleet_harness::queues::dead_letters(&harness.sqs, &topology).await?;
     let mut expected_dead = scenario.expected_dead_letters.clone();
     if !opts.carrier_events {
         // Carrier events for orders that do not exist are the only expected delivery dead letters.
         expected_dead.remove(&("delivery".to_owned(), "unknown_order".to_owned()));
     }
-    let unexpected = workers::demo::dead_letter_mismatches(&dead, &expected_dead);
+    let unexpected = fleet_harness::queues::dead_letter_mismatches(&dead, &expected_dead);
     let sent = sent_at.lock().expect("sent lock").clone();
     report.set_latency(orders.values(), &sent);
     report.set_audit(&audit, unexpected);
@@ -392,7 +395,7 @@ async fn send_phase(
             bar.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            workers::demo::send_batch(&sqs, &url, &batch).await?;
+            fleet_harness::queues::send_batch(&sqs, &url, &batch).await?;
             let now = OffsetDateTime::now_utc();
             let mut sent = sent_at.lock().expect("sent lock");
             for input in &batch {
@@ -426,7 +429,7 @@ async fn drain(
         let (sqs, topology, bar) = (sqs.clone(), topology.clone(), bar.clone());
         tokio::spawn(async move {
             loop {
-                if let Ok(n) = workers::demo::queued(&sqs, &topology).await {
+                if let Ok(n) = fleet_harness::queues::queued(&sqs, &topology).await {
                     bar.set_message(format!("{n} messages queued"));
                 }
                 bar.tick();
@@ -434,7 +437,7 @@ async fn drain(
             }
         })
     };
-    let result = workers::demo::wait_idle(sqs, topology, limit).await;
+    let result = fleet_harness::queues::wait_idle(sqs, topology, limit).await;
     watcher.abort();
     bar.finish_and_clear();
     result
@@ -563,22 +566,8 @@ impl Sampler {
                     let t = t0.elapsed().as_secs_f64();
                     let mut backlog = 0;
                     for pair in topology.queues.values() {
-                        if let Ok(out) = sqs
-                            .get_queue_attributes()
-                            .queue_url(&pair.queue.url)
-                            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-                            .attribute_names(
-                                QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-                            )
-                            .send()
-                            .await
-                        {
-                            backlog += out
-                                .attributes()
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|(_, v)| v.parse::<u64>().ok())
-                                .sum::<u64>();
+                        if let Ok(d) = fleet_harness::queues::depth(&sqs, &pair.queue.url).await {
+                            backlog += d.visible + d.in_flight;
                         }
                     }
                     let current = *target.lock().expect("target lock");

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use fleet_common::config::FleetConfig;
+use fleet_harness::scenario::Mix;
 use loadtest::{Options, Pace};
-use workers::scenario::Mix;
 
 /// Drive the fleet, measure it, audit every order.
 #[derive(Debug, Parser)]

@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use fleet_harness::scenario::{Audit, Scenario};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use time::OffsetDateTime;
-use workers::scenario::{Audit, Scenario};
 use workers::store::OrderRecord;
 
 use crate::ceiling::Ceiling;

@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use fleet_e2e::{dlq_binary, worker_binary, workspace_root, TestEnv};
+use fleet_harness::scenario::{Mix, Scenario};
 use loadtest::chaos::{self, Plan, Setup, DEFAULT_FAULTS};
-use workers::scenario::{Mix, Scenario};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_orders_through_faults_and_kills_end_as_an_undisturbed_run_would() {

@@ -15,10 +15,10 @@ use fleet_common::attribution::{Attribution, ATTRIBUTION, CORRELATION_ID};
 use fleet_common::failure::FailureClass;
 use fleet_common::health::Health;
 use fleet_e2e::{dlq_binary, workspace_root, TestEnv};
+use fleet_harness::queues::wait_idle;
+use fleet_harness::scenario::{Mix, Scenario};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use workers::demo::wait_idle;
-use workers::scenario::{Mix, Scenario};
 
 fn dlq(env: &TestEnv, args: &[&str]) -> Output {
     env.dlq(args)

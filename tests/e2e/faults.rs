@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use fleet_common::config::FleetConfig;
 use fleet_e2e::{wait_until, TestEnv};
-use workers::demo::{dead_letters, send_all, wait_idle};
-use workers::scenario::{Mix, Scenario};
+use fleet_harness::queues::{dead_letters, send_all, wait_idle};
+use fleet_harness::scenario::{Mix, Scenario};
 
 const PHASE: Duration = Duration::from_secs(300);
 

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use fleet_common::health::Health;
 use fleet_e2e::{worker_binary, TestEnv};
+use fleet_harness::queues::{dead_letter_mismatches, dead_letters, send_all, wait_idle};
+use fleet_harness::scenario::{scan, Mix, Scenario};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
-use workers::demo::{dead_letter_mismatches, dead_letters, send_all, wait_idle};
-use workers::scenario::{scan, Mix, Scenario};
 
 const PHASE: Duration = Duration::from_secs(300);
 
@@ -300,7 +300,7 @@ async fn the_in_memory_chain_does_the_work_the_fleet_does() {
     let env = TestEnv::new(quick).await;
     let catalog = env.seed_catalog().await;
     let scenario = Scenario::generate(60, Mix::default(), &catalog, 31, &env.suffix);
-    let inline = workers::fleet::Inline::new(&env.config, &env.clients.dynamodb).unwrap();
+    let inline = fleet_harness::chain::Inline::new(&env.config, &env.clients.dynamodb).unwrap();
     let mut handled = 0;
     for input in &scenario.submissions {
         handled += inline.run(input.body.clone()).await;

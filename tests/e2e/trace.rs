@@ -13,11 +13,11 @@ use fleet_common::attribution::{Attribution, ATTRIBUTION};
 use fleet_common::config::LogFormat;
 use fleet_common::failure::FailureClass;
 use fleet_e2e::TestEnv;
+use fleet_harness::queues::wait_idle;
+use fleet_harness::scenario::{Mix, Scenario};
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
-use workers::demo::wait_idle;
-use workers::scenario::{Mix, Scenario};
 
 fn string(v: impl Into<String>) -> MessageAttributeValue {
     MessageAttributeValue::builder()

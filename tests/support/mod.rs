@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use fleet_common::aws::Clients;
 use fleet_common::config::FleetConfig;
 use fleet_common::topology::Topology;
@@ -124,22 +124,10 @@ impl TestEnv {
 
     /// (visible, in flight, delayed) messages of a queue.
     pub async fn depth(&self, url: &str) -> (u64, u64, u64) {
-        let out = self
-            .clients
-            .sqs
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::All)
-            .send()
+        let d = fleet_harness::queues::depth(&self.clients.sqs, url)
             .await
             .expect("queue attributes");
-        let attrs = out.attributes().cloned().unwrap_or_default();
-        let get = |k: QueueAttributeName| attrs.get(&k).and_then(|v| v.parse().ok()).unwrap_or(0);
-        (
-            get(QueueAttributeName::ApproximateNumberOfMessages),
-            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-            get(QueueAttributeName::ApproximateNumberOfMessagesDelayed),
-        )
+        (d.visible, d.in_flight, d.delayed)
     }
 
     /// Receives everything visible on a queue (deleting nothing), waiting up to `wait` for
@@ -210,11 +198,11 @@ impl TestEnv {
     /// states when `with_delivery`).
     pub async fn audit(
         &self,
-        scenario: &workers::scenario::Scenario,
+        scenario: &fleet_harness::scenario::Scenario,
         catalog: &workers::catalog::CatalogFile,
         with_delivery: bool,
-    ) -> workers::scenario::Audit {
-        workers::scenario::audit(
+    ) -> fleet_harness::scenario::Audit {
+        fleet_harness::scenario::audit(
             &self.clients.dynamodb,
             &self.tables(),
             scenario,

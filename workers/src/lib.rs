@@ -5,18 +5,16 @@
 //! - [`warehouse`]: reserves stock, substitutes or removes lines, records the packing.
 //! - [`delivery`]: applies carrier status events as a state machine that never moves backwards.
 //!
-//! [`fleet`] runs any of them in one process; [`scenario`] generates and audits loads for the
-//! demo, the tests and the load harness.
+//! [`fleet`] runs any of them in one process. The scenario generator, its audit and the demo live
+//! in `fleet-harness` (harness/), with the other tooling of tests and measurements.
 
 #![forbid(unsafe_code)]
 
 pub mod catalog;
 pub mod delivery;
-pub mod demo;
 pub mod fleet;
 pub mod ingestion;
 pub mod orders;
-pub mod scenario;
 pub mod store;
 pub mod warehouse;
 

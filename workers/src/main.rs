@@ -1,5 +1,5 @@
-//! `worker`: runs worker roles, provisions local queues and tables, seeds the catalog, runs the
-//! demo. All logic lives in the `workers` and `fleet-common` libraries.
+//! `worker`: runs worker roles, provisions local queues and tables, seeds the catalog. All logic
+//! lives in the `workers` and `fleet-common` libraries (the demo is `fleet-harness`'s `demo`).
 
 #![forbid(unsafe_code)]
 
@@ -73,20 +73,6 @@ enum Command {
         #[arg(long, default_value = "config/catalog.json")]
         file: PathBuf,
     },
-    /// Run the four workers on the emulators under a generated load; print one JSON summary line.
-    Demo {
-        /// Order submissions to generate (plus duplicates, malformed bodies and carrier events).
-        #[arg(long, default_value_t = 300)]
-        orders: usize,
-        /// Seed of the load generator.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        #[arg(long, default_value = "config/catalog.json")]
-        catalog: PathBuf,
-        /// Longest wait for each phase, in seconds.
-        #[arg(long, default_value_t = 600)]
-        phase_timeout_secs: u64,
-    },
 }
 
 #[tokio::main]
@@ -153,28 +139,6 @@ async fn run(command: Command, config: FleetConfig) -> anyhow::Result<()> {
             let table = &config.table("catalog")?.name;
             let n = workers::catalog::seed(&clients.dynamodb, table, &catalog).await?;
             println!("seeded {n} products into {table}");
-            Ok(())
-        }
-        Command::Demo {
-            orders,
-            seed,
-            catalog,
-            phase_timeout_secs,
-        } => {
-            let options = workers::demo::Options {
-                orders,
-                seed,
-                catalog,
-                phase_timeout: Duration::from_secs(phase_timeout_secs),
-            };
-            let summary = workers::demo::run(config, &options).await?;
-            println!("{}", serde_json::to_string(&summary)?);
-            anyhow::ensure!(
-                summary.lost == 0
-                    && summary.duplicate_effects == 0
-                    && summary.unexpected_dead_letters == 0,
-                "the demo's audit failed (see the summary and the log)"
-            );
             Ok(())
         }
     }

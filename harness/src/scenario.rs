@@ -14,8 +14,8 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::catalog::{CatalogEntry, CatalogFile};
-use crate::store::{self, OrderRecord, Product};
+use workers::catalog::{CatalogEntry, CatalogFile};
+use workers::store::{self, OrderRecord, Product};
 
 /// Weights of the kinds of order submissions in a load.
 #[derive(Debug, Clone, Copy, Serialize)]
