@@ -913,7 +913,7 @@ mod tests {
     #[test]
     fn the_shipped_config_is_valid() {
         let config = parse(LOCAL, &[]).expect("config/fleet.toml is valid");
-        for role in ["ingestion", "orders", "warehouse", "delivery"] {
+        for role in crate::role::Role::names() {
             config.worker(role).expect("every role is configured");
         }
     }

@@ -23,7 +23,7 @@ use workers::catalog::CatalogFile;
 use workers::store::Tables;
 
 /// The roles, each its own process.
-pub const ROLES: [&str; 4] = ["ingestion", "orders", "warehouse", "delivery"];
+pub const ROLES: [&str; 4] = workers::fleet::ROLES;
 
 /// The default plan: throttling bursts on every DynamoDB call (transactions included), lost
 /// responses after a write landed, hung calls cut by the deadline, slow calls; SQS forwards and

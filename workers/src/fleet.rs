@@ -5,6 +5,7 @@ use std::sync::Arc;
 use fleet_common::aws::Clients;
 use fleet_common::config::FleetConfig;
 use fleet_common::health::Health;
+use fleet_common::role::Role;
 use fleet_common::runtime::{Consumer, ConsumerSettings, Handler, Json, Stats};
 use fleet_common::topology::Topology;
 use tokio_util::sync::CancellationToken;
@@ -13,7 +14,12 @@ use crate::store::{Store, Tables};
 use crate::{delivery, ingestion, orders, warehouse};
 
 /// The worker roles, in flow order.
-pub const ROLES: [&str; 4] = ["ingestion", "orders", "warehouse", "delivery"];
+pub const ROLES: [&str; 4] = [
+    Role::Ingestion.as_str(),
+    Role::Orders.as_str(),
+    Role::Warehouse.as_str(),
+    Role::Delivery.as_str(),
+];
 
 /// What one role did in a run.
 #[derive(Debug, Clone)]

@@ -36,11 +36,12 @@ enum Role {
 
 impl Role {
     fn name(self) -> &'static str {
+        use fleet_common::role::Role as R;
         match self {
-            Self::Ingestion => "ingestion",
-            Self::Orders => "orders",
-            Self::Warehouse => "warehouse",
-            Self::Delivery => "delivery",
+            Self::Ingestion => R::Ingestion.as_str(),
+            Self::Orders => R::Orders.as_str(),
+            Self::Warehouse => R::Warehouse.as_str(),
+            Self::Delivery => R::Delivery.as_str(),
             Self::All => "all",
         }
     }
