@@ -74,7 +74,7 @@ struct Cli {
     /// letters and an audit (local emulators only).
     #[arg(long)]
     chaos: bool,
-    /// The fault plan of the chaos run (FLEET_FAULTS syntax; see README "Faults").
+    /// The fault plan of the chaos run (FLEET_FAULTS syntax; see loadtest/README.md, "Faults").
     #[arg(long, requires = "chaos", default_value = loadtest::chaos::DEFAULT_FAULTS)]
     faults: String,
     /// How often the chaos run SIGKILLs a random role.

@@ -30,30 +30,6 @@ impl Delivery {
     }
 }
 
-/// Reads an order (strongly consistent).
-///
-/// # Errors
-/// A transient error when DynamoDB fails.
-pub async fn read_order(
-    store: &Store,
-    order_id: &str,
-) -> Result<Option<OrderRecord>, HandlerError> {
-    let get = || {
-        store
-            .client
-            .get_item()
-            .table_name(&store.tables.orders)
-            .key("pk", s(store::order_key(order_id)))
-            .consistent_read(true)
-            .send()
-    };
-    let out = store
-        .call(0, get)
-        .await
-        .map_err(|e| store::failure("reading the order", &e))?;
-    out.item().cloned().map(store::from_item).transpose()
-}
-
 /// The most carrier events one order takes: each adds to the order's history and event map,
 /// and so to the item's size (toward DynamoDB's 400 KB) and to the cost of every later write.
 /// A shipment's real life is a handful of events; past this, a chatty or hostile sender is cut
@@ -225,7 +201,7 @@ impl Delivery {
         for _ in 0..5 {
             let order = match known.take() {
                 Some(order) => order,
-                None => read_order(&self.store, event.order_id)
+                None => store::read_order(&self.store, event.order_id)
                     .await?
                     .ok_or_else(|| not_yet_known(event.order_id))?,
             };

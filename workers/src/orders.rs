@@ -29,7 +29,7 @@ impl Orders {
 /// The checks of an order against the catalog: empty when it is acceptable.
 pub fn check_order(order: &OrderSubmitted, catalog: &HashMap<String, Product>) -> Vec<String> {
     let mut reasons = Vec::new();
-    if order.lines.len() > crate::warehouse::MAX_PRODUCTS_PER_ORDER {
+    if order.lines.len() > crate::store::MAX_PRODUCTS_PER_ORDER {
         // One packing transaction takes stock from at most this many products.
         reasons.push(format!("too_many_lines:{}", order.lines.len()));
     }
@@ -313,7 +313,7 @@ mod tests {
 
     #[test]
     fn an_order_one_packing_transaction_cannot_hold_is_rejected() {
-        let skus: Vec<String> = (0..=crate::warehouse::MAX_PRODUCTS_PER_ORDER)
+        let skus: Vec<String> = (0..=crate::store::MAX_PRODUCTS_PER_ORDER)
             .map(|i| format!("P{i}"))
             .collect();
         let catalog: HashMap<_, _> = skus.iter().map(|s| product(s, 100)).collect();

@@ -372,6 +372,34 @@ pub struct Product {
 
 pub use fleet_common::now_rfc3339;
 
+/// The most products one order can take stock from: a TransactWriteItems holds 100 items, the
+/// order and one per product. The orders stage rejects larger orders.
+pub const MAX_PRODUCTS_PER_ORDER: usize = 99;
+
+/// Reads an order (strongly consistent).
+///
+/// # Errors
+/// A transient error when DynamoDB fails.
+pub async fn read_order(
+    store: &Store,
+    order_id: &str,
+) -> Result<Option<OrderRecord>, HandlerError> {
+    let get = || {
+        store
+            .client
+            .get_item()
+            .table_name(&store.tables.orders)
+            .key("pk", s(order_key(order_id)))
+            .consistent_read(true)
+            .send()
+    };
+    let out = store
+        .call(0, get)
+        .await
+        .map_err(|e| failure("reading the order", &e))?;
+    out.item().cloned().map(from_item).transpose()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

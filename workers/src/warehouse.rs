@@ -19,10 +19,6 @@ use tracing::info;
 
 use crate::store::{self, n, s, HistoryEntry, OrderRecord, Product, RecordLine, Store};
 
-/// The most products one order can take stock from: a TransactWriteItems holds 100 items, the
-/// order and one per product. The orders stage rejects larger orders.
-pub const MAX_PRODUCTS_PER_ORDER: usize = 99;
-
 /// The packing worker.
 pub struct Warehouse {
     store: Store,
@@ -44,7 +40,7 @@ impl TypedHandler for Warehouse {
         _message: &Message,
     ) -> Result<Outcome, HandlerError> {
         let order_id = &envelope.payload.order_id;
-        let order = crate::delivery::read_order(&self.store, order_id)
+        let order = store::read_order(&self.store, order_id)
             .await?
             .ok_or_else(|| {
                 HandlerError::permanent(
@@ -208,12 +204,13 @@ impl Warehouse {
     async fn pack(&self, order: &OrderRecord, event_id: &str) -> Result<bool, HandlerError> {
         let mut plan = Plan::new(&order.lines);
         let products = plan.takes().len();
-        if products > MAX_PRODUCTS_PER_ORDER {
+        if products > store::MAX_PRODUCTS_PER_ORDER {
             return Err(HandlerError::permanent(
                 Reason("order_too_large"),
                 format!(
-                    "order {} takes stock from {products} products; one transaction holds {MAX_PRODUCTS_PER_ORDER}",
-                    order.order_id
+                    "order {} takes stock from {products} products; one transaction holds {}",
+                    order.order_id,
+                    store::MAX_PRODUCTS_PER_ORDER
                 ),
             ));
         }
@@ -727,7 +724,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_order_too_large_for_one_transaction_is_dead_lettered_without_writing() {
-        let lines: Vec<RecordLine> = (0..=MAX_PRODUCTS_PER_ORDER)
+        let lines: Vec<RecordLine> = (0..=store::MAX_PRODUCTS_PER_ORDER)
             .map(|i| line(&format!("P{i}"), 1))
             .collect();
         let get = order_read(&accepted(&lines));
