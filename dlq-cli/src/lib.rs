@@ -163,7 +163,14 @@ pub async fn run(cli: Cli, stop: CancellationToken) -> Result<Exit> {
             filter,
         } => {
             let q = queues::resolve(&ctx, &queue).await?;
-            transfer::export(&ctx, &q, &file, &filter, max, delete, force, output, &stop).await
+            let opts = transfer::ExportOptions {
+                file,
+                filter,
+                max,
+                delete,
+                overwrite: force,
+            };
+            transfer::export(&ctx, &q, &opts, output, &stop).await
         }
         Command::Import { file, to, rate } => {
             let name = ctx

@@ -46,22 +46,34 @@ pub struct ExportReport {
     pub lapsed: u64,
 }
 
+/// What `dlq export` writes, and what it does with what it wrote.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// The JSON Lines file.
+    pub file: std::path::PathBuf,
+    /// Which messages.
+    pub filter: Filter,
+    /// At most this many.
+    pub max: Option<usize>,
+    /// Delete what was exported, once it is synced to disk.
+    pub delete: bool,
+    /// Replace an existing file.
+    pub overwrite: bool,
+}
+
 /// `dlq export`.
 ///
 /// # Errors
 /// AWS and file errors; an existing file without `--force`.
-#[allow(clippy::too_many_arguments)]
 pub async fn export(
     ctx: &Ctx,
     queue: &Queue,
-    file: &Path,
-    filter: &Filter,
-    max: Option<usize>,
-    delete: bool,
-    overwrite: bool,
+    opts: &ExportOptions,
     output: Output,
     stop: &CancellationToken,
 ) -> Result<Exit> {
+    let (file, max, delete, overwrite) =
+        (opts.file.as_path(), opts.max, opts.delete, opts.overwrite);
     if file.exists() && !overwrite {
         return Err(CliError::Usage(format!(
             "{} exists: pick another file or pass --force to replace it",
@@ -84,18 +96,7 @@ pub async fn export(
         not_deleted: 0,
         lapsed: 0,
     };
-    let written = stream_export(
-        ctx,
-        &mut reader,
-        file,
-        filter,
-        max,
-        delete,
-        &mut report,
-        &bar,
-        stop,
-    )
-    .await;
+    let written = stream_export(ctx, &mut reader, opts, &mut report, &bar, stop).await;
     report.lapsed = reader.lapsed();
     reader.finish().await;
     written?;
@@ -160,18 +161,15 @@ fn temporary(file: &Path) -> std::path::PathBuf {
 /// the last checkpoint is deleted. `<file>.tmp` is created new: an earlier interrupted export's
 /// is never overwritten, and an error after a deletion names it, since it then holds the only
 /// copy of what was deleted.
-#[allow(clippy::too_many_arguments)]
 async fn stream_export(
     ctx: &Ctx,
     reader: &mut Reader,
-    file: &Path,
-    filter: &Filter,
-    max: Option<usize>,
-    delete: bool,
+    opts: &ExportOptions,
     report: &mut ExportReport,
     bar: &indicatif::ProgressBar,
     stop: &CancellationToken,
 ) -> Result<()> {
+    let (file, filter, max, delete) = (opts.file.as_path(), &opts.filter, opts.max, opts.delete);
     let tmp = temporary(file);
     let io = |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", tmp.display()));
     let handle = std::fs::OpenOptions::new()
