@@ -34,6 +34,18 @@ pub struct Mix {
     pub out_of_stock: u32,
 }
 
+impl Mix {
+    /// Valid orders only: every one completes (redrive and trace tests).
+    pub const VALID_ONLY: Mix = Mix {
+        valid: 1,
+        duplicate: 0,
+        malformed: 0,
+        unknown_sku: 0,
+        wrong_price: 0,
+        out_of_stock: 0,
+    };
+}
+
 impl Default for Mix {
     fn default() -> Self {
         Self {

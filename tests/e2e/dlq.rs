@@ -218,15 +218,7 @@ async fn a_filtered_redrive_of_a_thousand_moves_exactly_the_matching_at_the_rate
     })
     .await;
     let catalog = env.seed_catalog().await;
-    let valid_only = Mix {
-        valid: 1,
-        duplicate: 0,
-        malformed: 0,
-        unknown_sku: 0,
-        wrong_price: 0,
-        out_of_stock: 0,
-    };
-    let scenario = Scenario::generate(150, valid_only, &catalog, 5, &env.suffix);
+    let scenario = Scenario::generate(150, Mix::VALID_ONLY, &catalog, 5, &env.suffix);
     assert_eq!(scenario.submissions.len(), 150);
     let source = env.config.queues["ingest"].name.clone();
     let mut messages: Vec<(String, Option<String>)> = Vec::new();
@@ -679,15 +671,7 @@ async fn a_canary_halts_a_redrive_whose_failure_is_not_fixed_and_lets_a_fixed_on
     })
     .await;
     let catalog = env.seed_catalog().await;
-    let valid_only = Mix {
-        valid: 1,
-        duplicate: 0,
-        malformed: 0,
-        unknown_sku: 0,
-        wrong_price: 0,
-        out_of_stock: 0,
-    };
-    let scenario = Scenario::generate(40, valid_only, &catalog, 5, &env.suffix);
+    let scenario = Scenario::generate(40, Mix::VALID_ONLY, &catalog, 5, &env.suffix);
     let source = env.config.queues["ingest"].name.clone();
     let mut messages = unfixable(&env, 100);
     for (n, input) in scenario.submissions.iter().enumerate() {

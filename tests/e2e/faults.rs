@@ -22,17 +22,6 @@ fn quick(c: &mut FleetConfig) {
     }
 }
 
-fn valid_only() -> Mix {
-    Mix {
-        valid: 1,
-        duplicate: 0,
-        malformed: 0,
-        unknown_sku: 0,
-        wrong_price: 0,
-        out_of_stock: 0,
-    }
-}
-
 /// Feeds `scenario`'s submissions to the running `fleet`, waits until every queue drains, and
 /// stops it; returns what the fault plan injected and each role's counters.
 async fn drain_through(
@@ -74,7 +63,7 @@ async fn an_order_whose_forward_failed_until_dead_lettered_is_placed_after_a_red
     })
     .await;
     let catalog = env.seed_catalog().await;
-    let scenario = Scenario::generate(20, valid_only(), &catalog, 5, &env.suffix);
+    let scenario = Scenario::generate(20, Mix::VALID_ONLY, &catalog, 5, &env.suffix);
     let orders_queue = env.config.queues["orders"].name.clone();
 
     // Every forward to the orders queue fails: each submission is dead-lettered by ingestion.
@@ -136,7 +125,7 @@ async fn sustained_throttling_slows_the_fleet_and_dead_letters_nothing() {
     })
     .await;
     let catalog = env.seed_catalog().await;
-    let scenario = Scenario::generate(60, valid_only(), &catalog, 7, &env.suffix);
+    let scenario = Scenario::generate(60, Mix::VALID_ONLY, &catalog, 7, &env.suffix);
     // Every DynamoDB request is throttled for the first 8 s (transactions as
     // TransactionCanceled/ThrottlingError), then none.
     let fleet = env
@@ -212,7 +201,7 @@ async fn hung_dynamodb_calls_time_out_and_the_orders_still_complete_once() {
     })
     .await;
     let catalog = env.seed_catalog().await;
-    let scenario = Scenario::generate(30, valid_only(), &catalog, 9, &env.suffix);
+    let scenario = Scenario::generate(30, Mix::VALID_ONLY, &catalog, 9, &env.suffix);
     let fleet = env
         .start_fleet(Some("dynamodb:*:hang:0.3:burst=10s/1h"))
         .await;

@@ -64,15 +64,7 @@ async fn an_order_is_one_trace_through_the_four_stages_and_a_redrive_continues_i
     })
     .await;
     let catalog = env.seed_catalog().await;
-    let valid_only = Mix {
-        valid: 1,
-        duplicate: 0,
-        malformed: 0,
-        unknown_sku: 0,
-        wrong_price: 0,
-        out_of_stock: 0,
-    };
-    let scenario = Scenario::generate(2, valid_only, &catalog, 7, &env.suffix);
+    let scenario = Scenario::generate(2, Mix::VALID_ONLY, &catalog, 7, &env.suffix);
     let (first, second) = (&scenario.submissions[0], &scenario.submissions[1]);
 
     // The first order arrives with its upstream's trace context.
