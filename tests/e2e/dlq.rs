@@ -749,7 +749,7 @@ async fn a_canary_halts_a_redrive_whose_failure_is_not_fixed_and_lets_a_fixed_on
     assert_eq!(completed["canary"]["passed"], true);
     assert_eq!(completed["canary"]["moved"], 5);
     assert_eq!(completed["moved"], 40, "{completed}");
-    assert_eq!(completed["came_back"], 0);
+    assert_eq!(completed["came_back"], 0, "{completed}");
 
     wait_idle(&env.clients.sqs, &env.topology, Duration::from_secs(120))
         .await
