@@ -155,6 +155,16 @@ static TIMESTAMP: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|
     .expect("timestamp regex")
 });
 
+/// A UUID (8-4-4-4-12 hex digits), anywhere in a text: message ids, request ids and correlation
+/// ids are UUIDs, and about one random UUID in a hundred holds a stretch of 13+ decimal digits
+/// between its dashes that passes the Luhn check.
+static UUID: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+    regex::Regex::new(
+        r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}",
+    )
+    .expect("uuid regex")
+});
+
 /// A character that may stand between the digits of a card number as written.
 fn card_separator(c: char) -> bool {
     matches!(
@@ -194,6 +204,8 @@ pub fn holds_card_number(text: &str) -> bool {
     // a dot between them: a time is not a card, alone or inside a longer text (the JSON of an
     // attribution or a redrive record holds several).
     let text = TIMESTAMP.replace_all(text, " ");
+    // Nor is a UUID.
+    let text = UUID.replace_all(&text, " ");
     let mut digits: Vec<u8> = Vec::new();
     let mut gap = 0;
     for c in text.chars() {
@@ -434,6 +446,23 @@ fn upstream_label(value: Option<&String>) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn uuids_are_not_card_numbers_and_a_card_beside_one_still_is() {
+        // Ids the fleet and its upstreams carry in attributes: before UUIDs were set apart,
+        // about one in a hundred was refused as payment data.
+        let flagged = (0..20_000)
+            .map(|_| uuid::Uuid::new_v4().to_string())
+            .filter(|id| {
+                holds_card_number(id)
+                    || holds_card_number(&format!(r#"{{"message_id":"{}"}}"#, id.to_uppercase()))
+            })
+            .count();
+        assert_eq!(flagged, 0);
+        let id = "12345678-1234-4234-8234-123456789012";
+        assert!(!holds_card_number(id));
+        assert!(holds_card_number(&format!("{id} 4111 1111 1111 1111")));
+    }
+
     use super::*;
 
     #[test]
