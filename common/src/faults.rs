@@ -24,6 +24,15 @@
 //!   (the request waits that long first), `hang` (no answer ever: only a timeout ends it),
 //!   `fail_entries` (SQS batch calls: each entry fails with probability `RATE`, the others are
 //!   sent: a partial batch failure).
+//! - `item_limit=UNITS` (DynamoDB writes): each item takes at most UNITS write units a second,
+//!   a scaled-down partition limit (DynamoDB's is 1,000: `item_limit=50` makes a hot item show
+//!   at a twentieth of the load); a write over it is throttled as above, inside a transaction
+//!   with the `ThrottlingError` on the hot item's position. `conflict` (DynamoDB writes): a
+//!   transaction that meets another request under way on one of its items is cancelled
+//!   (`TransactionConflict`), and a single write that meets a transaction under way gets
+//!   `TransactionConflictException`. Both are decided by the request's keys
+//!   ([`items`]), `RATE` being the probability that an item over its limit or a clash is
+//!   reported.
 //! - `RATE`: the probability, 0–1, that a matching request gets the fault.
 //! - `queue=SUBSTRING`: SQS only, requests whose queue URL contains it.
 //! - `burst=ON/PERIOD`: the rule is active for the first `ON` of every `PERIOD` (e.g. `2s/10s`).
@@ -46,11 +55,13 @@ use aws_smithy_runtime_api::http::StatusCode;
 use aws_smithy_types::body::SdkBody;
 use rand::Rng;
 
+mod items;
+
 /// The environment variable that holds a fault plan for the `worker` binary and `loadtest`.
 pub const FAULTS_ENV: &str = "FLEET_FAULTS";
 
 /// What a rule does to a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Fault {
     /// A throttling error; the request is not sent.
     Throttle,
@@ -66,6 +77,11 @@ pub enum Fault {
     Hang,
     /// Entries of an SQS batch call fail one by one, with the rule's rate.
     FailEntries,
+    /// DynamoDB writes: each item takes at most this many write units a second.
+    ItemLimit(f64),
+    /// DynamoDB writes: a transaction that meets another request on one of its items is
+    /// cancelled, a single write that meets a transaction fails.
+    Conflict,
 }
 
 impl Fault {
@@ -78,7 +94,14 @@ impl Fault {
             Self::Slow(_) => "slow",
             Self::Hang => "hang",
             Self::FailEntries => "fail_entries",
+            Self::ItemLimit(_) => "item_limit",
+            Self::Conflict => "conflict",
         }
+    }
+
+    /// Decided by the items a request touches, not by a dice roll per request.
+    fn by_item(self) -> bool {
+        matches!(self, Self::ItemLimit(_) | Self::Conflict)
     }
 }
 
@@ -105,6 +128,8 @@ pub struct FaultPlan {
     rules: Vec<FaultRule>,
     started: Option<Instant>,
     injected: Arc<Mutex<BTreeMap<String, u64>>>,
+    buckets: Arc<items::ItemBuckets>,
+    in_flight: Arc<items::InFlight>,
 }
 
 /// A plan that cannot be parsed, with what is wrong.
@@ -131,7 +156,7 @@ impl FaultPlan {
         Ok(Self {
             rules,
             started: Some(Instant::now()),
-            injected: Arc::default(),
+            ..Self::default()
         })
     }
 
@@ -183,24 +208,82 @@ impl FaultPlan {
             .or_default() += n;
     }
 
-    /// The first rule that applies to this request now, after its dice roll.
-    fn pick(&self, service: &str, operation: &str, queue_url: Option<&str>) -> Option<&FaultRule> {
+    /// Whether `rule` applies to this request now (its dice not rolled yet).
+    fn applies(
+        &self,
+        rule: &FaultRule,
+        service: &str,
+        operation: &str,
+        queue_url: Option<&str>,
+    ) -> bool {
         let elapsed = self.started.map(|s| s.elapsed()).unwrap_or_default();
+        rule.service.as_deref().is_none_or(|s| s == service)
+            && rule.operation.as_deref().is_none_or(|o| o == operation)
+            && rule
+                .queue
+                .as_deref()
+                .is_none_or(|q| queue_url.is_some_and(|u| u.contains(q)))
+            && rule.burst.is_none_or(|(on, period)| {
+                Duration::from_nanos(
+                    (elapsed.as_nanos() % period.as_nanos().max(1)).min(u128::from(u64::MAX))
+                        as u64,
+                ) < on
+            })
+    }
+
+    /// The first rule that applies to this request now, after its dice roll (rules decided by
+    /// items are left to [`Self::by_items`]).
+    fn pick(&self, service: &str, operation: &str, queue_url: Option<&str>) -> Option<&FaultRule> {
         let mut rng = rand::rng();
         self.rules.iter().find(|r| {
-            r.service.as_deref().is_none_or(|s| s == service)
-                && r.operation.as_deref().is_none_or(|o| o == operation)
-                && r.queue
-                    .as_deref()
-                    .is_none_or(|q| queue_url.is_some_and(|u| u.contains(q)))
-                && r.burst.is_none_or(|(on, period)| {
-                    Duration::from_nanos(
-                        (elapsed.as_nanos() % period.as_nanos().max(1)).min(u128::from(u64::MAX))
-                            as u64,
-                    ) < on
-                })
+            !r.fault.by_item()
+                && self.applies(r, service, operation, queue_url)
                 && (r.fault == Fault::FailEntries || rng.random_bool(r.rate.clamp(0.0, 1.0)))
         })
+    }
+
+    /// The item rules on a DynamoDB write: `Err` with the answer when an item is over its
+    /// limit or the request conflicts; `Ok` with what holds its items as under way (for
+    /// `conflict`) until the request ends.
+    fn by_items(
+        &self,
+        operation: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Option<items::Held>, HttpResponse> {
+        let rules: Vec<&FaultRule> = self
+            .rules
+            .iter()
+            .filter(|r| r.fault.by_item() && self.applies(r, "dynamodb", operation, None))
+            .collect();
+        let Some(body) = body.filter(|_| !rules.is_empty()) else {
+            return Ok(None);
+        };
+        let touches = items::touches(operation, body);
+        if touches.is_empty() {
+            return Ok(None);
+        }
+        let transaction = operation == "TransactWriteItems";
+        let mut held = None;
+        for rule in rules {
+            let clash = match rule.fault {
+                Fault::ItemLimit(limit) => self.buckets.take(limit, &touches),
+                Fault::Conflict => match self.in_flight.enter(&touches, transaction) {
+                    Ok(h) => {
+                        held = Some(h);
+                        None
+                    }
+                    Err(i) => Some(i),
+                },
+                _ => None,
+            };
+            if let Some(index) = clash {
+                if rand::rng().random_bool(rule.rate.clamp(0.0, 1.0)) {
+                    self.count("dynamodb", operation, rule.fault, 1);
+                    return Err(item_refused(operation, body, index, rule.fault));
+                }
+            }
+        }
+        Ok(held)
     }
 }
 
@@ -226,7 +309,12 @@ fn parse_rule(rule: &str) -> Result<FaultRule, String> {
             "lost_response" => Fault::LostResponse,
             "hang" => Fault::Hang,
             "fail_entries" => Fault::FailEntries,
-            other => return Err(format!("unknown fault `{other}` (throttle, error, reset, lost_response, slow=DURATION, hang, fail_entries)")),
+            "conflict" => Fault::Conflict,
+            other => return Err(format!("unknown fault `{other}` (throttle, error, reset, lost_response, slow=DURATION, hang, fail_entries, item_limit=UNITS, conflict)")),
+        },
+        Some(("item_limit", u)) => match u.parse::<f64>() {
+            Ok(units) if units.is_finite() && units >= 1.0 => Fault::ItemLimit(units),
+            _ => return Err(format!("item_limit={u}: write units a second, a number >= 1")),
         },
         Some((other, _)) => return Err(format!("unknown fault `{other}`")),
     };
@@ -235,6 +323,9 @@ fn parse_rule(rule: &str) -> Result<FaultRule, String> {
         .map_err(|_| format!("rate `{rate}` is not a number"))?;
     if !(0.0..=1.0).contains(&rate) {
         return Err(format!("rate {rate} is not between 0 and 1"));
+    }
+    if fault.by_item() && service.as_deref() == Some("sqs") {
+        return Err(format!("{} applies to DynamoDB writes only", fault.name()));
     }
     let mut out = FaultRule {
         service,
@@ -310,15 +401,33 @@ impl HttpConnector for FaultyConnector {
             .and_then(|b| b.get("QueueUrl"))
             .and_then(|u| u.as_str())
             .map(str::to_owned);
+        let held = if self.service == "dynamodb" {
+            match self.plan.by_items(&operation, body.as_ref()) {
+                Ok(held) => held,
+                Err(answer) => return HttpConnectorFuture::ready(Ok(answer)),
+            }
+        } else {
+            None
+        };
         let Some(rule) = self
             .plan
             .pick(self.service, &operation, queue_url.as_deref())
             .cloned()
         else {
-            return self.inner.call(request);
+            let answer = self.inner.call(request);
+            return match held {
+                None => answer,
+                Some(held) => HttpConnectorFuture::new(async move {
+                    let answer = answer.await;
+                    drop(held);
+                    answer
+                }),
+            };
         };
         let (service, plan, inner) = (self.service, self.plan.clone(), self.inner.clone());
         HttpConnectorFuture::new(async move {
+            // The request's items stay under way until it ends, whatever fault it meets.
+            let _held = held;
             match rule.fault {
                 Fault::Throttle => {
                     plan.count(service, &operation, rule.fault, 1);
@@ -356,6 +465,7 @@ impl HttpConnector for FaultyConnector {
                     })
                     .await
                 }
+                Fault::ItemLimit(_) | Fault::Conflict => inner.call(request).await,
             }
         })
     }
@@ -404,6 +514,51 @@ fn throttled(service: &str, operation: &str, body: Option<&serde_json::Value>) -
         })
     } else {
         serde_json::json!({"__type": "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException", "message": "The level of configured provisioned throughput for the table was exceeded (injected)"})
+    };
+    json_response(400, JSON_1_0, json)
+}
+
+/// The answer to a write refused by an item rule: inside a transaction a cancellation with the
+/// reason at the item's position, else the single-item error DynamoDB gives.
+fn item_refused(
+    operation: &str,
+    body: &serde_json::Value,
+    index: usize,
+    fault: Fault,
+) -> HttpResponse {
+    let (code, single, text) = match fault {
+        Fault::Conflict => (
+            "TransactionConflict",
+            "TransactionConflictException",
+            "Transaction is ongoing for the item (injected)",
+        ),
+        _ => (
+            "ThrottlingError",
+            "ProvisionedThroughputExceededException",
+            "Throughput exceeds the current capacity for one or more items (injected item_limit)",
+        ),
+    };
+    let json = if operation == "TransactWriteItems" {
+        let items = body
+            .get("TransactItems")
+            .and_then(|t| t.as_array())
+            .map_or(1, Vec::len);
+        let reasons: Vec<serde_json::Value> = (0..items)
+            .map(|i| {
+                if i == index {
+                    serde_json::json!({"Code": code, "Message": text})
+                } else {
+                    serde_json::json!({"Code": "None"})
+                }
+            })
+            .collect();
+        serde_json::json!({
+            "__type": "com.amazonaws.dynamodb.v20120810#TransactionCanceledException",
+            "Message": format!("Transaction cancelled, please refer cancellation reasons for specific reasons [{code}] (injected)"),
+            "CancellationReasons": reasons,
+        })
+    } else {
+        serde_json::json!({"__type": format!("com.amazonaws.dynamodb.v20120810#{single}"), "message": text})
     };
     json_response(400, JSON_1_0, json)
 }

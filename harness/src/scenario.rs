@@ -59,6 +59,29 @@ impl Default for Mix {
     }
 }
 
+/// A flash sale: a share of the valid orders each take a line on one of a few hot products.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Flash {
+    /// Share of orders with a line on a hot product, 0–1.
+    pub share: f64,
+    /// How many products are hot (the first in-stock ones of the catalog).
+    pub products: usize,
+}
+
+impl Flash {
+    /// The hot products: the first `products` of the catalog with stock for a sale (1,000 or
+    /// more).
+    pub fn hot_skus(&self, catalog: &CatalogFile) -> Vec<String> {
+        catalog
+            .products
+            .iter()
+            .filter(|p| p.stock >= 1_000)
+            .take(self.products.max(1))
+            .map(|p| p.sku.clone())
+            .collect()
+    }
+}
+
 /// One message to send to the ingest queue.
 #[derive(Debug, Clone)]
 pub struct Input {
@@ -98,12 +121,26 @@ pub struct Scenario {
     pub expected: BTreeMap<String, Expected>,
     /// Expected DLQ contents: (logical queue, reason) → count.
     pub expected_dead_letters: BTreeMap<(String, String), u64>,
+    /// The hot products of a flash sale (empty otherwise).
+    pub hot_skus: Vec<String>,
 }
 
 impl Scenario {
     /// Generates `orders` submissions with `mix`, from `seed`, against `catalog`. `tag` makes
     /// ids unique across runs.
     pub fn generate(orders: usize, mix: Mix, catalog: &CatalogFile, seed: u64, tag: &str) -> Self {
+        Self::generate_with(orders, mix, None, catalog, seed, tag)
+    }
+
+    /// [`Self::generate`], with a flash sale on a few products when `flash` is set.
+    pub fn generate_with(
+        orders: usize,
+        mix: Mix,
+        flash: Option<Flash>,
+        catalog: &CatalogFile,
+        seed: u64,
+        tag: &str,
+    ) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let in_stock: Vec<&CatalogEntry> = catalog
             .products
@@ -113,6 +150,9 @@ impl Scenario {
         let out_of_stock: Vec<&CatalogEntry> =
             catalog.products.iter().filter(|p| p.stock == 0).collect();
         let mut s = Scenario::default();
+        if let Some(f) = flash {
+            s.hot_skus = f.hot_skus(catalog);
+        }
         let weights = [
             mix.valid,
             mix.duplicate,
@@ -135,10 +175,22 @@ impl Scenario {
                 }
             });
             let line_count = rng.random_range(1..=3);
-            let products: Vec<&CatalogEntry> = in_stock
+            let mut products: Vec<&CatalogEntry> = in_stock
                 .choose_multiple(&mut rng, line_count)
                 .copied()
                 .collect();
+            if let Some(f) = flash {
+                // The hot product takes the first line (unless the order has it already).
+                if rng.random_bool(f.share.clamp(0.0, 1.0)) {
+                    let hot = &s.hot_skus[rng.random_range(0..s.hot_skus.len())];
+                    if !products.iter().any(|p| &p.sku == hot) {
+                        products[0] = in_stock
+                            .iter()
+                            .find(|p| &p.sku == hot)
+                            .expect("hot products are in stock");
+                    }
+                }
+            }
             let mut lines: Vec<OrderLine> = products
                 .iter()
                 .map(|p| line(p, rng.random_range(1..=4)))
@@ -476,20 +528,22 @@ pub async fn audit_with_orders(
         .filter_map(|item| serde_dynamo::from_item::<_, OrderRecord>(item).ok())
         .map(|o| (o.order_id.clone(), o))
         .collect();
-    let products: BTreeMap<String, Product> = scan(client, &tables.catalog)
-        .await?
-        .into_iter()
-        .filter_map(|item| serde_dynamo::from_item::<_, Product>(item).ok())
+    let items = scan(client, &tables.catalog).await?;
+    let products: BTreeMap<String, Product> = items
+        .iter()
+        .filter_map(|item| serde_dynamo::from_item::<_, Product>(item.clone()).ok())
         .map(|p| (p.pk.clone(), p))
         .collect();
+    // A hot product's stock is the sum over its shards.
+    let stock = workers::catalog::stock_totals(&items);
     let mut a = Audit {
         orders_expected: scenario.expected.len() as u64,
         ..Audit::default()
     };
-    let names: BTreeMap<&str, &str> = catalog
+    let names: BTreeMap<&str, &CatalogEntry> = catalog
         .products
         .iter()
-        .map(|p| (p.sku.as_str(), p.name.as_str()))
+        .map(|p| (p.sku.as_str(), p))
         .collect();
     for (id, want) in &scenario.expected {
         let Some(order) = orders.get(id) else {
@@ -531,10 +585,11 @@ pub async fn audit_with_orders(
         }
     }
     for entry in &catalog.products {
-        let Some(p) = products.get(&entry.sku) else {
+        if !products.contains_key(&entry.sku) {
             continue;
-        };
-        let moved = entry.stock.saturating_sub(p.stock);
+        }
+        let now = stock.get(&entry.sku).copied().unwrap_or(0);
+        let moved = entry.stock.saturating_sub(now);
         let held = shipped.get(entry.sku.as_str()).copied().unwrap_or(0);
         if moved != held {
             a.duplicate_effects += 1;
@@ -558,7 +613,7 @@ type EntryKey = (String, String, String, Option<String>);
 pub fn record_differences(
     order: &OrderRecord,
     want: &Expected,
-    names: &BTreeMap<&str, &str>,
+    names: &BTreeMap<&str, &CatalogEntry>,
     with_delivery: bool,
 ) -> Vec<String> {
     let mut out = Vec::new();
@@ -771,9 +826,10 @@ fn order_packed_id(sub: &OrderSubmitted) -> String {
 fn expected_lines(
     want: &Expected,
     sub: &OrderSubmitted,
-    names: &BTreeMap<&str, &str>,
+    names: &BTreeMap<&str, &CatalogEntry>,
 ) -> Vec<store::RecordLine> {
-    let named = |sku: &str| names.get(sku).copied().unwrap_or_default().to_owned();
+    let named = |sku: &str| names.get(sku).map(|p| p.name.clone()).unwrap_or_default();
+    let shards = |sku: &str| names.get(sku).and_then(|p| workers::catalog::shards(p));
     if want.status == "rejected" {
         return sub
             .lines
@@ -784,6 +840,7 @@ fn expected_lines(
                 quantity: l.quantity,
                 unit_price: l.unit_price,
                 substituted_for: None,
+                stock_shards: shards(&l.sku),
             })
             .collect();
     }
@@ -798,6 +855,7 @@ fn expected_lines(
                 quantity: line.quantity,
                 unit_price: line.unit_price,
                 substituted_for: substituted_for.clone(),
+                stock_shards: shards(sku),
             })
         })
         .collect()

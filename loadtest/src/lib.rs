@@ -7,6 +7,7 @@
 
 pub mod ceiling;
 pub mod chaos;
+pub mod flash;
 pub mod probe;
 pub mod report;
 pub mod svg;
@@ -74,6 +75,8 @@ pub struct Options {
     pub report_dir: PathBuf,
     /// Longest wait for the queues to drain, per phase.
     pub drain_timeout: Duration,
+    /// A flash sale on a few products, with DynamoDB's per-item limits injected.
+    pub flash: Option<flash::FlashRun>,
 }
 
 /// The fleet's own DynamoDB work without queues, on scratch tables of their own (so the run's
@@ -203,12 +206,22 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             })?;
     }
     let tables = Tables::from_config(&config)?;
-    let catalog = CatalogFile::load(&opts.catalog)?;
+    let mut catalog = CatalogFile::load(&opts.catalog)?;
+    if let Some(flash) = &opts.flash {
+        flash.shard(&mut catalog);
+    }
     if local {
         workers::catalog::seed(&harness.dynamodb, &tables.catalog, &catalog).await?;
     }
     let topology = Topology::resolve(&harness.sqs, &config).await?;
-    let scenario = Scenario::generate(opts.orders, opts.mix, &catalog, opts.seed, &tag);
+    let scenario = Scenario::generate_with(
+        opts.orders,
+        opts.mix,
+        opts.flash.map(|f| f.sale),
+        &catalog,
+        opts.seed,
+        &tag,
+    );
     let mut report = Report::new(&tag, local, &opts, &scenario);
 
     if opts.ceiling_secs > 0 {
@@ -338,6 +351,26 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let sent = sent_at.lock().expect("sent lock").clone();
     report.set_latency(orders.values(), &sent);
     report.set_audit(&audit, unexpected);
+    if let Some(run) = &opts.flash {
+        let before = catalog.by_sku();
+        let before = scenario
+            .hot_skus
+            .iter()
+            .map(|sku| (sku.clone(), before.get(sku).map_or(0, |p| p.stock as i64)))
+            .collect();
+        report.set_flash(
+            flash::FlashReport::measure(
+                run,
+                &harness.dynamodb,
+                &tables,
+                &before,
+                &orders,
+                phase1.as_secs_f64(),
+                final_metrics.as_ref(),
+            )
+            .await?,
+        );
+    }
     report.set_load(
         elapsed,
         phase1,
@@ -496,6 +529,10 @@ impl FleetProcess {
             .env(
                 "RUST_LOG",
                 std::env::var("FLEET_LOADTEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .envs(
+                opts.flash
+                    .map(|f| (fleet_common::faults::FAULTS_ENV, f.fault_plan())),
             )
             .stdout(std::process::Stdio::null())
             .stderr(log_file)

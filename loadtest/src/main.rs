@@ -77,6 +77,20 @@ struct Cli {
     /// The fault plan of the chaos run (FLEET_FAULTS syntax; see loadtest/README.md, "Faults").
     #[arg(long, requires = "chaos", default_value = loadtest::chaos::DEFAULT_FAULTS)]
     faults: String,
+    /// A flash sale: this percentage of orders each take a line on a hot product (0–100).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    flash_share: Option<u8>,
+    /// How many products are hot in the flash sale.
+    #[arg(long, requires = "flash_share", default_value_t = 1)]
+    hot_products: usize,
+    /// Write units a second one DynamoDB item takes before it is throttled, injected into the
+    /// fleet in a flash sale (it stands for DynamoDB's 1,000 per partition; 0: no limit).
+    #[arg(long, requires = "flash_share", default_value_t = 50.0)]
+    item_limit: f64,
+    /// Split each hot product's stock over this many items (1: not sharded).
+    #[arg(long, requires = "flash_share", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(workers::store::MAX_STOCK_SHARDS)))]
+    stock_shards: u32,
     /// How often the chaos run SIGKILLs a random role.
     #[arg(long, requires = "chaos", value_parser = humantime::parse_duration, default_value = "3s")]
     kill_every: Duration,
@@ -173,6 +187,14 @@ async fn main() -> ExitCode {
             .report_dir
             .unwrap_or_else(|| PathBuf::from(format!("loadtest/reports/{stamp}"))),
         drain_timeout: cli.drain_timeout,
+        flash: cli.flash_share.map(|share| loadtest::flash::FlashRun {
+            sale: fleet_harness::scenario::Flash {
+                share: f64::from(share) / 100.0,
+                products: cli.hot_products.max(1),
+            },
+            item_limit: (cli.item_limit > 0.0).then_some(cli.item_limit),
+            shards: cli.stock_shards,
+        }),
     };
     let dir = opts.report_dir.clone();
     if cli.chaos {

@@ -149,6 +149,8 @@ pub struct Report {
     pub spend: Option<Spend>,
     /// The fleet process, when the harness ran it.
     pub worker: Option<serde_json::Value>,
+    /// The flash sale, when the run was one (`--flash-share`).
+    pub flash: Option<crate::flash::FlashReport>,
     /// Backend ceilings.
     pub ceiling: Option<Bound>,
     /// A million orders at list prices, from the counted requests (USD).
@@ -254,6 +256,18 @@ impl Report {
             && audit.unexpected_orders == 0
             && unexpected_dead_letters == 0;
         self.verdict = if pass { "PASS" } else { "FAIL" }.into();
+    }
+
+    /// The flash sale's figures; oversell (or stock taken for nothing) fails the run.
+    pub(crate) fn set_flash(&mut self, flash: crate::flash::FlashReport) {
+        if flash.oversell_units != 0 {
+            self.offenders.push(format!(
+                "hot products' stock is off by {} units: {:?} (before, after, packed)",
+                flash.oversell_units, flash.stock
+            ));
+            self.verdict = "FAIL".into();
+        }
+        self.flash = Some(flash);
     }
 
     pub(crate) fn set_load(
@@ -576,6 +590,9 @@ impl Report {
         }
         if let Some(w) = &self.worker {
             s += &format!("  worker: {w}\n");
+        }
+        if let Some(f) = &self.flash {
+            s += &format!("  {}\n", f.summary());
         }
         if let Some(b) = &self.ceiling {
             s += &format!(

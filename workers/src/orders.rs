@@ -87,6 +87,7 @@ impl TypedHandler for Orders {
                     quantity: l.quantity,
                     unit_price: l.unit_price,
                     substituted_for: None,
+                    stock_shards: catalog.get(&l.sku).and_then(|p| p.shards),
                 })
                 .collect(),
             delivery_address: order.delivery_address.clone(),
@@ -263,6 +264,7 @@ mod tests {
                 price: eur(price),
                 stock: 10,
                 substitute: None,
+                shards: None,
             },
         )
     }

@@ -336,6 +336,10 @@ pub struct RecordLine {
     /// The product this line replaced, when substituted at packing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub substituted_for: Option<String>,
+    /// How many items the product's stock is split over (a hot product's, see
+    /// [`stock_item`]), as the catalog said when the line was recorded; absent: one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stock_shards: Option<u32>,
 }
 
 /// One entry of an order's history.
@@ -368,6 +372,35 @@ pub struct Product {
     /// A product that may replace this one when it is out of stock.
     #[serde(default)]
     pub substitute: Option<String>,
+    /// A hot product's stock is split over this many items, this one and
+    /// [`stock_item`]`(pk, 1..shards)`, so that no single item takes every order's write
+    /// (DynamoDB takes at most 1,000 write units a second on one item). Absent: one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
+}
+
+/// The most items one product's stock may be split over.
+pub const MAX_STOCK_SHARDS: u32 = 64;
+
+/// The key of a product's stock shard `shard`: the product's own item for shard 0, else
+/// `<sku>#s<shard>` (an item holding only `pk` and `stock`).
+pub fn stock_item(sku: &str, shard: u32) -> String {
+    if shard == 0 {
+        sku.to_owned()
+    } else {
+        format!("{sku}#s{shard}")
+    }
+}
+
+/// The product a stock item belongs to, and the shard: the inverse of [`stock_item`].
+pub fn stock_item_owner(key: &str) -> (&str, u32) {
+    match key.rsplit_once("#s") {
+        Some((sku, shard)) => match shard.parse() {
+            Ok(n) if n > 0 => (sku, n),
+            _ => (key, 0),
+        },
+        None => (key, 0),
+    }
 }
 
 pub use fleet_common::now_rfc3339;
@@ -419,6 +452,7 @@ mod tests {
                 currency: fleet_common::contract::Currency::try_from("EUR".to_owned()).unwrap(),
             },
             substituted_for: None,
+            stock_shards: None,
         });
         order.history.push(HistoryEntry {
             at: now_rfc3339(),

@@ -5,6 +5,14 @@
 //! outside the order itself. When products are short the transaction is cancelled with the
 //! products as they stood (ALL_OLD); those lines are substituted (when the catalog names a
 //! substitute) or removed, and the transaction is tried again with the new plan.
+//!
+//! A hot product's stock is split over shards (`stock_shards` in the catalog, recorded on the
+//! order's lines): an order takes a line's units from one shard, chosen by the order id so that
+//! orders spread over the shards, and moves to the next shard when that one is short; the line
+//! is short only when every shard was. Each shard's condition (`stock >= :q`) keeps stock from
+//! going below zero, and the order's status guard keeps the effect once. A line is not split
+//! between shards: near the end of a product's stock, a line for more units than any one shard
+//! still holds is short although the shards together hold them.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -93,15 +101,19 @@ struct Planned {
     removed: bool,
 }
 
-/// The packing plan of one order: which product each line takes its stock from. Pure logic; the
-/// transaction's answers move it forward.
+/// The packing plan of one order: which product (and which of its stock shards) each line
+/// takes its stock from. Pure logic; the transaction's answers move it forward.
 #[derive(Debug, Clone)]
 struct Plan {
     lines: Vec<Planned>,
+    /// Spreads orders over a sharded product's shards.
+    order_id: String,
+    /// Per sharded product: the shards found short so far.
+    dry: BTreeMap<String, Vec<u32>>,
 }
 
 impl Plan {
-    fn new(lines: &[RecordLine]) -> Self {
+    fn new(order_id: &str, lines: &[RecordLine]) -> Self {
         Self {
             lines: lines
                 .iter()
@@ -112,7 +124,55 @@ impl Plan {
                     removed: false,
                 })
                 .collect(),
+            order_id: order_id.to_owned(),
+            dry: BTreeMap::new(),
         }
+    }
+
+    /// How many shards `sku`'s stock is split over, as its lines recorded.
+    fn shards(&self, sku: &str) -> u32 {
+        self.lines
+            .iter()
+            .filter(|p| p.line.sku == sku)
+            .filter_map(|p| p.line.stock_shards)
+            .max()
+            .unwrap_or(1)
+            .clamp(1, store::MAX_STOCK_SHARDS)
+    }
+
+    /// The shard `sku` takes from now: the order's own shard (a hash of the order id and the
+    /// sku), or the next one after it not found short.
+    fn shard(&self, sku: &str) -> u32 {
+        let n = self.shards(sku);
+        if n == 1 {
+            return 0;
+        }
+        let first = fnv1a(&[self.order_id.as_bytes(), b"\0", sku.as_bytes()]) % u64::from(n);
+        let dry = self.dry.get(sku).map(Vec::as_slice).unwrap_or_default();
+        (0..n)
+            .map(|k| ((first + u64::from(k)) % u64::from(n)) as u32)
+            .find(|k| !dry.contains(k))
+            .unwrap_or(0)
+    }
+
+    /// The item `sku`'s units are taken from now.
+    fn stock_item(&self, sku: &str) -> String {
+        store::stock_item(sku, self.shard(sku))
+    }
+
+    /// `sku`'s current shard was short: moves to another shard and returns true, or returns
+    /// false when every shard was short (the product is short).
+    fn next_shard(&mut self, sku: &str) -> bool {
+        let n = self.shards(sku);
+        if n == 1 {
+            return false;
+        }
+        let current = self.shard(sku);
+        let dry = self.dry.entry(sku.to_owned()).or_default();
+        if !dry.contains(&current) {
+            dry.push(current);
+        }
+        dry.len() < n as usize
     }
 
     /// Units to take per product for the lines still in (lines on one product are summed: a
@@ -169,6 +229,7 @@ impl Plan {
                         // The customer pays what they were charged for the original.
                         unit_price: p.line.unit_price,
                         substituted_for: Some(p.ordered.clone()),
+                        stock_shards: product.shards,
                     };
                 }
                 None => p.removed = true,
@@ -202,7 +263,7 @@ impl Warehouse {
     /// Packs the order in one transaction, re-planned while products are short. Returns whether
     /// anything was packed.
     async fn pack(&self, order: &OrderRecord, event_id: &str) -> Result<bool, HandlerError> {
-        let mut plan = Plan::new(&order.lines);
+        let mut plan = Plan::new(&order.order_id, &order.lines);
         let products = plan.takes().len();
         if products > store::MAX_PRODUCTS_PER_ORDER {
             return Err(HandlerError::permanent(
@@ -222,10 +283,15 @@ impl Warehouse {
             .with_max_times(4)
             .with_jitter()
             .build();
-        // Each short round substitutes or removes at least one line, and a line moves at most
-        // twice.
+        // Each short round moves a sharded product to another shard, or substitutes or removes
+        // at least one line; a line moves at most twice, over each product's shards.
+        let shard_moves: usize = order
+            .lines
+            .iter()
+            .map(|l| l.stock_shards.unwrap_or(1) as usize)
+            .sum();
         let mut short_rounds = 0;
-        while short_rounds <= 2 * order.lines.len() + 1 {
+        while short_rounds <= 2 * order.lines.len() + 2 * shard_moves + 1 {
             let shortages = match self.commit(order, &plan, event_id).await? {
                 Commit::Recorded(packed) => return Ok(packed),
                 Commit::Conflict(error) => match conflicts.next() {
@@ -239,8 +305,18 @@ impl Warehouse {
             };
             short_rounds += 1;
             let mut wanted = Vec::new();
-            for (sku, product) in &shortages {
-                wanted.extend(plan.short(sku, product.as_ref()));
+            for (sku, product) in shortages {
+                if plan.next_shard(&sku) {
+                    continue;
+                }
+                // Every shard was short: the product is. A shard's item is not the product:
+                // read the product for its substitute.
+                let product = if plan.shards(&sku) > 1 {
+                    self.product(&sku).await?
+                } else {
+                    product
+                };
+                wanted.extend(plan.short(&sku, product.as_ref()));
             }
             for sku in wanted {
                 let product = self.product(&sku).await?;
@@ -308,7 +384,7 @@ impl Warehouse {
         for (sku, quantity) in &takes {
             let take = Update::builder()
                 .table_name(&self.store.tables.catalog)
-                .key("pk", s(sku))
+                .key("pk", s(plan.stock_item(sku)))
                 .update_expression("SET stock = stock - :q")
                 .condition_expression("attribute_exists(pk) AND stock >= :q")
                 .expression_attribute_values(":q", n(quantity))
@@ -404,6 +480,17 @@ impl Warehouse {
     }
 }
 
+/// FNV-1a over some byte strings: a stable spread of orders over shards (the same order meets
+/// the same shard on every attempt and in every process).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in parts.iter().flat_map(|p| p.iter()) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
 /// What one packing attempt came to.
 enum Commit {
     /// The order is recorded (by this attempt or an earlier one); whether it is packed.
@@ -434,6 +521,7 @@ mod tests {
                 currency: Currency::try_from("EUR".to_owned()).unwrap(),
             },
             substituted_for: None,
+            stock_shards: None,
         }
     }
 
@@ -444,12 +532,43 @@ mod tests {
             price: line(sku, 1).unit_price,
             stock: 0,
             substitute: substitute.map(str::to_owned),
+            shards: None,
         }
     }
 
     #[test]
+    fn a_sharded_line_spreads_over_the_shards_and_moves_on_when_one_is_short() {
+        let mut hot = line("HOT", 1);
+        hot.stock_shards = Some(4);
+        let used: std::collections::BTreeSet<u32> = (0..200)
+            .map(|i| Plan::new(&format!("o{i}"), &[hot.clone()]).shard("HOT"))
+            .collect();
+        assert_eq!(used.len(), 4, "orders spread over every shard");
+        let mut plan = Plan::new("o1", &[hot.clone(), line("A", 1)]);
+        let first = plan.stock_item("HOT");
+        assert_eq!(
+            first,
+            plan.stock_item("HOT"),
+            "the same order meets the same shard"
+        );
+        let mut seen = vec![first];
+        for _ in 0..3 {
+            assert!(plan.next_shard("HOT"));
+            let next = plan.stock_item("HOT");
+            assert!(!seen.contains(&next), "{next} was short already");
+            seen.push(next);
+        }
+        seen.sort();
+        assert_eq!(seen, ["HOT", "HOT#s1", "HOT#s2", "HOT#s3"]);
+        assert!(!plan.next_shard("HOT"), "every shard short: the product is");
+        // An unsharded product is its own item, and short at once.
+        assert_eq!(plan.stock_item("A"), "A");
+        assert!(!plan.next_shard("A"));
+    }
+
+    #[test]
     fn lines_on_one_product_are_taken_together() {
-        let plan = Plan::new(&[line("A", 2), line("B", 1), line("A", 3)]);
+        let plan = Plan::new("o", &[line("A", 2), line("B", 1), line("A", 3)]);
         assert_eq!(
             plan.takes(),
             BTreeMap::from([("A".to_owned(), 5), ("B".to_owned(), 1)])
@@ -458,7 +577,7 @@ mod tests {
 
     #[test]
     fn a_short_line_takes_its_substitute_at_the_price_charged_then_leaves_if_that_is_short() {
-        let mut plan = Plan::new(&[line("A", 2), line("B", 1)]);
+        let mut plan = Plan::new("o", &[line("A", 2), line("B", 1)]);
         assert_eq!(plan.short("A", Some(&product("A", Some("C")))), ["C"]);
         plan.substitute("C", Some(&product("C", Some("D"))));
         assert_eq!(
@@ -480,7 +599,7 @@ mod tests {
 
     #[test]
     fn unknown_products_and_missing_substitutes_remove_the_line() {
-        let mut plan = Plan::new(&[line("A", 1), line("B", 1), line("E", 1)]);
+        let mut plan = Plan::new("o", &[line("A", 1), line("B", 1), line("E", 1)]);
         assert!(plan.short("A", None).is_empty());
         assert_eq!(plan.short("B", Some(&product("B", Some("GONE")))), ["GONE"]);
         plan.substitute("GONE", None);
@@ -496,7 +615,7 @@ mod tests {
 
     #[test]
     fn a_substitute_already_on_the_order_is_taken_once_with_both_quantities() {
-        let mut plan = Plan::new(&[line("A", 1), line("C", 2)]);
+        let mut plan = Plan::new("o", &[line("A", 1), line("C", 2)]);
         assert_eq!(plan.short("A", Some(&product("A", Some("C")))), ["C"]);
         plan.substitute("C", Some(&product("C", None)));
         assert_eq!(plan.takes(), BTreeMap::from([("C".to_owned(), 3)]));
