@@ -27,6 +27,11 @@ pub const TRACEPARENT: &str = "traceparent";
 /// The W3C vendor trace state attribute (carried only when not empty).
 pub const TRACESTATE: &str = "tracestate";
 
+/// Whether an attribute is W3C trace context (`traceparent` or `tracestate`).
+pub fn is_trace_context(name: &str) -> bool {
+    name == TRACEPARENT || name == TRACESTATE
+}
+
 /// The trace context a received message carries: its `traceparent` (with `tracestate`), else
 /// its `AWSTraceHeader`; `None` when neither holds a valid one.
 pub fn incoming(

@@ -241,6 +241,72 @@ mod tests {
         assert!(!err.detail().contains("1111"), "{}", err.detail());
     }
 
+    fn with_attribute(name: &str, value: &str) -> Message {
+        let mut message = Message::for_test(order_body());
+        message.raw_attributes.insert(
+            name.into(),
+            aws_sdk_sqs::types::MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(value)
+                .build()
+                .unwrap(),
+        );
+        message
+    }
+
+    #[test]
+    fn trace_context_whose_digits_look_like_a_card_does_not_cost_the_order() {
+        // W3C trace ids are random hex: about one in a hundred holds a Luhn-valid run of 13+
+        // digits between its letters; a New Relic tracestate joins a priority and a time in
+        // milliseconds into one. Both were refused as payment data and the order lost.
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for (name, value) in [
+            (
+                "traceparent",
+                "00-5d14111111111111111aaaaaaaaaaaaa-00f067aa0ba902b7-01",
+            ),
+            (
+                "tracestate",
+                "33@nr=0-0-33-5043-27ec5d8b7d2f4e6b-00f067aa0ba902b7-1-1.643539-1791077702331",
+            ),
+        ] {
+            assert!(
+                fleet_common::edge::holds_card_number(value),
+                "{name}: the case is one the detector flags"
+            );
+            let mut message = with_attribute(name, value);
+            if name == "tracestate" {
+                message = {
+                    let mut m = message;
+                    m.raw_attributes.insert(
+                        "traceparent".into(),
+                        aws_sdk_sqs::types::MessageAttributeValue::builder()
+                            .data_type("String")
+                            .string_value(parent)
+                            .build()
+                            .unwrap(),
+                    );
+                    m
+                };
+            }
+            let out = ingestion().handle(&message).await_now();
+            assert!(out.is_ok(), "{name}: {:?}", out.err());
+        }
+    }
+
+    #[test]
+    fn a_card_number_in_an_attribute_name_or_a_group_id_is_refused() {
+        let message = with_attribute("4111-1111-1111-1111", "x");
+        let err = ingestion().handle(&message).await_now().unwrap_err();
+        assert_eq!(err.reason().0, "payment_data");
+        assert!(!err.detail().contains("1111"), "{}", err.detail());
+        let mut message = Message::for_test(order_body());
+        message.group_id = Some("4111111111111111".into());
+        let err = ingestion().handle(&message).await_now().unwrap_err();
+        assert_eq!(err.reason().0, "payment_data");
+        assert!(!err.detail().contains("1111"), "{}", err.detail());
+    }
+
     #[test]
     fn what_the_edge_accepts_every_later_stage_reads() {
         // A float where an integer belongs passes the JSON Schema ("integer" takes 1.0) but not

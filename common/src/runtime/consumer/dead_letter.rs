@@ -97,23 +97,17 @@ impl<H: Handler> Inner<H> {
         // The redrive record stays: the `dlq redrive` run that moved this message knows it for
         // one of its own and leaves it here (a run moves each message once), and the next
         // redrive counts on from it (a FIFO deduplication id new for each redrive).
-        let mut attributes = message.raw_attributes.clone();
+        let mut raw = message.raw_attributes.clone();
         // Only a record that is one (at the edge an upstream may set anything), kept whole
         // below: masking digits or trimming it away would let the redrive run that moved this
         // message take it again.
-        let redrive = attributes
+        let redrive = raw
             .remove(attribution::REDRIVE)
             .and_then(|v| v.string_value().and_then(kept_redrive_record));
         // A message refused for payment data is kept without a digit: the DLQ (kept for days,
         // exported, read by people) must not store what the edge refused to let in.
         let payment_data = attribution.reason == "payment_data";
-        if payment_data {
-            for value in attributes.values_mut() {
-                if let Some(text) = value.string_value() {
-                    *value = string_attribute(crate::edge::mask_digits(text));
-                }
-            }
-        }
+        let mut attributes = masked(raw, payment_data);
         if let Some(record) = redrive {
             attributes.insert(attribution::REDRIVE.to_owned(), string_attribute(record));
         }
@@ -167,12 +161,19 @@ impl<H: Handler> Inner<H> {
             );
         }
         let dlq = &self.pair.dlq;
+        let group = message.group_id.as_deref().map(|g| {
+            if payment_data {
+                crate::edge::mask_digits(g)
+            } else {
+                g.to_owned()
+            }
+        });
         self.sends
             .submit(SendEntry {
                 queue_url: dlq.url.clone(),
                 body,
                 attributes,
-                group_id: carried_group_id(dlq.fifo, message.group_id.as_deref()),
+                group_id: carried_group_id(dlq.fifo, group.as_deref()),
                 delay_seconds: None,
                 aws_trace_header: message.aws_trace_header.clone(),
                 deduplication_id: dlq.fifo.then(|| {
@@ -208,9 +209,65 @@ pub(super) fn kept_redrive_record(raw: &str) -> Option<String> {
     serde_json::to_string(&record).ok()
 }
 
+/// The attributes a dead letter carries: every digit masked (names too) when the message was
+/// refused for payment data; a `tracestate` that looks like a card without its digits (trace
+/// context is let in whatever its digits, see `edge::admit`).
+fn masked(
+    mut attributes: HashMap<String, MessageAttributeValue>,
+    payment_data: bool,
+) -> HashMap<String, MessageAttributeValue> {
+    if payment_data {
+        attributes = attributes
+            .into_iter()
+            .map(|(name, value)| {
+                let value = match value.string_value() {
+                    Some(text) => string_attribute(crate::edge::mask_digits(text)),
+                    None => value,
+                };
+                (crate::edge::mask_digits(&name), value)
+            })
+            .collect();
+    }
+    if let Some(state) = attributes.get_mut(crate::trace::TRACESTATE) {
+        if let Some(hidden) = state
+            .string_value()
+            .filter(|t| crate::edge::holds_card_number(t))
+            .map(crate::edge::mask_digits)
+        {
+            *state = string_attribute(hidden);
+        }
+    }
+    attributes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_keeps_no_card_in_attribute_names_or_trace_state() {
+        let attributes = HashMap::from([
+            (
+                "4111-1111-1111-1111".to_owned(),
+                string_attribute("x".into()),
+            ),
+            (
+                crate::trace::TRACESTATE.to_owned(),
+                string_attribute("nr=4111111111111111".into()),
+            ),
+            ("note".to_owned(), string_attribute("order 12".into())),
+        ]);
+        let refused = masked(attributes.clone(), true);
+        assert!(refused.contains_key("####-####-####-####"));
+        assert_eq!(refused["note"].string_value(), Some("order ##"));
+        // Dead-lettered for another reason: only the card-like trace state loses its digits.
+        let other = masked(attributes, false);
+        assert_eq!(
+            other[crate::trace::TRACESTATE].string_value(),
+            Some("nr=################")
+        );
+        assert_eq!(other["note"].string_value(), Some("order 12"));
+    }
 
     #[test]
     fn a_dead_lettered_message_keeps_a_well_formed_redrive_record_without_card_digits() {
