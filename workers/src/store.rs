@@ -137,6 +137,9 @@ fn is_throttling<E: ProvideErrorMetadata>(e: &SdkError<E, DynamoResponse>) -> bo
             "ProvisionedThroughputExceededException"
                 | "ThrottlingException"
                 | "RequestLimitExceeded"
+                // A single write that met a transaction under way on its item: contention,
+                // retried and slowed down like throttling.
+                | "TransactionConflictException"
         )
     )
 }
