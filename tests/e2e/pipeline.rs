@@ -321,3 +321,93 @@ async fn the_in_memory_chain_does_the_work_the_fleet_does() {
         "{handled} messages handled"
     );
 }
+
+/// A flash sale on a hot product whose stock is split over shards, packed concurrently until
+/// the shards run dry one by one: every unit packed left a shard, no shard goes below zero, and
+/// every order ends packed or unpackable (a short hot line removed), none stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_hot_product_running_dry_never_oversells() {
+    use futures::StreamExt;
+    let env = TestEnv::new(quick).await;
+    let mut catalog = workers::catalog::CatalogFile::load(
+        &fleet_e2e::workspace_root().join("config/catalog.json"),
+    )
+    .unwrap();
+    // Orders of the shipped catalog, every one with a line on the hot product...
+    let flash = fleet_harness::scenario::Flash {
+        share: 1.0,
+        products: 1,
+    };
+    let scenario =
+        Scenario::generate_with(60, Mix::VALID_ONLY, Some(flash), &catalog, 43, &env.suffix);
+    let hot = scenario.hot_skus[0].clone();
+    // ...against 30 units of it over 4 shards, and no substitute: demand is about five times
+    // the stock.
+    let entry = catalog.products.iter_mut().find(|p| p.sku == hot).unwrap();
+    (entry.stock, entry.stock_shards, entry.substitute) = (30, Some(4), None);
+    let table = env.config.table("catalog").unwrap().name.clone();
+    workers::catalog::seed(&env.clients.dynamodb, &table, &catalog)
+        .await
+        .unwrap();
+    let inline = std::sync::Arc::new(
+        fleet_harness::chain::Inline::new(&env.config, &env.clients.dynamodb).unwrap(),
+    );
+    futures::stream::iter(scenario.submissions.iter().map(|i| i.body.clone()))
+        .map(|body| {
+            let inline = std::sync::Arc::clone(&inline);
+            async move { inline.run(body).await }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+
+    let items = scan(&env.clients.dynamodb, &table).await.unwrap();
+    let mut left = 0_i64;
+    for item in &items {
+        let pk = item["pk"].as_s().unwrap();
+        if workers::store::stock_item_owner(pk).0 == hot {
+            let stock: i64 = item["stock"].as_n().unwrap().parse().unwrap();
+            assert!(stock >= 0, "{pk} went below zero: {stock}");
+            left += stock;
+        }
+    }
+    let orders: Vec<workers::store::OrderRecord> =
+        scan(&env.clients.dynamodb, &env.tables().orders)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| serde_dynamo::from_item(i).unwrap())
+            .collect();
+    assert_eq!(orders.len(), 60);
+    let mut packed_units = 0_i64;
+    for o in &orders {
+        assert!(
+            o.status == "packed" || o.status == "unpackable",
+            "{} is {}",
+            o.order_id,
+            o.status
+        );
+        if o.status == "packed" {
+            packed_units += o
+                .lines
+                .iter()
+                .filter(|l| l.sku == hot)
+                .map(|l| i64::from(l.quantity))
+                .sum::<i64>();
+        }
+    }
+    assert_eq!(
+        packed_units,
+        30 - left,
+        "units packed = units that left the shards"
+    );
+    // A line is not split between shards: each shard may keep fewer units than a line asks.
+    assert!(left <= 4 * 3, "{left} units left over 4 shards");
+    assert!(
+        orders.iter().any(|o| o
+            .history
+            .iter()
+            .any(|h| h.event == "line_removed" && h.note.as_deref() == Some(hot.as_str()))),
+        "demand exceeded the stock: some hot lines were removed"
+    );
+}

@@ -434,7 +434,12 @@ impl Warehouse {
         let mut shortages = Vec::new();
         for (i, sku) in takes.keys().enumerate() {
             if let Some(reason) = failed(i + 1) {
-                let old = reason.item().cloned().filter(|item| !item.is_empty());
+                // A shard's item holds only its stock, not the product: `pack` reads the
+                // product when every shard was short.
+                let old = reason
+                    .item()
+                    .cloned()
+                    .filter(|item| !item.is_empty() && plan.shards(sku) == 1);
                 shortages.push((sku.clone(), old.map(store::from_item).transpose()?));
             }
         }
