@@ -249,7 +249,7 @@ impl FaultPlan {
         &self,
         operation: &str,
         body: Option<&serde_json::Value>,
-    ) -> Result<Option<items::Held>, HttpResponse> {
+    ) -> Result<Option<items::Held>, Box<HttpResponse>> {
         let rules: Vec<&FaultRule> = self
             .rules
             .iter()
@@ -279,7 +279,7 @@ impl FaultPlan {
             if let Some(index) = clash {
                 if rand::rng().random_bool(rule.rate.clamp(0.0, 1.0)) {
                     self.count("dynamodb", operation, rule.fault, 1);
-                    return Err(item_refused(operation, body, index, rule.fault));
+                    return Err(Box::new(item_refused(operation, body, index, rule.fault)));
                 }
             }
         }
@@ -404,7 +404,7 @@ impl HttpConnector for FaultyConnector {
         let held = if self.service == "dynamodb" {
             match self.plan.by_items(&operation, body.as_ref()) {
                 Ok(held) => held,
-                Err(answer) => return HttpConnectorFuture::ready(Ok(answer)),
+                Err(answer) => return HttpConnectorFuture::ready(Ok(*answer)),
             }
         } else {
             None
