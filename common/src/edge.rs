@@ -165,6 +165,26 @@ static UUID: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
     .expect("uuid regex")
 });
 
+/// A W3C trace context attribute let in whatever its digits: a well-formed `traceparent` (ids
+/// of random hex), or any `tracestate` (vendor state, carried on only when it holds no card
+/// number and masked in a dead letter when it does).
+pub fn exempt_trace_context(name: &str, value: Option<&str>) -> bool {
+    match name {
+        crate::trace::TRACESTATE => true,
+        crate::trace::TRACEPARENT => value.is_some_and(is_w3c_traceparent),
+        _ => false,
+    }
+}
+
+/// `version-traceid-parentid-flags` in lowercase hex (W3C Trace Context, level 1).
+pub fn is_w3c_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    parts.len() == 4
+        && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| {
+            p.len() == *n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        })
+}
+
 /// A character that may stand between the digits of a card number as written.
 fn card_separator(c: char) -> bool {
     matches!(
@@ -340,13 +360,14 @@ pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, Ha
         if holds_card_number(name) {
             return Some("an attribute's name".to_owned());
         }
-        (!crate::trace::is_trace_context(name) && v.string_value().is_some_and(holds_card_number))
-            .then(|| {
-                format!(
-                    "attribute {}",
-                    name.chars().take(NAMED_KEY_MAX).collect::<String>()
-                )
-            })
+        (!exempt_trace_context(name, v.string_value())
+            && v.string_value().is_some_and(holds_card_number))
+        .then(|| {
+            format!(
+                "attribute {}",
+                name.chars().take(NAMED_KEY_MAX).collect::<String>()
+            )
+        })
     }) {
         return Err(HandlerError::permanent(
             Reason("payment_data"),

@@ -10,6 +10,7 @@ pub mod chaos;
 pub mod flash;
 pub mod probe;
 pub mod report;
+pub mod scale;
 pub mod svg;
 
 use std::collections::BTreeMap;
@@ -208,6 +209,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let tables = Tables::from_config(&config)?;
     let mut catalog = CatalogFile::load(&opts.catalog)?;
     if let Some(flash) = &opts.flash {
+        anyhow::ensure!(
+            local || flash.shards <= 1,
+            "--stock-shards splits stock in the catalog the harness seeds, on the local emulators only: on AWS set stock_shards in the catalog and seed it (worker seed-catalog)"
+        );
         flash.shard(&mut catalog);
     }
     if local {

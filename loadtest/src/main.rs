@@ -91,6 +91,29 @@ struct Cli {
     #[arg(long, requires = "flash_share", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(workers::store::MAX_STOCK_SHARDS)))]
     stock_shards: u32,
+    /// Simulate autoscaling instead of a load run: a sale at 10× and 100× of today against the
+    /// deploy template's policy (writes scaling.md, scaling.json and charts to the report
+    /// directory).
+    #[arg(long)]
+    simulate_scaling: bool,
+    /// Simulation: messages a second one task drains (e.g. a run's steady msg/s).
+    #[arg(long, requires = "simulate_scaling", default_value_t = 150.0)]
+    per_task_rate: f64,
+    /// Simulation: messages a second to one role today.
+    #[arg(long, requires = "simulate_scaling", default_value_t = 25.0)]
+    base_rate: f64,
+    /// Simulation: DynamoDB write units per message of the busiest role.
+    #[arg(long, requires = "simulate_scaling", default_value_t = 9.0)]
+    write_units_per_message: f64,
+    /// Simulation: share of orders on one hot product, percent (0: no sale on one product).
+    #[arg(long, requires = "simulate_scaling", default_value_t = 0.0)]
+    sim_hot_share: f64,
+    /// Simulation: items the hot product's stock is split over.
+    #[arg(long, requires = "simulate_scaling", default_value_t = 1)]
+    sim_stock_shards: u32,
+    /// Simulation: the oldest message's age to stay under, seconds.
+    #[arg(long, requires = "simulate_scaling", default_value_t = 120.0)]
+    target_age_secs: f64,
     /// How often the chaos run SIGKILLs a random role.
     #[arg(long, requires = "chaos", value_parser = humantime::parse_duration, default_value = "3s")]
     kill_every: Duration,
@@ -197,6 +220,32 @@ async fn main() -> ExitCode {
         }),
     };
     let dir = opts.report_dir.clone();
+    if cli.simulate_scaling {
+        let inputs = loadtest::scale::Inputs {
+            per_task_rate: cli.per_task_rate,
+            base_rate: cli.base_rate,
+            write_units_per_message: cli.write_units_per_message,
+            table_write_units: 40_000.0,
+            hot_share: cli.sim_hot_share / 100.0,
+            stock_shards: cli.sim_stock_shards,
+            transaction_secs: 0.02,
+            target_age_secs: cli.target_age_secs,
+        };
+        return match loadtest::scale::report(&inputs, &dir) {
+            Ok(_) => {
+                print!(
+                    "{}",
+                    std::fs::read_to_string(dir.join("scaling.md")).unwrap_or_default()
+                );
+                eprintln!("  report: {}/scaling.md (+ scaling.json, scaling-tasks.svg, scaling-backlog.svg, scaling-oldest.svg)", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("loadtest: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if cli.chaos {
         return match loadtest::run_chaos(&opts, cli.faults, cli.kill_every).await {
             Ok(report) => {

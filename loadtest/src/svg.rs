@@ -80,6 +80,42 @@ pub fn line(title: &str, x_label: &str, y_label: &str, points: &[(f64, f64)]) ->
     s
 }
 
+/// A line chart of several named series, with a legend.
+pub fn lines(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
+    const COLOURS: [&str; 4] = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+    let all = || series.iter().flat_map(|(_, p)| p.iter());
+    let x_max = all().map(|p| p.0).fold(1.0, f64::max);
+    let y_max = all().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let mut s = frame(title, x_label, y_label, y_max, x_max);
+    for (i, (name, points)) in series.iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        let path: Vec<String> = points
+            .iter()
+            .map(|(x, y)| {
+                format!(
+                    "{:.1},{:.1}",
+                    PAD + x / x_max * (W - 2.0 * PAD),
+                    H - PAD - y / y_max * (H - 2.0 * PAD)
+                )
+            })
+            .collect();
+        let _ = write!(
+            s,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/><text x="{}" y="{}" fill="{colour}">{name}</text>"#,
+            path.join(" "),
+            PAD + 10.0,
+            PAD + 14.0 * (i as f64 + 1.0)
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
 /// A bar chart of labelled values.
 pub fn bars(title: &str, y_label: &str, bars: &[(String, f64)]) -> String {
     let y_max = bars.iter().map(|b| b.1).fold(1.0, f64::max) * 1.1;
@@ -109,6 +145,16 @@ mod tests {
     fn charts_are_well_formed_svg() {
         let l = super::line("t", "s", "msg/s", &[(0.0, 1.0), (1.0, 3.0)]);
         assert!(l.starts_with("<svg") && l.ends_with("</svg>") && l.contains("polyline"));
+        let m = super::lines(
+            "t",
+            "s",
+            "n",
+            &[
+                ("a".into(), vec![(0.0, 1.0)]),
+                ("b".into(), vec![(1.0, 2.0)]),
+            ],
+        );
+        assert!(m.ends_with("</svg>") && m.matches("<polyline").count() == 2);
         let b = super::bars("t", "ms", &[("p50".into(), 10.0), ("p99".into(), 40.0)]);
         assert!(b.ends_with("</svg>") && b.matches("<rect").count() == 3);
     }

@@ -235,6 +235,8 @@ impl Plan {
                 None => p.removed = true,
             }
         }
+        // New demand on `sku`: shards found short for other lines may hold enough for this one.
+        self.dry.remove(sku);
     }
 
     /// The lines to record, and (event, note) for the history: substitutions and removals in
@@ -283,15 +285,14 @@ impl Warehouse {
             .with_max_times(4)
             .with_jitter()
             .build();
-        // Each short round moves a sharded product to another shard, or substitutes or removes
-        // at least one line; a line moves at most twice, over each product's shards.
-        let shard_moves: usize = order
-            .lines
-            .iter()
-            .map(|l| l.stock_shards.unwrap_or(1) as usize)
-            .sum();
-        let mut short_rounds = 0;
-        while short_rounds <= 2 * order.lines.len() + 2 * shard_moves + 1 {
+        // A short round substitutes or removes at least one line (a line moves at most twice),
+        // or only moves sharded products to shards not tried yet (finite: a product has at most
+        // MAX_STOCK_SHARDS, and a product's tried shards are forgotten only when a line is
+        // substituted onto it).
+        let mut line_rounds = 0;
+        let mut shard_rounds = 0;
+        let shard_cap = 2 * order.lines.len() * (store::MAX_STOCK_SHARDS as usize + 1);
+        while line_rounds <= 2 * order.lines.len() + 1 && shard_rounds <= shard_cap {
             let shortages = match self.commit(order, &plan, event_id).await? {
                 Commit::Recorded(packed) => return Ok(packed),
                 Commit::Conflict(error) => match conflicts.next() {
@@ -305,12 +306,13 @@ impl Warehouse {
                 },
                 Commit::Short(shortages) => shortages,
             };
-            short_rounds += 1;
+            let mut lines_moved = false;
             let mut wanted = Vec::new();
             for (sku, product) in shortages {
                 if plan.next_shard(&sku) {
                     continue;
                 }
+                lines_moved = true;
                 // Every shard was short: the product is. A shard's item is not the product:
                 // read the product for its substitute.
                 let product = if plan.shards(&sku) > 1 {
@@ -323,6 +325,11 @@ impl Warehouse {
             for sku in wanted {
                 let product = self.product(&sku).await?;
                 plan.substitute(&sku, product.as_ref());
+            }
+            if lines_moved {
+                line_rounds += 1;
+            } else {
+                shard_rounds += 1;
             }
         }
         Err(HandlerError::transient(
@@ -571,6 +578,26 @@ mod tests {
         // An unsharded product is its own item, and short at once.
         assert_eq!(plan.stock_item("A"), "A");
         assert!(!plan.next_shard("A"));
+    }
+
+    #[test]
+    fn a_line_substituted_onto_a_sharded_product_tries_every_shard_again() {
+        // C's line (5 units) found every shard of C short; A's line (1 unit) moves onto C and
+        // may still find a shard with one unit.
+        let mut c = line("C", 5);
+        c.stock_shards = Some(4);
+        let mut plan = Plan::new("o", &[c, line("A", 1)]);
+        while plan.next_shard("C") {}
+        assert!(plan.short("C", Some(&product("C", None))).is_empty());
+        assert_eq!(plan.short("A", Some(&product("A", Some("C")))), ["C"]);
+        let mut sharded = product("C", None);
+        sharded.shards = Some(4);
+        plan.substitute("C", Some(&sharded));
+        assert_eq!(plan.takes(), BTreeMap::from([("C".to_owned(), 1)]));
+        for _ in 0..3 {
+            assert!(plan.next_shard("C"), "shards untried for the new line");
+        }
+        assert!(!plan.next_shard("C"));
     }
 
     #[test]

@@ -96,21 +96,25 @@ impl ItemBuckets {
     pub(super) fn take(&self, limit: f64, touches: &[Touch]) -> Option<usize> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().expect("item buckets lock");
-        let mut level = |key: &str| {
-            let (tokens, at) = buckets.entry(key.to_owned()).or_insert((limit, now));
-            *tokens = (*tokens + limit * now.duration_since(*at).as_secs_f64()).min(limit);
-            *at = now;
-            *tokens
-        };
         // Units per item over the whole request (an item named twice pays twice).
         let mut wanted: HashMap<&str, f64> = HashMap::new();
         for t in touches {
             *wanted.entry(t.key.as_str()).or_default() += t.units;
         }
-        if let Some(i) = touches
-            .iter()
-            .position(|t| t.units > 0.0 && level(&t.key) < wanted[t.key.as_str()])
-        {
+        // A bucket holds a second's worth, or one request's worth when a request costs more
+        // (a large item, or a transaction's two units at a limit under two): it passes when
+        // the bucket is full, as DynamoDB lets a large write through at the limit.
+        let mut level = |key: &str, want: f64| {
+            let cap = limit.max(want);
+            let (tokens, at) = buckets.entry(key.to_owned()).or_insert((cap, now));
+            *tokens = (*tokens + limit * now.duration_since(*at).as_secs_f64()).min(cap);
+            *at = now;
+            *tokens
+        };
+        if let Some(i) = touches.iter().position(|t| {
+            let want = wanted[t.key.as_str()];
+            t.units > 0.0 && level(&t.key, want) < want
+        }) {
             return Some(i);
         }
         for (key, units) in wanted {
@@ -243,6 +247,11 @@ mod tests {
             assert_eq!(buckets.take(10.0, &order(5, "COLD")), None);
         }
         assert_eq!(buckets.take(10.0, &order(5, "COLD")), Some(0));
+        // A request over a second's worth passes once the bucket is full.
+        let big = ItemBuckets::default();
+        let costly = order(7, "BIG");
+        assert_eq!(big.take(1.0, &costly), None);
+        assert_eq!(big.take(1.0, &order(8, "BIG")), Some(1));
         std::thread::sleep(std::time::Duration::from_millis(250));
         assert_eq!(
             buckets.take(10.0, &order(6, "HOT")),

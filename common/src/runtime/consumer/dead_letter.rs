@@ -162,7 +162,7 @@ impl<H: Handler> Inner<H> {
         }
         let dlq = &self.pair.dlq;
         let group = message.group_id.as_deref().map(|g| {
-            if payment_data {
+            if payment_data || crate::edge::holds_card_number(g) {
                 crate::edge::mask_digits(g)
             } else {
                 g.to_owned()
@@ -210,34 +210,36 @@ pub(super) fn kept_redrive_record(raw: &str) -> Option<String> {
 }
 
 /// The attributes a dead letter carries: every digit masked (names too) when the message was
-/// refused for payment data; a `tracestate` that looks like a card without its digits (trace
-/// context is let in whatever its digits, see `edge::admit`).
+/// refused for payment data; otherwise any name or value that holds a card number without its
+/// digits (a message refused before the edge looked for cards, for its size or its JSON, or
+/// trace context, which the edge lets in whatever its digits), but a well-formed `traceparent`.
 fn masked(
-    mut attributes: HashMap<String, MessageAttributeValue>,
+    attributes: HashMap<String, MessageAttributeValue>,
     payment_data: bool,
 ) -> HashMap<String, MessageAttributeValue> {
-    if payment_data {
-        attributes = attributes
-            .into_iter()
-            .map(|(name, value)| {
-                let value = match value.string_value() {
-                    Some(text) => string_attribute(crate::edge::mask_digits(text)),
-                    None => value,
-                };
-                (crate::edge::mask_digits(&name), value)
-            })
-            .collect();
-    }
-    if let Some(state) = attributes.get_mut(crate::trace::TRACESTATE) {
-        if let Some(hidden) = state
-            .string_value()
-            .filter(|t| crate::edge::holds_card_number(t))
-            .map(crate::edge::mask_digits)
-        {
-            *state = string_attribute(hidden);
-        }
-    }
+    let card = |text: &str| payment_data || crate::edge::holds_card_number(text);
     attributes
+        .into_iter()
+        .map(|(name, value)| {
+            let value = match value.string_value() {
+                Some(text)
+                    if card(text)
+                        && (payment_data
+                            || !crate::edge::exempt_trace_context(&name, Some(text))
+                            || name == crate::trace::TRACESTATE) =>
+                {
+                    string_attribute(crate::edge::mask_digits(text))
+                }
+                _ => value,
+            };
+            let name = if card(&name) {
+                crate::edge::mask_digits(&name)
+            } else {
+                name
+            };
+            (name, value)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -267,6 +269,32 @@ mod tests {
             Some("nr=################")
         );
         assert_eq!(other["note"].string_value(), Some("order 12"));
+        assert!(
+            other.contains_key("####-####-####-####"),
+            "a name never keeps a card"
+        );
+        // A well-formed traceparent keeps its ids whatever digits they hold; one that is not
+        // W3C is text like any other.
+        let ids = "00-41111111111111110000000000000000-00f067aa0ba902b7-01";
+        let parents = masked(
+            HashMap::from([(
+                crate::trace::TRACEPARENT.to_owned(),
+                string_attribute(ids.into()),
+            )]),
+            false,
+        );
+        assert_eq!(parents[crate::trace::TRACEPARENT].string_value(), Some(ids));
+        let text = masked(
+            HashMap::from([(
+                crate::trace::TRACEPARENT.to_owned(),
+                string_attribute("4111 1111 1111 1111".into()),
+            )]),
+            false,
+        );
+        assert_eq!(
+            text[crate::trace::TRACEPARENT].string_value(),
+            Some("#### #### #### ####")
+        );
     }
 
     #[test]
