@@ -59,25 +59,7 @@ fn frame(title: &str, x_label: &str, y_label: &str, y_max: f64, x_max: f64) -> S
 
 /// A line chart of (x, y) points.
 pub fn line(title: &str, x_label: &str, y_label: &str, points: &[(f64, f64)]) -> String {
-    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
-    let y_max = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
-    let mut s = frame(title, x_label, y_label, y_max, x_max);
-    let path: Vec<String> = points
-        .iter()
-        .map(|(x, y)| {
-            format!(
-                "{:.1},{:.1}",
-                PAD + x / x_max * (W - 2.0 * PAD),
-                H - PAD - y / y_max * (H - 2.0 * PAD)
-            )
-        })
-        .collect();
-    let _ = write!(
-        s,
-        r##"<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{}"/></svg>"##,
-        path.join(" ")
-    );
-    s
+    lines(title, x_label, y_label, &[(String::new(), points.to_vec())])
 }
 
 /// A line chart of several named series, with a legend.
