@@ -276,18 +276,8 @@ mod tests {
             );
             let mut message = with_attribute(name, value);
             if name == "tracestate" {
-                message = {
-                    let mut m = message;
-                    m.raw_attributes.insert(
-                        "traceparent".into(),
-                        aws_sdk_sqs::types::MessageAttributeValue::builder()
-                            .data_type("String")
-                            .string_value(parent)
-                            .build()
-                            .unwrap(),
-                    );
-                    m
-                };
+                let parent = with_attribute("traceparent", parent).raw_attributes;
+                message.raw_attributes.extend(parent);
             }
             let out = ingestion().handle(&message).await_now();
             assert!(out.is_ok(), "{name}: {:?}", out.err());

@@ -222,11 +222,12 @@ fn masked(
         .into_iter()
         .map(|(name, value)| {
             let value = match value.string_value() {
+                // A well-formed traceparent is ids, kept unless the message was refused.
                 Some(text)
                     if card(text)
                         && (payment_data
-                            || !crate::edge::exempt_trace_context(&name, Some(text))
-                            || name == crate::trace::TRACESTATE) =>
+                            || name != crate::trace::TRACEPARENT
+                            || !crate::edge::is_w3c_traceparent(text)) =>
                 {
                     string_attribute(crate::edge::mask_digits(text))
                 }
