@@ -77,6 +77,27 @@ pub const ROLES: &[RoleAccess] = &[
     },
 ];
 
+/// What every role's runtime writes, whatever its handler does: the outcome of each redriven
+/// message it settles, in the redrive ledger (a transaction conditioned on the run's entry; see
+/// `fleet_common::redrive_ledger`). (table key, actions).
+pub const LEDGER: (&str, &[&str]) = (
+    crate::redrive_ledger::TABLE_KEY,
+    &["dynamodb:PutItem", "dynamodb:ConditionCheckItem"],
+);
+
+/// What the `dlq` CLI does in the redrive ledger: opens a run, reads what became of it.
+pub const OPERATOR_LEDGER: (&str, &[&str]) = (
+    crate::redrive_ledger::TABLE_KEY,
+    &["dynamodb:PutItem", "dynamodb:Query"],
+);
+
+impl RoleAccess {
+    /// Every (table key, actions) the role's task calls: its handler's and the runtime's.
+    pub fn all_tables(&self) -> Vec<(&'static str, &'static [&'static str])> {
+        self.tables.iter().copied().chain([LEDGER]).collect()
+    }
+}
+
 /// The access of a role.
 pub fn of(role: &str) -> Option<&'static RoleAccess> {
     ROLES.iter().find(|r| r.role == role)
@@ -93,9 +114,10 @@ pub fn queues_of(role: &str) -> Vec<&'static str> {
 
 /// The services through which a role may use the fleet's key (`kms:ViaService`, as
 /// `<service>.<region>.amazonaws.com`): SQS for its encrypted messages, and DynamoDB when it
-/// reads or writes a table (DynamoDB decrypts a table's key with the caller's permission).
+/// reads or writes a table (DynamoDB decrypts a table's key with the caller's permission; every
+/// role writes the redrive ledger).
 pub fn kms_via_services(role: &RoleAccess) -> Vec<&'static str> {
-    if role.tables.is_empty() {
+    if role.all_tables().is_empty() {
         vec!["sqs"]
     } else {
         vec!["sqs", "dynamodb"]
@@ -159,7 +181,7 @@ pub const OPERATOR: OperatorAccess = OperatorAccess {
     ],
     unscoped_actions: &["sqs:ListQueues", "cloudwatch:GetMetricStatistics"],
     kms_actions: KMS_ACTIONS,
-    kms_via_services: &["sqs"],
+    kms_via_services: &["sqs", "dynamodb"],
 };
 
 #[cfg(test)]
@@ -181,8 +203,39 @@ mod tests {
     }
 
     #[test]
-    fn roles_with_tables_use_the_key_through_dynamodb_too() {
-        assert_eq!(kms_via_services(of("ingestion").unwrap()), ["sqs"]);
-        assert_eq!(kms_via_services(of("orders").unwrap()), ["sqs", "dynamodb"]);
+    fn every_role_writes_the_ledger_so_uses_the_key_through_dynamodb_too() {
+        for role in ROLES {
+            assert_eq!(kms_via_services(role), ["sqs", "dynamodb"], "{}", role.role);
+            assert!(role.all_tables().contains(&LEDGER), "{}", role.role);
+        }
+        // The edge's handler keeps no record of its own: only the runtime's ledger write.
+        assert_eq!(of("ingestion").unwrap().all_tables(), [LEDGER]);
+    }
+
+    #[test]
+    fn the_ledger_module_calls_exactly_what_is_declared() {
+        let source = include_str!("redrive_ledger.rs");
+        let source = &source[..source.find("#[cfg(test)]").unwrap()];
+        let all = [
+            (".put_item()", "dynamodb:PutItem"),
+            ("Put::builder()", "dynamodb:PutItem"),
+            ("ConditionCheck::builder()", "dynamodb:ConditionCheckItem"),
+            (".query()", "dynamodb:Query"),
+            (".get_item()", "dynamodb:GetItem"),
+            (".update_item()", "dynamodb:UpdateItem"),
+            (".delete_item()", "dynamodb:DeleteItem"),
+            (".scan()", "dynamodb:Scan"),
+        ];
+        let mut found: Vec<&str> = all
+            .iter()
+            .filter(|(needle, _)| source.contains(needle))
+            .map(|(_, action)| *action)
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        let mut declared: Vec<&str> = LEDGER.1.iter().chain(OPERATOR_LEDGER.1).copied().collect();
+        declared.sort_unstable();
+        declared.dedup();
+        assert_eq!(found, declared);
     }
 }

@@ -147,3 +147,30 @@ pub fn handler_deadline_exceeded(queue: &str, deadline: Duration) {
         "handler ran past its deadline; the attempt fails"
     );
 }
+
+/// The outcome of a redriven message written to the redrive ledger, or why not: an unknown run
+/// (a forged record or one past the ledger's retention: nothing written) or a failure (the
+/// message goes on without it).
+pub fn redrive_outcome_recorded(
+    queue: &str,
+    run: &str,
+    result: &Result<(), crate::redrive_ledger::LedgerError>,
+) {
+    use crate::redrive_ledger::LedgerError;
+    let label = match result {
+        Ok(()) => "written",
+        Err(LedgerError::UnknownRun(_)) => "unknown_run",
+        Err(_) => "failed",
+    };
+    metrics::counter!("fleet_redrive_ledger_writes_total", "queue" => queue.to_owned(), "result" => label)
+        .increment(1);
+    match result {
+        Ok(()) => {}
+        Err(e @ LedgerError::UnknownRun(_)) => {
+            debug!(queue, redrive = run, error = %e, "redrive outcome not written");
+        }
+        Err(e) => {
+            warn!(queue, redrive = run, error = %e, "could not write a redriven message's outcome to the ledger; the message goes on")
+        }
+    }
+}

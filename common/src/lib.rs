@@ -17,6 +17,7 @@ pub mod faults;
 pub mod health;
 pub mod provision;
 pub mod redact;
+pub mod redrive_ledger;
 pub mod role;
 pub mod runtime;
 pub mod telemetry;

@@ -134,8 +134,9 @@ pub enum Command {
     /// one; run it again to finish an interrupted redrive. Each run has an id, carried in the
     /// `fleet-redrive` record of what it moves: a message it moved that is dead-lettered again
     /// while it runs is counted as come back and left in the DLQ, never moved twice by one run.
-    /// With --canary it moves a few first and halts by itself if they come back. Without
-    /// filters, --max or --canary, on AWS, it uses SQS's StartMessageMoveTask and says so.
+    /// With --canary it moves a few first and halts by itself if they come back. --move-task
+    /// hands an unfiltered redrive to SQS's StartMessageMoveTask instead (AWS only; blind: no
+    /// record, no canary).
     Redrive {
         /// The DLQ.
         queue: String,
@@ -153,8 +154,12 @@ pub enum Command {
         /// Show what would move, and where; move nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Never use StartMessageMoveTask.
+        /// Hand the whole DLQ to SQS's StartMessageMoveTask (AWS only): fast and server-side,
+        /// but blind: no filter, no canary, no `fleet-redrive` record, no run-once guarantee.
         #[arg(long)]
+        move_task: bool,
+        /// The default since the fleet's own path became the default; kept so scripts still run.
+        #[arg(long, hide = true, conflicts_with = "move_task")]
         no_move_task: bool,
         /// How long messages read are held invisible at a time (extended while running).
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]

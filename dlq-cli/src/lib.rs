@@ -51,11 +51,17 @@ pub async fn context(cli: &Cli) -> Result<Ctx> {
     let shared = load_sdk_config(&aws).await;
     let clients = Clients::from_sdk_config(&shared, &aws, RequestCounter::default());
     let cloudwatch = (!local).then(|| aws_sdk_cloudwatch::Client::new(&shared));
+    let ledger = match &config {
+        Some(c) => fleet_common::redrive_ledger::Ledger::from_config(clients.dynamodb, c)
+            .map_err(|e| CliError::Usage(e.to_string()))?,
+        None => None,
+    };
     Ok(Ctx {
         sqs: clients.sqs,
         cloudwatch,
         local,
         config,
+        ledger,
     })
 }
 
@@ -119,7 +125,8 @@ pub async fn run(cli: Cli, stop: CancellationToken) -> Result<Exit> {
             max,
             rate,
             dry_run,
-            no_move_task,
+            move_task,
+            no_move_task: _,
             hold,
             wait_in_flight,
             canary,
@@ -138,7 +145,7 @@ pub async fn run(cli: Cli, stop: CancellationToken) -> Result<Exit> {
                 max,
                 rate,
                 dry_run,
-                no_move_task,
+                move_task,
                 hold,
                 wait_in_flight,
                 canary: canary.map(|size| redrive::Canary {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use aws_sdk_sqs::types::QueueAttributeName;
 use fleet_common::config::FleetConfig;
+use fleet_common::redrive_ledger::Ledger;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -22,6 +23,9 @@ pub struct Ctx {
     pub local: bool,
     /// The fleet config, when one was found: its queue keys name DLQs (`orders` → `fleet-orders-dlq`).
     pub config: Option<FleetConfig>,
+    /// The redrive ledger (`[tables.redrives]` of the config): what became of what a redrive
+    /// moved. `None` without a config that names it.
+    pub ledger: Option<Ledger>,
 }
 
 /// A queue, resolved.

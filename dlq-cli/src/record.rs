@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 
 use aws_sdk_sqs::primitives::Blob;
-use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
+use aws_sdk_sqs::types::{
+    MessageAttributeValue, MessageSystemAttributeName, MessageSystemAttributeNameForSends,
+    MessageSystemAttributeValue,
+};
 use fleet_common::attribution::{self, Attribution, RedriveRecord};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -223,6 +226,31 @@ impl DlqMessage {
     /// The queue SQS moved it from (real AWS stamps this; the emulator does not).
     pub fn dead_letter_source_arn(&self) -> Option<&str> {
         self.system(MessageSystemAttributeName::DeadLetterQueueSourceArn)
+    }
+
+    /// The X-Ray trace header SQS keeps as a system attribute (on AWS: the trace context of a
+    /// message that carries no `traceparent` attribute).
+    pub fn aws_trace_header(&self) -> Option<&str> {
+        self.system(MessageSystemAttributeName::AwsTraceHeader)
+    }
+
+    /// The system attributes a send can carry on: `AWSTraceHeader`, so that a redriven or
+    /// imported message continues its trace.
+    pub fn sdk_system_attributes(
+        &self,
+    ) -> Option<
+        std::collections::HashMap<MessageSystemAttributeNameForSends, MessageSystemAttributeValue>,
+    > {
+        let header = self.aws_trace_header()?;
+        let value = MessageSystemAttributeValue::builder()
+            .data_type("String")
+            .string_value(header)
+            .build()
+            .ok()?;
+        Some(std::collections::HashMap::from([(
+            MessageSystemAttributeNameForSends::AwsTraceHeader,
+            value,
+        )]))
     }
 
     fn system(&self, name: MessageSystemAttributeName) -> Option<&str> {

@@ -31,6 +31,7 @@ fn ctx(sqs: aws_sdk_sqs::Client, local: bool) -> Ctx {
         cloudwatch: None,
         local,
         config: None,
+        ledger: None,
     }
 }
 
@@ -69,7 +70,7 @@ fn options() -> Options {
         max: None,
         rate: None,
         dry_run: false,
-        no_move_task: false,
+        move_task: false,
         hold: Duration::from_secs(30),
         wait_in_flight: Duration::ZERO,
         canary: None,
@@ -77,7 +78,7 @@ fn options() -> Options {
 }
 
 #[tokio::test]
-async fn without_filters_on_aws_the_redrive_uses_a_message_move_task_and_follows_it() {
+async fn with_move_task_on_aws_the_redrive_uses_a_message_move_task_and_follows_it() {
     let start = mock!(aws_sdk_sqs::Client::start_message_move_task)
         .match_requests(|r| {
             r.source_arn() == Some("arn:aws:sqs:eu-west-1:1:fleet-orders-dlq")
@@ -117,6 +118,7 @@ async fn without_filters_on_aws_the_redrive_uses_a_message_move_task_and_follows
     );
     let opts = Options {
         rate: std::num::NonZeroU32::new(25),
+        move_task: true,
         ..options()
     };
     let report = redrive::run(
@@ -136,6 +138,52 @@ async fn without_filters_on_aws_the_redrive_uses_a_message_move_task_and_follows
 }
 
 #[tokio::test]
+async fn by_default_on_aws_the_redrive_moves_the_messages_itself_so_each_carries_its_record() {
+    let start = mock!(aws_sdk_sqs::Client::start_message_move_task)
+        .then_output(|| StartMessageMoveTaskOutput::builder().build());
+    let empty = mock!(aws_sdk_sqs::Client::receive_message)
+        .then_output(|| ReceiveMessageOutput::builder().build());
+    let sqs = mock_client!(
+        aws_sdk_sqs,
+        RuleMode::MatchAny,
+        [&start, &empty, &attributes(0)]
+    );
+    let report = redrive::run(
+        &ctx(sqs, false),
+        &dlq(),
+        &options(),
+        Output::Json,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(start.num_calls(), 0, "no blind move task unless asked");
+    assert_eq!(report.path, "receive-send-delete");
+    assert!(!report.redrive_id.is_empty());
+    // --move-task with a filter is refused before anything moves.
+    let sqs = mock_client!(aws_sdk_sqs, RuleMode::MatchAny, [&start, &attributes(5)]);
+    let opts = Options {
+        move_task: true,
+        max: Some(3),
+        ..options()
+    };
+    let refused = redrive::run(
+        &ctx(sqs, false),
+        &dlq(),
+        &opts,
+        Output::Json,
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("--move-task")),
+        "{:?}",
+        refused.as_ref().err()
+    );
+    assert_eq!(start.num_calls(), 0);
+}
+
+#[tokio::test]
 async fn a_refused_move_task_falls_back_to_moving_the_messages_and_says_why() {
     let refused = mock!(aws_sdk_sqs::Client::start_message_move_task).then_error(|| {
         StartMessageMoveTaskError::UnsupportedOperation(
@@ -151,10 +199,14 @@ async fn a_refused_move_task_falls_back_to_moving_the_messages_and_says_why() {
         RuleMode::MatchAny,
         [&refused, &empty, &attributes(0)]
     );
+    let opts = Options {
+        move_task: true,
+        ..options()
+    };
     let report = redrive::run(
         &ctx(sqs, false),
         &dlq(),
-        &options(),
+        &opts,
         Output::Json,
         &CancellationToken::new(),
     )

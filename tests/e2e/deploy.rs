@@ -197,6 +197,28 @@ fn check_resources(config: &FleetConfig, t: &Value) -> Vec<String> {
             problems.push(format!("table {id}: no alarm on its throttling"));
         }
     }
+    // Every DLQ has an alarm on the messages in it, visible or held: a redrive or an export
+    // holds what it reads invisible, and must not quiet the alarm while it runs.
+    let queues = of_type(t, "AWS::SQS::Queue");
+    for c in config.queues.values() {
+        let Some((id, _)) = queues
+            .iter()
+            .find(|(_, r)| r["Properties"]["QueueName"] == c.dlq_name().as_str())
+        else {
+            continue;
+        };
+        let queue = format!(r#"{{"Fn::GetAtt":["{id}","QueueName"]}}"#);
+        let watched = alarms.iter().any(|a| {
+            a.contains(&queue)
+                && a.contains("ApproximateNumberOfMessagesVisible")
+                && a.contains("ApproximateNumberOfMessagesNotVisible")
+        });
+        if !watched {
+            problems.push(format!(
+                "queue {id}: no alarm on its messages, visible and held"
+            ));
+        }
+    }
     for p in tables.values().map(|r| &r["Properties"]) {
         let name = p["TableName"].as_str().unwrap_or_default();
         if !seen.contains(name) {
@@ -295,9 +317,9 @@ fn check_roles(config: &FleetConfig, t: &Value) -> Vec<String> {
                 want.insert(((*action).to_owned(), queue_id(&name)));
             }
         }
-        for (table, actions) in a.tables {
-            for action in *actions {
-                want.insert(((*action).to_owned(), table_id(&config.tables[*table].name)));
+        for (table, actions) in a.all_tables() {
+            for action in actions {
+                want.insert(((*action).to_owned(), table_id(&config.tables[table].name)));
             }
         }
         for action in access::KMS_ACTIONS {
@@ -373,6 +395,20 @@ fn check_operator_role(config: &FleetConfig, t: &Value) -> Vec<String> {
     }
     for action in op.kms_actions {
         want.insert(((*action).to_owned(), "FleetKey".to_owned()));
+    }
+    let tables = of_type(t, "AWS::DynamoDB::Table");
+    let (ledger, actions) = access::OPERATOR_LEDGER;
+    if let Some(c) = config.tables.get(ledger) {
+        let id = tables
+            .iter()
+            .find(|(_, r)| r["Properties"]["TableName"] == c.name.as_str())
+            .map_or_else(
+                || format!("(no table {})", c.name),
+                |(id, _)| (*id).to_owned(),
+            );
+        for action in actions {
+            want.insert(((*action).to_owned(), id.clone()));
+        }
     }
     for extra in got.difference(&want) {
         problems.push(format!(
@@ -994,6 +1030,20 @@ fn a_table_without_a_throttling_alarm_is_caught() {
 }
 
 #[test]
+fn a_dlq_alarm_that_a_redrive_can_quiet_is_caught() {
+    let config = config("production.toml");
+    let mut t = template();
+    let metrics = t["Resources"]["OrdersDeadLetterAlarm"]["Properties"]["Metrics"]
+        .as_array_mut()
+        .expect("the orders DLQ alarm sums metrics");
+    metrics.retain(|m| m["Id"] != "held");
+    assert_eq!(
+        check_resources(&config, &t),
+        vec!["queue OrdersDeadLetterQueue: no alarm on its messages, visible and held".to_owned()]
+    );
+}
+
+#[test]
 fn a_role_that_gains_a_wildcard_is_caught() {
     let production = config("production.toml");
     for (action, resource) in [
@@ -1210,12 +1260,13 @@ fn a_weakened_key_policy_is_caught() {
         .as_object_mut()
         .unwrap()
         .remove("Condition");
-    statement_mut(&mut t, "IngestionTaskRole", "FleetKeyThroughSqs")["Condition"]["StringEquals"]
-        ["kms:ViaService"] = serde_json::json!([
+    statement_mut(&mut t, "IngestionTaskRole", "FleetKeyThroughSqsAndDynamoDb")["Condition"]
+        ["StringEquals"]["kms:ViaService"] = serde_json::json!([
         {"Fn::Sub": "sqs.${AWS::Region}.amazonaws.com"},
-        {"Fn::Sub": "dynamodb.${AWS::Region}.amazonaws.com"}
+        {"Fn::Sub": "dynamodb.${AWS::Region}.amazonaws.com"},
+        {"Fn::Sub": "s3.${AWS::Region}.amazonaws.com"}
     ]);
-    statement_mut(&mut t, "OperatorRole", "FleetKeyThroughSqs")
+    statement_mut(&mut t, "OperatorRole", "FleetKeyThroughSqsAndDynamoDb")
         .as_object_mut()
         .unwrap()
         .remove("Condition");

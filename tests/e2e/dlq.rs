@@ -14,6 +14,7 @@ use aws_sdk_sqs::types::{MessageAttributeValue, SendMessageBatchRequestEntry};
 use fleet_common::attribution::{Attribution, ATTRIBUTION, CORRELATION_ID};
 use fleet_common::failure::FailureClass;
 use fleet_common::health::Health;
+use fleet_common::redrive_ledger::Ledger;
 use fleet_e2e::{dlq_binary, workspace_root, TestEnv};
 use fleet_harness::queues::wait_idle;
 use fleet_harness::scenario::{Mix, Scenario};
@@ -651,6 +652,14 @@ async fn a_redrive_with_the_fleet_running_moves_each_message_once_even_when_it_f
         "the workers' build names itself: {built}"
     );
     assert_eq!(version["groups"][0]["count"], 30);
+    // The workers wrote what became of each message under the run, in the ledger.
+    let ledger = Ledger::from_config(env.clients.dynamodb.clone(), &env.config)
+        .unwrap()
+        .expect("the test config has a redrive ledger");
+    let outcomes = ledger.read(&run).await.unwrap();
+    assert_eq!(outcomes.dead_lettered, 30, "{outcomes:?}");
+    assert_eq!(outcomes.dead_lettered_reasons["malformed_json"], 30);
+    assert_eq!((outcomes.succeeded, outcomes.retrying), (0, 0));
     let records = redrive_records(&env, &dlq_url, 30).await;
     assert_eq!(records.len(), 30);
     for r in &records {
@@ -719,6 +728,14 @@ async fn a_canary_halts_a_redrive_whose_failure_is_not_fixed_and_lets_a_fixed_on
     assert_eq!(report["halted"], true, "{report}");
     assert_eq!(report["moved"], 10, "only the canary moved: {report}");
     assert_eq!(report["canary"]["passed"], false);
+    assert_eq!(report["canary"]["succeeded"], 0, "{report}");
+    assert!(
+        report["halt_reason"]
+            .as_str()
+            .unwrap()
+            .contains("came back"),
+        "{report}"
+    );
     assert!(report["came_back"].as_u64().unwrap() > 2, "{report}");
     assert_eq!(
         report["came_back_reasons"]["malformed_json"],
@@ -737,7 +754,7 @@ async fn a_canary_halts_a_redrive_whose_failure_is_not_fixed_and_lets_a_fixed_on
                 "--canary",
                 "5",
                 "--watch",
-                "5s",
+                "30s",
                 "--output",
                 "json",
             ],
@@ -748,8 +765,12 @@ async fn a_canary_halts_a_redrive_whose_failure_is_not_fixed_and_lets_a_fixed_on
     assert_eq!(completed["halted"], false, "{completed}");
     assert_eq!(completed["canary"]["passed"], true);
     assert_eq!(completed["canary"]["moved"], 5);
+    assert_eq!(completed["canary"]["succeeded"], 5, "{completed}");
     assert_eq!(completed["moved"], 40, "{completed}");
     assert_eq!(completed["came_back"], 0, "{completed}");
+    // The last of it was watched until each had an outcome: all succeeded downstream.
+    assert_eq!(completed["succeeded"], 40, "{completed}");
+    assert_eq!(completed["in_flight"], 0, "{completed}");
 
     wait_idle(&env.clients.sqs, &env.topology, Duration::from_secs(120))
         .await
@@ -762,5 +783,61 @@ async fn a_canary_halts_a_redrive_whose_failure_is_not_fixed_and_lets_a_fixed_on
         env.depth(&dlq_url).await.0,
         100,
         "the 90 never moved and the 10 of the canary are in the DLQ"
+    );
+}
+
+/// The ledger takes an outcome only under a run that `dlq redrive` opened: a `fleet-redrive`
+/// record an upstream forges at the edge names no open run, so the worker writes nothing (and
+/// the message is processed as any other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_redrive_record_writes_nothing_in_the_ledger() {
+    let env = TestEnv::new(|c| {
+        for w in c.workers.values_mut() {
+            w.receive_wait_secs = 1;
+        }
+    })
+    .await;
+    let catalog = env.seed_catalog().await;
+    let scenario = Scenario::generate(2, Mix::VALID_ONLY, &catalog, 5, &env.suffix);
+    let ledger = Ledger::from_config(env.clients.dynamodb.clone(), &env.config)
+        .unwrap()
+        .unwrap();
+    // One record names a run nobody opened; the other a run opened as `dlq redrive` opens one.
+    let (forged, opened) = ("20260101T000000Z-deadbeef", "20260101T000000Z-cafebabe");
+    ledger
+        .open_run(opened, "fleet-ingest-dlq", time::OffsetDateTime::now_utc())
+        .await
+        .unwrap();
+    for (submission, run) in scenario.submissions.iter().zip([forged, opened]) {
+        let record = format!(
+            r#"{{"count":1,"at":"2026-01-01T00:00:00Z","from_queue":"x","previous_reason":"none","id":"{run}"}}"#
+        );
+        env.clients
+            .sqs
+            .send_message()
+            .queue_url(env.url("ingest"))
+            .message_body(&submission.body)
+            .message_attributes("fleet-redrive", string(&record))
+            .send()
+            .await
+            .unwrap();
+    }
+    let fleet = env.start_fleet(None).await;
+    wait_idle(&env.clients.sqs, &env.topology, Duration::from_secs(60))
+        .await
+        .unwrap();
+    fleet.stop().await;
+    let result = env.audit(&scenario, &catalog, false).await;
+    assert_eq!(result.orders_completed, 2, "{:?}", result.offenders);
+    assert_eq!(
+        ledger.read(forged).await.unwrap(),
+        Default::default(),
+        "nothing under a run nobody opened"
+    );
+    let written = ledger.read(opened).await.unwrap();
+    assert_eq!(
+        (written.succeeded, written.settled()),
+        (1, 1),
+        "the opened run's message is written: {written:?}"
     );
 }

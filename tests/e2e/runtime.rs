@@ -36,6 +36,7 @@ fn start<H: Handler>(
             max_message_bytes: env.config.aws.sqs_max_message_bytes,
             untrusted_edge: false,
             aws_trace_header: false,
+            ledger: None,
         },
         Health::default(),
     )
@@ -612,6 +613,7 @@ async fn the_edge_ignores_forged_fleet_attributes_and_an_oversized_message_still
             max_message_bytes: env.config.aws.sqs_max_message_bytes,
             untrusted_edge: true,
             aws_trace_header: false,
+            ledger: None,
         },
         Health::default(),
     )

@@ -50,6 +50,8 @@ pub async fn run(
     keys.dedup();
     let topology = Topology::resolve_only(&clients.sqs, config, &keys).await?;
     let tables = Tables::from_config(config)?;
+    let ledger =
+        fleet_common::redrive_ledger::Ledger::from_config(clients.dynamodb.clone(), config)?;
     let mut tasks = Vec::new();
     let mut stats = Vec::new();
     for role in roles {
@@ -72,6 +74,7 @@ pub async fn run(
                 .sqs_endpoint_url
                 .as_deref()
                 .is_some_and(fleet_common::aws::is_loopback_url),
+            ledger: ledger.clone(),
         };
         let (task, role_stats) = match role.as_str() {
             "ingestion" => spawn(

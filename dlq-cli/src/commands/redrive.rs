@@ -1,14 +1,17 @@
 //! `redrive`: moves dead-lettered messages back to their source queue (or `--to` another).
 //!
-//! Two paths. With no filter, no `--max` and real AWS, SQS's own StartMessageMoveTask does the
-//! work (fast, server-side); the CLI follows its progress. Otherwise the CLI moves messages
-//! itself: receive from the DLQ (holding what it reads), send to the destination, and only then
-//! delete from the DLQ — so a crash can duplicate a message in the destination (the fleet's
-//! idempotency absorbs that) but never lose one. Messages that do not match stay in the DLQ.
-//! Each moved message keeps its body and attributes, loses its attribution, and gains a
-//! `fleet-redrive` record (count, time, DLQ, previous reason). FIFO messages keep their group id;
-//! their deduplication id is derived from the original and the redrive count, so a re-run after
-//! a crash is deduplicated by the destination while a later redrive is not.
+//! Two paths. By default the CLI moves messages itself: receive from the DLQ (holding what it
+//! reads), send to the destination, and only then delete from the DLQ, so that a crash can
+//! duplicate a message in the destination (the fleet's idempotency absorbs that) but never lose
+//! one. Messages that do not match stay in the DLQ. Each moved message keeps its body,
+//! attributes and trace header, loses its attribution, and gains a `fleet-redrive` record (run
+//! id, count, time, DLQ, previous reason). FIFO messages keep their group id; their
+//! deduplication id is derived from the original and the redrive count, so a re-run after a
+//! crash is deduplicated by the destination while a later redrive is not.
+//!
+//! With `--move-task` (no filter, `--max` or canary; real AWS only), SQS's StartMessageMoveTask
+//! does the work instead: fast and server-side, but blind (no record, no canary); the CLI
+//! follows its progress.
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU32;
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use fleet_common::attribution::{self, RedriveRecord};
+use fleet_common::redrive_ledger::RunOutcomes;
 use fleet_common::runtime::carried_group_id;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use indicatif::ProgressBar;
@@ -30,7 +34,7 @@ use crate::filter::Filter;
 use crate::output::{self, Output};
 use crate::queues::{self, Ctx, Queue, QueueInfo};
 use crate::record::{AttributeValue, DlqMessage};
-use crate::scan::Reader;
+use crate::scan::{Reader, MAX_HELD};
 
 /// What to redrive and how.
 #[derive(Debug, Clone)]
@@ -45,8 +49,8 @@ pub struct Options {
     pub rate: Option<NonZeroU32>,
     /// Show what would move; move nothing.
     pub dry_run: bool,
-    /// Never use StartMessageMoveTask.
-    pub no_move_task: bool,
+    /// Hand the whole DLQ to StartMessageMoveTask (AWS only, no filter, max or canary).
+    pub move_task: bool,
     /// How long read messages are held invisible at a time.
     pub hold: Duration,
     /// How long to wait for messages that are in flight elsewhere (an interrupted run's).
@@ -67,20 +71,33 @@ pub struct Canary {
     pub watch: Duration,
 }
 
-/// What became of the canary.
+impl Canary {
+    /// Whether `part` is more than `--halt-above` percent of `whole`.
+    fn over(&self, part: u64, whole: u64) -> bool {
+        part as f64 * 100.0 > self.halt_above_pct * whole as f64
+    }
+}
+
+/// What became of the canary, as the workers wrote it in the redrive ledger.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CanaryOutcome {
     /// `--canary`.
     pub size: usize,
     /// Messages moved as the canary.
     pub moved: u64,
-    /// Of which came back to the DLQ while watched.
+    /// Of which succeeded downstream.
+    pub succeeded: u64,
+    /// Failed at least once and wait for another attempt (they count against the canary).
+    pub retrying: u64,
+    /// Dead-lettered again.
     pub came_back: u64,
-    /// `came_back` as a percentage of `moved`.
+    /// No outcome yet (not picked up, or in the handler).
+    pub no_outcome: u64,
+    /// Retrying and dead-lettered again, as a percentage of those with an outcome.
     pub came_back_pct: f64,
     /// `--halt-above`.
     pub halt_above_pct: f64,
-    /// How long it was watched.
+    /// How long it was watched (less than `--watch` when every message had settled).
     pub watched_ms: u64,
     /// Whether the redrive went on after it.
     pub passed: bool,
@@ -112,24 +129,36 @@ pub struct Report {
     pub no_destination: u64,
     /// In flight elsewhere at the end (an interrupted run or a consumer holds them).
     pub in_flight_elsewhere: u64,
-    /// Messages this run moved that were dead-lettered again while it ran: left in the DLQ,
-    /// never moved twice by one run.
+    /// The run stopped reading at the most messages SQS lets it hold (those it left alone
+    /// included): what it did not read is left for another run.
+    pub held_limit_reached: bool,
+    /// Messages this run moved that were dead-lettered again while it ran (as the ledger says,
+    /// and as read in the DLQ): left in the DLQ, never moved twice by one run.
     pub came_back: u64,
-    /// Their reasons now.
+    /// Their reasons now (`moved_by_sqs`: their receives ran out, a crash or a timeout).
     pub came_back_reasons: BTreeMap<String, u64>,
+    /// Succeeded downstream (from the redrive ledger; absent without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub succeeded: Option<u64>,
+    /// Failed at least once and wait for another attempt (from the ledger).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retrying: Option<u64>,
+    /// Moved, with no outcome yet: waiting in the queue or in a handler (from the ledger).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u64>,
+    /// Why it halted, with `halted`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub halt_reason: Option<String>,
     /// Messages sent to the DLQ after the run started, without this run's record (a redrive
     /// record lost, a worker of an older build): left alone too, for a later run.
     pub arrived_during_run: u64,
-    /// Matched messages the canary's watch read beyond what it holds back, left for a later
-    /// run.
-    pub left_for_later: u64,
     /// Moved and not back by the end of the run: applied, or still being retried downstream.
     pub not_back: u64,
     /// What became of the canary, with `--canary`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryOutcome>,
-    /// Stopped on its own: more came back than `--halt-above` allows. What was not moved is
-    /// still in the DLQ.
+    /// Stopped on its own: more came back than `--halt-above` allows, or the outcomes stopped
+    /// coming (see `halt_reason`). What was not moved is still in the DLQ.
     pub halted: bool,
     /// Messages per destination queue.
     pub destinations: BTreeMap<String, u64>,
@@ -188,23 +217,22 @@ pub async fn run(
     output: Output,
     stop: &CancellationToken,
 ) -> Result<Report> {
+    if opts.move_task
+        && (opts.dry_run || opts.canary.is_some() || !opts.filter.is_empty() || opts.max.is_some())
+    {
+        return Err(CliError::Usage(
+            "--move-task hands the whole DLQ to SQS: it cannot be combined with filters, --max, --canary or --dry-run; drop --move-task to use them".into(),
+        ));
+    }
     let info = queues::info(ctx, dlq).await?;
     let to = match &opts.to {
         Some(arg) => Some(resolve_destination(ctx, arg).await?),
         None => None,
     };
-    let why_not_task = if opts.dry_run {
-        Some("--dry-run")
-    } else if opts.canary.is_some() {
-        Some("--canary given")
-    } else if !opts.filter.is_empty() {
-        Some("filters given")
-    } else if opts.max.is_some() {
-        Some("--max given")
-    } else if opts.no_move_task {
-        Some("--no-move-task")
+    let why_not_task = if !opts.move_task {
+        Some("each message gets a fleet-redrive record; --move-task hands the DLQ to SQS instead")
     } else if ctx.local {
-        Some("StartMessageMoveTask is not available on the local emulator")
+        Some("--move-task: StartMessageMoveTask is not available on the local emulator")
     } else {
         None
     };
@@ -271,7 +299,8 @@ async fn move_task(
     let mut report = Report {
         queue: info.queue.name.clone(),
         path: "message-move-task",
-        path_reason: "no filter: SQS moves the messages itself".into(),
+        path_reason: "--move-task: SQS moves the messages itself, without a fleet-redrive record"
+            .into(),
         task_handle: Some(handle.clone()),
         ..Report::default()
     };
@@ -385,6 +414,8 @@ pub fn redriven_entry(
         .id(id.to_string())
         .message_body(&m.body)
         .set_message_attributes(Some(attributes))
+        // The trace continues (on AWS the header costs no attribute).
+        .set_message_system_attributes(m.sdk_system_attributes())
         // The tenant's group travels, on standard queues too (fair queues).
         .set_message_group_id(carried_group_id(fifo, m.group_id()));
     if fifo {
@@ -415,10 +446,22 @@ struct Mover<'a> {
     waited: Duration,
     /// When the run started: messages sent to the DLQ later are not its to move.
     started: OffsetDateTime,
+    /// Matched messages read beyond the canary's size: moved first once it passes.
+    held_back: Vec<Planned>,
+    /// What the workers wrote in the ledger, as last read.
+    outcomes: Option<RunOutcomes>,
+    last_ledger_read: Option<Instant>,
+    /// This run's messages read back in the DLQ: all of them, and those SQS moved there itself.
+    read_back: u64,
+    read_back_reasons: BTreeMap<String, u64>,
+    moved_by_sqs: u64,
 }
 
-/// The most matched messages a canary's watch holds back (read, not yet moved).
-const WATCH_HOLD_LIMIT: usize = 10_000;
+/// Room kept under the reader's limit for one more receive.
+const BATCH_ROOM: usize = 10;
+
+/// How often the ledger is read while the run waits on outcomes.
+const LEDGER_POLL: Duration = Duration::from_secs(1);
 
 /// A matched message with the queue it goes to.
 struct Planned {
@@ -478,19 +521,41 @@ impl<'a> Mover<'a> {
             first_send: None,
             last_send: Instant::now(),
             waited: Duration::ZERO,
+            held_back: Vec::new(),
+            outcomes: None,
+            last_ledger_read: None,
+            read_back: 0,
+            read_back_reasons: BTreeMap::new(),
+            moved_by_sqs: 0,
         }
     }
 
-    /// Moves what matches, canary first when asked; then releases what it still holds.
+    /// Opens the run in the ledger, moves what matches (canary first when asked), then
+    /// releases what it still holds and tallies what became of what moved.
     async fn run(mut self) -> Result<Report> {
         tracing::info!(redrive = %self.report.redrive_id, queue = %self.dlq.name, "redrive started");
+        if let (Some(ledger), false) = (&self.ctx.ledger, self.opts.dry_run) {
+            ledger
+                .open_run(&self.report.redrive_id, &self.dlq.name, self.started)
+                .await
+                .map_err(|e| CliError::Aws {
+                    doing: "opening the run in the redrive ledger".into(),
+                    detail: e.to_string(),
+                })?;
+        }
         let result = self.move_all().await;
+        if result.is_ok() && self.ctx.ledger.is_some() && self.report.moved > 0 {
+            // A last look, so that the table is as fresh as it can be.
+            if let Err(e) = self.refresh_outcomes(true).await {
+                tracing::warn!(error = %e, "could not read the redrive ledger at the end");
+            }
+        }
+        self.tally();
         self.reader.finish().await;
         self.bar.finish_and_clear();
         result?;
         let report = &mut self.report;
         report.interrupted = self.stop.is_cancelled();
-        report.not_back = report.moved.saturating_sub(report.came_back);
         if let Some(first) = self.first_send {
             let secs = self.last_send.duration_since(first).as_secs_f64();
             report.elapsed_ms = (secs * 1000.0) as u64;
@@ -506,51 +571,100 @@ impl<'a> Mover<'a> {
         Ok(self.report)
     }
 
+    /// The outcome table: from the ledger when there is one (and from what was read back in the
+    /// DLQ, which also sees what SQS moved there itself), else from what was read back alone.
+    fn tally(&mut self) {
+        let report = &mut self.report;
+        report.came_back = self.read_back;
+        report.came_back_reasons = self.read_back_reasons.clone();
+        if let Some(o) = &self.outcomes {
+            let by_ledger = o.dead_lettered + self.moved_by_sqs;
+            if by_ledger >= self.read_back {
+                report.came_back = by_ledger;
+                report.came_back_reasons = o.dead_lettered_reasons.clone();
+                if self.moved_by_sqs > 0 {
+                    report
+                        .came_back_reasons
+                        .insert("moved_by_sqs".into(), self.moved_by_sqs);
+                }
+            }
+            report.succeeded = Some(o.succeeded);
+            report.retrying = Some(o.retrying);
+            report.in_flight = Some(
+                report
+                    .moved
+                    .saturating_sub(o.succeeded + o.retrying + report.came_back),
+            );
+        }
+        report.not_back = report.moved.saturating_sub(report.came_back);
+    }
+
+    /// Messages sent to their destination (deleted from the DLQ or not).
+    fn sent(&self) -> u64 {
+        self.report.moved + self.report.not_deleted
+    }
+
     async fn move_all(&mut self) -> Result<()> {
-        let mut canary = self.opts.canary.filter(|_| !self.opts.dry_run);
-        // Matched messages read while the canary is out: held, moved once it passes.
-        let mut held_back: Vec<Planned> = Vec::new();
-        while !self.stop.is_cancelled() {
-            if let Some(c) = canary {
-                if self.report.moved + self.report.not_deleted >= c.size as u64 {
-                    if !self.watch_canary(c, &mut held_back).await? {
+        let Some(c) = self.opts.canary.filter(|_| !self.opts.dry_run) else {
+            return self.move_until(None, None).await;
+        };
+        if self.ctx.ledger.is_none() {
+            return Err(CliError::Usage(format!(
+                "--canary decides on what the workers write in the redrive ledger: pass --config with a [tables.{}] section (config/fleet.toml has one)",
+                fleet_common::redrive_ledger::TABLE_KEY
+            )));
+        }
+        self.move_until(Some(c.size as u64), None).await?;
+        if self.stop.is_cancelled() || self.sent() == 0 {
+            return Ok(());
+        }
+        if !self.watch_canary(c).await? {
+            return Ok(());
+        }
+        self.move_until(None, Some(c)).await?;
+        if !self.stop.is_cancelled() && !self.report.halted {
+            // The last of it is watched too, so that the table tells what became of it.
+            self.wait_for_outcomes(c).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves matching messages until `limit` have been sent (the canary) or none are left.
+    /// With `guard` (after the canary passed), stops when too many come back and never gets
+    /// further ahead of the outcomes than they allow.
+    async fn move_until(&mut self, limit: Option<u64>, guard: Option<Canary>) -> Result<()> {
+        if limit.is_none() {
+            let mut held = std::mem::take(&mut self.held_back);
+            while !held.is_empty() && !self.stop.is_cancelled() {
+                if let Some(c) = guard {
+                    if !self.keep_going(c).await? {
                         return Ok(());
                     }
-                    canary = None;
-                    let planned = std::mem::take(&mut held_back);
-                    self.send_planned(planned).await?;
-                    continue;
                 }
-            } else if self.returns_above_threshold() {
-                self.report.halted = true;
-                return Ok(());
+                let chunk: Vec<Planned> =
+                    held.drain(..held.len().min(self.burst as usize)).collect();
+                self.send_planned(chunk).await?;
             }
-            if self.max_reached() {
+        }
+        while !self.stop.is_cancelled() {
+            if limit.is_some_and(|l| self.sent() >= l) || self.max_reached() {
                 break;
+            }
+            if let Some(c) = guard {
+                if !self.keep_going(c).await? {
+                    return Ok(());
+                }
             }
             let Some(batch) = self.next_batch().await? else {
                 break;
             };
             let mut planned = self.plan(batch).await?;
-            if let Some(c) = canary {
-                // Sent but not deleted went out too: it counts toward the canary.
-                let out = self.report.moved + self.report.not_deleted;
-                let room = (c.size as u64).saturating_sub(out) as usize;
-                held_back.extend(planned.split_off(room.min(planned.len())));
+            if let Some(l) = limit {
+                let room = l.saturating_sub(self.sent()) as usize;
+                self.held_back
+                    .extend(planned.split_off(room.min(planned.len())));
             }
             self.send_planned(planned).await?;
-        }
-        // Fewer matched than the canary's size: what moved is the canary; it is watched before
-        // anything held back moves, and nothing held back moves unwatched (Ctrl-C, or a canary
-        // that could not be sent at all).
-        if let Some(c) = canary {
-            if self.stop.is_cancelled() || self.report.moved == 0 {
-                return Ok(());
-            }
-            if self.watch_canary(c, &mut held_back).await? {
-                let planned = std::mem::take(&mut held_back);
-                self.send_planned(planned).await?;
-            }
         }
         Ok(())
     }
@@ -561,84 +675,178 @@ impl<'a> Mover<'a> {
             .is_some_and(|m| self.report.matched as usize >= m)
     }
 
-    /// Whether more of what this run moved came back than `--halt-above` allows (only with a
-    /// canary).
-    fn returns_above_threshold(&self) -> bool {
-        let Some(c) = self.opts.canary else {
-            return false;
+    /// Reads the ledger (at most every [`LEDGER_POLL`] unless `now`).
+    async fn refresh_outcomes(&mut self, now: bool) -> Result<()> {
+        let Some(ledger) = &self.ctx.ledger else {
+            return Ok(());
         };
-        let moved = self.report.moved;
-        moved > 0 && self.report.came_back as f64 * 100.0 > c.halt_above_pct * moved as f64
+        if !now
+            && self
+                .last_ledger_read
+                .is_some_and(|t| t.elapsed() < LEDGER_POLL)
+        {
+            return Ok(());
+        }
+        let outcomes = ledger
+            .read(&self.report.redrive_id)
+            .await
+            .map_err(|e| CliError::Aws {
+                doing: "reading the redrive ledger".into(),
+                detail: e.to_string(),
+            })?;
+        self.outcomes = Some(outcomes);
+        self.last_ledger_read = Some(Instant::now());
+        Ok(())
     }
 
-    /// Watches what the canary's messages become for `watch`: reads on (holding what matches for
-    /// later) and counts what comes back. `Ok(false)`: halted (too many came back) or stopped.
-    async fn watch_canary(&mut self, c: Canary, held_back: &mut Vec<Planned>) -> Result<bool> {
+    /// Dead-lettered again, and all with an outcome for good (succeeded or dead-lettered).
+    fn came_back_and_settled(&self) -> (u64, u64) {
+        let o = self.outcomes.clone().unwrap_or_default();
+        let back = (o.dead_lettered + self.moved_by_sqs).max(self.read_back);
+        (back, o.succeeded + back)
+    }
+
+    fn halt(&mut self, why: String) {
+        tracing::warn!(redrive = %self.report.redrive_id, reason = %why, "redrive halted");
+        self.report.halted = true;
+        self.report.halt_reason = Some(why);
+    }
+
+    /// After the canary: whether to send more. Halts when more than `--halt-above` percent of
+    /// what has settled came back (once as many have settled as the canary had, or at once
+    /// when that many came back of all that moved); waits while more messages are unsettled
+    /// than have settled (at least the canary's size may be), and halts when no outcome comes
+    /// for `--watch`.
+    async fn keep_going(&mut self, c: Canary) -> Result<bool> {
+        let mut settled_seen = None;
+        let mut since = Instant::now();
+        loop {
+            self.refresh_outcomes(false).await?;
+            let (back, settled) = self.came_back_and_settled();
+            let sent = self.sent();
+            match guard(c, sent, settled, back) {
+                Guard::Go => return Ok(true),
+                Guard::Halt => {
+                    self.halt(format!(
+                        "{back} of the {settled} moved messages with an outcome came back (more than {}%)",
+                        c.halt_above_pct
+                    ));
+                    return Ok(false);
+                }
+                Guard::Wait => {}
+            }
+            let unsettled = sent.saturating_sub(settled);
+            if settled_seen != Some(settled) {
+                settled_seen = Some(settled);
+                since = Instant::now();
+            } else if since.elapsed() >= c.watch {
+                self.halt(format!(
+                    "no outcome for {} while {unsettled} moved messages had none: are the workers running?",
+                    humantime::format_duration(c.watch)
+                ));
+                return Ok(false);
+            }
+            self.bar.set_message(format!(
+                "waiting for outcomes: {unsettled} in flight, {settled} settled"
+            ));
+            tokio::select! {
+                () = tokio::time::sleep(LEDGER_POLL) => {}
+                () = self.stop.cancelled() => return Ok(false),
+            }
+        }
+    }
+
+    /// Waits until every message sent has an outcome for good, for at most `--watch`.
+    async fn wait_for_outcomes(&mut self, c: Canary) -> Result<()> {
         let started = Instant::now();
-        let moved = self.report.moved;
+        while started.elapsed() < c.watch && !self.stop.is_cancelled() {
+            self.refresh_outcomes(true).await?;
+            let (_, settled) = self.came_back_and_settled();
+            if settled >= self.sent() {
+                break;
+            }
+            self.bar.set_message(format!(
+                "watching the last: {} of {} settled",
+                settled,
+                self.sent()
+            ));
+            tokio::select! {
+                () = tokio::time::sleep(LEDGER_POLL) => {}
+                () = self.stop.cancelled() => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches the canary for `--watch`, or until each of its messages has settled, or until
+    /// more came back than the threshold allows whatever the rest does. It passes when some of
+    /// it has an outcome and at most `--halt-above` percent of those are dead-lettered again or
+    /// still retrying. `Ok(false)`: halted or stopped.
+    async fn watch_canary(&mut self, c: Canary) -> Result<bool> {
+        let started = Instant::now();
+        let moved = self.sent();
         self.bar.set_message(format!(
             "canary: {moved} moved, watching for {}",
             humantime::format_duration(c.watch)
         ));
+        let over = |part, whole| c.over(part, whole);
         while started.elapsed() < c.watch && !self.stop.is_cancelled() {
-            if self.returns_above_threshold() {
+            self.refresh_outcomes(true).await?;
+            let (back, settled) = self.came_back_and_settled();
+            if settled >= moved || over(back, moved) {
                 break;
             }
-            if held_back.len() >= WATCH_HOLD_LIMIT {
-                // Enough held: wait out the watch without reading (returns are not seen now).
-                let rest = c.watch.saturating_sub(started.elapsed());
-                tokio::select! {
-                    () = tokio::time::sleep(rest) => {}
-                    () = self.stop.cancelled() => {}
-                }
-                break;
-            }
-            let batch = self.reader.next(10).await?;
-            if batch.is_empty() {
-                if self.reader.exhausted(self.ctx).await? {
-                    self.reader.reset_polls();
-                    let rest = c.watch.saturating_sub(started.elapsed());
-                    tokio::select! {
-                        () = tokio::time::sleep(rest.min(Duration::from_secs(1))) => {}
-                        () = self.stop.cancelled() => {}
-                    }
-                }
-                continue;
-            }
-            let mut planned = self.plan(batch).await?;
-            let room = WATCH_HOLD_LIMIT.saturating_sub(held_back.len());
-            if planned.len() > room {
-                let over = planned.split_off(room);
-                self.report.left_for_later += over.len() as u64;
-                self.report.matched -= over.len() as u64;
-                let over: Vec<DlqMessage> = over.into_iter().map(|p| p.message).collect();
-                self.reader.release(&over).await;
-            }
-            held_back.extend(planned);
             self.bar.set_message(format!(
-                "canary: {moved} moved, {} came back",
-                self.report.came_back
+                "canary: {moved} moved, {settled} settled, {back} came back"
             ));
+            tokio::select! {
+                () = tokio::time::sleep(LEDGER_POLL) => {}
+                () = self.stop.cancelled() => {}
+            }
         }
-        let halted = self.returns_above_threshold();
-        self.report.halted = halted;
+        let o = self.outcomes.clone().unwrap_or_default();
+        let (back, settled) = self.came_back_and_settled();
+        let bad = back + o.retrying;
+        let known = settled + o.retrying;
+        let passed = known > 0 && !over(bad, known) && !self.stop.is_cancelled();
+        if !passed && !self.stop.is_cancelled() {
+            self.halt(if known == 0 {
+                format!(
+                    "no outcome for the canary within {}: are the workers running? (a longer --watch waits longer)",
+                    humantime::format_duration(c.watch)
+                )
+            } else {
+                format!(
+                    "{bad} of the canary's {known} messages with an outcome came back or are retrying (more than {}%)",
+                    c.halt_above_pct
+                )
+            });
+        }
         self.report.canary = Some(CanaryOutcome {
             size: c.size,
             moved,
-            came_back: self.report.came_back,
-            came_back_pct: percent(self.report.came_back, moved),
+            succeeded: o.succeeded,
+            retrying: o.retrying,
+            came_back: back,
+            no_outcome: moved.saturating_sub(known),
+            came_back_pct: percent(bad, known),
             halt_above_pct: c.halt_above_pct,
             watched_ms: started.elapsed().as_millis() as u64,
-            passed: !halted && !self.stop.is_cancelled(),
+            passed,
         });
-        Ok(!halted && !self.stop.is_cancelled())
+        Ok(passed)
     }
 
     /// The next batch of messages not seen before; `None` when nothing more can be read (after
-    /// waiting for messages in flight elsewhere, up to `--wait-in-flight`).
+    /// waiting for messages in flight elsewhere, up to `--wait-in-flight`), or when the reader
+    /// holds as many as SQS lets it (the rest is left for another run, and said so).
     async fn next_batch(&mut self) -> Result<Option<Vec<DlqMessage>>> {
         loop {
             if self.stop.is_cancelled() {
+                return Ok(None);
+            }
+            if self.reader.held() + BATCH_ROOM >= MAX_HELD {
+                self.report.held_limit_reached = true;
                 return Ok(None);
             }
             let want = self.opts.max.map_or(self.burst as usize, |m| {
@@ -676,12 +884,20 @@ impl<'a> Mover<'a> {
         let stamp = OffsetDateTime::now_utc();
         let mut planned = Vec::new();
         for m in batch {
-            let reason = m.attribution().map_or_else(|| "none".into(), |a| a.reason);
+            let attribution = m.attribution();
+            let reason = attribution
+                .as_ref()
+                .map_or_else(|| "none".into(), |a| a.reason.clone());
             if m.redrive()
                 .is_some_and(|r| r.is_from_run(&self.report.redrive_id))
             {
-                self.report.came_back += 1;
-                *self.report.came_back_reasons.entry(reason).or_default() += 1;
+                self.read_back += 1;
+                if attribution.is_none() {
+                    // No current attribution: SQS moved it (its receives ran out), the workers
+                    // wrote nothing about it.
+                    self.moved_by_sqs += 1;
+                }
+                *self.read_back_reasons.entry(reason).or_default() += 1;
                 continue;
             }
             // Sent to the DLQ after the run started (by this machine's clock): not in the DLQ
@@ -752,8 +968,7 @@ impl<'a> Mover<'a> {
         for (name, messages) in by_destination {
             for chunk in messages.chunks(self.burst as usize) {
                 // What is not sent stays held and is released (visible again) at the end.
-                if self.stop.is_cancelled() || self.returns_above_threshold() {
-                    self.report.halted |= self.returns_above_threshold();
+                if self.stop.is_cancelled() || self.report.halted {
                     return Ok(());
                 }
                 self.send_chunk(&name, chunk).await?;
@@ -802,6 +1017,32 @@ impl<'a> Mover<'a> {
             self.reader.release(&failed).await;
         }
         Ok(())
+    }
+}
+
+/// What a guarded redrive does next, after its canary passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guard {
+    /// Send the next batch.
+    Go,
+    /// Wait for more outcomes first: more are unsettled than have settled.
+    Wait,
+    /// Stop: too many came back.
+    Halt,
+}
+
+/// Decides on `sent` messages of which `settled` have an outcome for good and `back` came back:
+/// halt when more than `--halt-above` percent of all that were sent came back (whatever the
+/// rest does), or of those settled once at least the canary's size has; otherwise go on while
+/// no more are unsettled than have settled (at least the canary's size may be), else wait.
+fn guard(c: Canary, sent: u64, settled: u64, back: u64) -> Guard {
+    let over = |part, whole| c.over(part, whole);
+    if over(back, sent) || (settled >= c.size as u64 && over(back, settled)) {
+        Guard::Halt
+    } else if sent.saturating_sub(settled) <= (c.size as u64).max(settled) {
+        Guard::Go
+    } else {
+        Guard::Wait
     }
 }
 
@@ -865,6 +1106,32 @@ async fn send(
         .collect())
 }
 
+/// The outcome table's rows: with the ledger, what succeeded downstream, is retrying, came
+/// back, or has no outcome yet; without it, what came back and what did not.
+fn outcome_rows(report: &Report) -> Vec<(&'static str, u64)> {
+    let mut rows = vec![("moved", report.moved)];
+    match (report.succeeded, report.retrying, report.in_flight) {
+        (Some(succeeded), Some(retrying), Some(in_flight)) => rows.extend([
+            ("succeeded downstream", succeeded),
+            ("retrying downstream", retrying),
+            ("dead-lettered again (left in the DLQ)", report.came_back),
+            ("still in flight (no outcome yet)", in_flight),
+        ]),
+        _ => rows.extend([
+            ("dead-lettered again (left in the DLQ)", report.came_back),
+            (
+                "not back: applied, or still in flight (no ledger to tell)",
+                report.not_back,
+            ),
+        ]),
+    }
+    rows.push((
+        "matched, not moved (still in the DLQ)",
+        report.matched.saturating_sub(report.moved),
+    ));
+    rows
+}
+
 /// Prints a report for people.
 pub fn print(report: &Report) {
     let path = match report.path {
@@ -921,9 +1188,12 @@ pub fn print(report: &Report) {
     );
     if let Some(c) = &report.canary {
         crate::outln!(
-            "canary: {} moved, {} came back ({:.0}%, halt above {:.0}%) within {:.0}s: {}",
+            "canary: {} moved: {} succeeded, {} retrying, {} came back, {} without an outcome ({:.0}% bad, halt above {:.0}%) within {:.0}s: {}",
             c.moved,
+            c.succeeded,
+            c.retrying,
             c.came_back,
+            c.no_outcome,
             c.came_back_pct,
             c.halt_above_pct,
             c.watched_ms as f64 / 1000.0,
@@ -936,25 +1206,13 @@ pub fn print(report: &Report) {
             }
         );
     }
-    let outcome = [
-        ("moved", report.moved),
-        ("dead-lettered again (left in the DLQ)", report.came_back),
-        (
-            "not back: applied, or still retried downstream",
-            report.not_back,
-        ),
-        (
-            "matched, not moved (still in the DLQ)",
-            report.matched.saturating_sub(report.moved),
-        ),
-    ];
     crate::outln!(
         "{}",
         output::table(
             &["outcome", "messages"],
-            outcome
-                .iter()
-                .map(|(what, n)| vec![(*what).to_owned(), n.to_string()])
+            outcome_rows(report)
+                .into_iter()
+                .map(|(what, n)| vec![what.to_owned(), n.to_string()])
         )
     );
     if !report.came_back_reasons.is_empty() {
@@ -967,17 +1225,22 @@ pub fn print(report: &Report) {
             output::table(&["came back with reason", "messages"], rows)
         );
     }
-    if report.arrived_during_run + report.left_for_later > 0 {
+    if report.arrived_during_run > 0 {
         crate::outln!(
-            "{} arrived in the DLQ after the run started and {} were read during the canary's watch beyond what it holds: left for a later run",
-            report.arrived_during_run,
-            report.left_for_later
+            "{} arrived in the DLQ after the run started: left for a later run",
+            report.arrived_during_run
+        );
+    }
+    if report.held_limit_reached {
+        crate::outln!(
+            "stopped reading at {} held messages (SQS's limit is near): run again for the rest",
+            MAX_HELD
         );
     }
     if report.halted {
         crate::outln!(
-            "halted: more than {:.0}% of what moved came back; the rest is still in the DLQ. Fix the cause (`dlq attribute {} --by redrive,reason`), then run again.",
-            report.canary.as_ref().map_or(0.0, |c| c.halt_above_pct),
+            "halted: {}; the rest is still in the DLQ. Fix the cause (`dlq attribute {} --by redrive,reason`), then run again.",
+            report.halt_reason.as_deref().unwrap_or("too many came back"),
             report.queue
         );
     }
@@ -1091,6 +1354,54 @@ mod tests {
         assert_eq!(standard.message_deduplication_id(), None);
         let long = redrive_deduplication_id(&"x".repeat(128), 1);
         assert!(long.len() <= 128 && long.ends_with(".r1"));
+    }
+
+    #[test]
+    fn after_the_canary_the_redrive_keeps_within_its_evidence_and_halts_on_returns() {
+        let c = Canary {
+            size: 10,
+            halt_above_pct: 10.0,
+            watch: Duration::from_secs(60),
+        };
+        // Right after the canary: 10 sent, 10 settled, none back: go.
+        assert_eq!(guard(c, 10, 10, 0), Guard::Go);
+        // Never more unsettled than settled (and the canary's size): 40 sent, 20 settled waits.
+        assert_eq!(guard(c, 30, 20, 0), Guard::Go);
+        assert_eq!(guard(c, 41, 20, 0), Guard::Wait);
+        // 3 of 20 settled came back (15 % > 10 %): halt, though 21 more are unsettled.
+        assert_eq!(guard(c, 41, 20, 3), Guard::Halt);
+        // Too few settled to judge a rate (fewer than the canary's size): 1 of 5 is no verdict…
+        assert_eq!(guard(c, 10, 5, 1), Guard::Go);
+        // …but 2 back of 10 sent is more than 10 % of everything sent, whatever the rest does.
+        assert_eq!(guard(c, 10, 5, 2), Guard::Halt);
+        // At the threshold exactly it goes on.
+        assert_eq!(guard(c, 100, 100, 10), Guard::Go);
+    }
+
+    #[test]
+    fn a_redriven_message_continues_its_aws_trace() {
+        let mut m = message("m1", "{}", None);
+        let header = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
+        m.system_attributes
+            .insert("AWSTraceHeader".into(), header.into());
+        let entry =
+            redriven_entry(&m, 0, "q-dlq", "run-1", false, OffsetDateTime::UNIX_EPOCH).unwrap();
+        let system = entry.message_system_attributes().unwrap();
+        let carried =
+            &system[&aws_sdk_sqs::types::MessageSystemAttributeNameForSends::AwsTraceHeader];
+        assert_eq!(carried.string_value(), Some(header));
+        assert_eq!(carried.data_type(), "String");
+        // Without a header, nothing is set (SQS refuses an empty system attribute).
+        let plain = redriven_entry(
+            &message("m2", "{}", None),
+            0,
+            "q-dlq",
+            "run-1",
+            false,
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .unwrap();
+        assert!(plain.message_system_attributes().is_none());
     }
 
     #[test]

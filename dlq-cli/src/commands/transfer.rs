@@ -367,6 +367,7 @@ pub async fn import(
                 .id(i.to_string())
                 .message_body(&m.body)
                 .set_message_attributes(Some(m.sdk_attributes().map_err(CliError::Usage)?))
+                .set_message_system_attributes(m.sdk_system_attributes())
                 // The tenant's group travels, on standard queues too (fair queues).
                 .set_message_group_id(carried_group_id(to.fifo(), m.group_id()));
             if to.fifo() {

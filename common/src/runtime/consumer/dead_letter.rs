@@ -32,6 +32,8 @@ impl<H: Handler> Inner<H> {
                 });
                 Stats::bump(&self.stats.retried, 1);
                 events::retried(queue, reason.0, attempt, delay, &detail);
+                let outcome = redrive_ledger::Outcome::Retrying { reason: reason.0 };
+                self.record_redrive(message, outcome).await;
                 if hold {
                     return Settled::RetryIn(delay);
                 }
@@ -62,6 +64,10 @@ impl<H: Handler> Inner<H> {
         match self.dead_letter(message, &attribution).await {
             Ok(()) => {
                 self.acknowledge(message).await;
+                let outcome = redrive_ledger::Outcome::DeadLettered {
+                    reason: &attribution.reason,
+                };
+                self.record_redrive(message, outcome).await;
                 Stats::bump(&self.stats.dead_lettered, 1);
                 events::dead_lettered(
                     queue,

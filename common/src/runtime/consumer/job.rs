@@ -256,6 +256,8 @@ impl<H: Handler> Inner<H> {
                 match self.forward(message, outcome).await {
                     Ok(()) => {
                         self.acknowledge(message).await;
+                        self.record_redrive(message, redrive_ledger::Outcome::Succeeded)
+                            .await;
                         let before = self.concurrency.limit();
                         let after = self.concurrency.succeeded();
                         if after != before {
@@ -312,6 +314,28 @@ impl<H: Handler> Inner<H> {
                 events::heartbeat(&self.pair.queue.name, ok);
             }
         }
+    }
+
+    /// Writes what became of a redriven message under its `dlq redrive` run, in the ledger
+    /// (best effort, and bounded: the message never waits long for it nor fails because of it).
+    pub(super) async fn record_redrive(
+        &self,
+        message: &Message,
+        outcome: redrive_ledger::Outcome<'_>,
+    ) {
+        let (Some(ledger), Some(run)) = (&self.ledger, message.redrive_id()) else {
+            return;
+        };
+        let now = OffsetDateTime::now_utc();
+        let write = ledger.record(&run, &message.message_id, outcome, now);
+        let result = match tokio::time::timeout(redrive_ledger::WRITE_TIMEOUT, write).await {
+            Ok(result) => result,
+            Err(_) => Err(redrive_ledger::LedgerError::Aws(format!(
+                "no answer within {} s",
+                redrive_ledger::WRITE_TIMEOUT.as_secs()
+            ))),
+        };
+        events::redrive_outcome_recorded(&self.pair.queue.name, &run, &result);
     }
 
     pub(super) async fn acknowledge(&self, message: &Message) {

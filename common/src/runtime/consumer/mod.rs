@@ -37,6 +37,7 @@ use crate::events;
 use crate::failure::{retry_delay, FailureClass, HandlerError, Reason};
 use crate::health::Health;
 use crate::redact::redact;
+use crate::redrive_ledger::{self, Ledger};
 use crate::topology::{QueuePair, QueueRef, Topology};
 
 mod dead_letter;
@@ -132,6 +133,9 @@ pub struct ConsumerSettings {
     /// Write the trace context also as the `AWSTraceHeader` system attribute (real SQS; the
     /// local emulator does not keep it).
     pub aws_trace_header: bool,
+    /// Where the outcome of each redriven message is written (`[tables.redrives]`); `None`
+    /// writes nothing.
+    pub ledger: Option<Ledger>,
 }
 
 /// A running consumer of one queue.
@@ -164,6 +168,7 @@ struct Inner<H> {
     max_message_bytes: usize,
     untrusted_edge: bool,
     aws_trace_header: bool,
+    ledger: Option<Ledger>,
     stats: Arc<Stats>,
     health: Health,
 }
@@ -222,6 +227,7 @@ impl<H: Handler> Consumer<H> {
             max_message_bytes,
             untrusted_edge,
             aws_trace_header,
+            ledger,
         } = settings;
         let pair = topology.pair(&worker.queue).cloned().ok_or_else(|| {
             format!(
@@ -261,6 +267,7 @@ impl<H: Handler> Consumer<H> {
                 max_message_bytes,
                 untrusted_edge,
                 aws_trace_header,
+                ledger,
                 stats: Arc::new(Stats::default()),
                 health,
             }),
@@ -524,6 +531,7 @@ mod fairness_tests {
                 max_message_bytes: 256 * 1024,
                 untrusted_edge: false,
                 aws_trace_header: false,
+                ledger: None,
             },
             Health::default(),
         )
