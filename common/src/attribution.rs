@@ -118,10 +118,11 @@ pub fn fit_attributes<V>(attributes: &mut std::collections::HashMap<String, V>) 
     if attributes.len() <= MAX_MESSAGE_ATTRIBUTES {
         return Vec::new();
     }
-    const OURS: [&str; 9] = [
+    const OURS: [&str; 10] = [
         CORRELATION_ID,
         ATTRIBUTION,
         REDRIVE,
+        crate::runtime::ATTEMPTS,
         crate::trace::TRACEPARENT,
         SOURCE,
         REQUEST_ID,

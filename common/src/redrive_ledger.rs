@@ -3,19 +3,24 @@
 //! A run opens its entry (`<run id>`, `#run`) before it moves anything. Every worker that settles
 //! a message carrying that run's `fleet-redrive` record then writes the message's latest outcome
 //! under the run (`<run id>`, `<message id>`): succeeded, retrying (with the reason), or
-//! dead-lettered again (with the reason). A later outcome overwrites an earlier one, so a query
-//! of the run reads the state of every message it moved: what succeeded downstream, what came
-//! back to the DLQ and why, what is still in flight. `dlq redrive --canary` decides on it.
+//! dead-lettered again (with the reason). A later outcome overwrites an earlier one, so the run's
+//! entries say what each message it moved has become: what succeeded downstream, what came back
+//! to the DLQ and why, what is still in flight. `dlq redrive --canary` decides on them.
 //!
-//! The write is a transaction whose condition is the run's own entry: a `fleet-redrive` record an
-//! upstream forged at the edge names no open run and writes nothing. Entries expire after
-//! [`RETENTION`] (the table's TTL). Writing is best effort: a failed write is logged and counted,
-//! never a reason to retry or dead-letter the message.
+//! A worker writes only under a run whose entry exists (it looks once, then remembers for a
+//! minute): a record naming no open run writes nothing. The `dlq` CLI counts only the entries of
+//! the messages it sent itself (the ids SQS gave them), so a record forged at the edge with a
+//! live run's id, or an old record carried back by an import, cannot change a run's verdict.
+//! Each outcome is its own item, written with a plain PutItem: no transaction that concurrent
+//! workers would conflict on. Entries expire after [`RETENTION`] (the table's TTL). Writing is
+//! best effort: a failed write is logged and counted, never a reason to retry or dead-letter the
+//! message.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::AttributeValue;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -88,10 +93,24 @@ impl RunOutcomes {
         self.succeeded + self.dead_lettered
     }
 
+    /// Messages with any outcome: settled, or retrying.
+    pub fn known(&self) -> u64 {
+        self.settled() + self.retrying
+    }
+
     /// Dead-lettered again as a percentage of the settled; `None` before any settled.
     pub fn dead_lettered_pct(&self) -> Option<f64> {
         let settled = self.settled();
         (settled > 0).then(|| self.dead_lettered as f64 * 100.0 / settled as f64)
+    }
+
+    /// The counts of some entries.
+    pub fn of<'e>(entries: impl IntoIterator<Item = &'e Entry>) -> Self {
+        let mut outcomes = Self::default();
+        for e in entries {
+            outcomes.add(&e.outcome, e.reason.clone());
+        }
+        outcomes
     }
 
     fn add(&mut self, outcome: &str, reason: Option<String>) {
@@ -133,7 +152,15 @@ pub struct Ledger {
     partition_key: String,
     sort_key: String,
     ttl_attribute: Option<String>,
+    /// Runs looked up, whether open, and when.
+    open_runs: Arc<Mutex<HashMap<String, (bool, std::time::Instant)>>>,
 }
+
+/// How long a worker trusts what it learned about a run being open.
+pub const OPEN_RUN_MEMORY: Duration = Duration::from_secs(60);
+
+/// The most runs a worker remembers (forgotten all at once beyond).
+const OPEN_RUNS_REMEMBERED: usize = 256;
 
 impl Ledger {
     /// The ledger of `config`; `None` when it has no `[tables.redrives]`.
@@ -159,6 +186,7 @@ impl Ledger {
             partition_key: table.partition_key.clone(),
             sort_key,
             ttl_attribute: table.ttl_attribute.clone(),
+            open_runs: Arc::default(),
         }))
     }
 
@@ -233,6 +261,34 @@ impl Ledger {
         Ok(())
     }
 
+    /// Whether a run has an open entry: asked once, then remembered for [`OPEN_RUN_MEMORY`].
+    async fn is_open(&self, run: &str) -> Result<bool, LedgerError> {
+        let now = std::time::Instant::now();
+        if let Some((open, at)) = self.open_runs.lock().expect("open runs").get(run) {
+            if now.duration_since(*at) < OPEN_RUN_MEMORY {
+                return Ok(*open);
+            }
+        }
+        let found = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(self.key(run, RUN_ENTRY)))
+            .projection_expression("#pk")
+            .expression_attribute_names("#pk", &self.partition_key)
+            .send()
+            .await
+            .map_err(|e| LedgerError::Aws(crate::sdk_error_message(&e)))?
+            .item()
+            .is_some();
+        let mut runs = self.open_runs.lock().expect("open runs");
+        if runs.len() >= OPEN_RUNS_REMEMBERED {
+            runs.clear();
+        }
+        runs.insert(run.to_owned(), (found, now));
+        Ok(found)
+    }
+
     /// Writes a message's latest outcome under its run, if the run is open.
     ///
     /// # Errors
@@ -244,56 +300,29 @@ impl Ledger {
         outcome: Outcome<'_>,
         now: OffsetDateTime,
     ) -> Result<(), LedgerError> {
+        if !self.is_open(run).await? {
+            return Err(LedgerError::UnknownRun(run.to_owned()));
+        }
         let mut fields = vec![("outcome", outcome.name().to_owned())];
         if let Some(reason) = outcome.reason() {
             fields.push(("reason", reason.to_owned()));
         }
-        let check = ConditionCheck::builder()
-            .table_name(&self.table)
-            .set_key(Some(self.key(run, RUN_ENTRY)))
-            .condition_expression("attribute_exists(#pk)")
-            .expression_attribute_names("#pk", &self.partition_key)
-            .build()
-            .map_err(|e| LedgerError::Aws(e.to_string()))?;
-        let put = Put::builder()
+        self.client
+            .put_item()
             .table_name(&self.table)
             .set_item(Some(self.item(run, message_id, now, fields)))
-            .build()
-            .map_err(|e| LedgerError::Aws(e.to_string()))?;
-        self.client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().condition_check(check).build())
-            .transact_items(TransactWriteItem::builder().put(put).build())
             .send()
             .await
-            .map_err(|e| {
-                let unknown = e
-                    .as_service_error()
-                    .and_then(|s| match s {
-                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => Some(c),
-                        _ => None,
-                    })
-                    .is_some_and(|c| {
-                        c.cancellation_reasons()
-                            .first()
-                            .and_then(|r| r.code())
-                            .is_some_and(|code| code == "ConditionalCheckFailed")
-                    });
-                if unknown {
-                    LedgerError::UnknownRun(run.to_owned())
-                } else {
-                    LedgerError::Aws(crate::sdk_error_message(&e))
-                }
-            })?;
+            .map_err(|e| LedgerError::Aws(crate::sdk_error_message(&e)))?;
         Ok(())
     }
 
-    /// What a run's messages have become so far.
+    /// The latest outcome of each message written under a run, by message id.
     ///
     /// # Errors
     /// DynamoDB refused.
-    pub async fn read(&self, run: &str) -> Result<RunOutcomes, LedgerError> {
-        let mut outcomes = RunOutcomes::default();
+    pub async fn entries(&self, run: &str) -> Result<BTreeMap<String, Entry>, LedgerError> {
+        let mut entries = BTreeMap::new();
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let page = self
@@ -309,17 +338,46 @@ impl Ledger {
                 .map_err(|e| LedgerError::Aws(crate::sdk_error_message(&e)))?;
             for item in page.items() {
                 let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned();
-                if text(&self.sort_key).as_deref() == Some(RUN_ENTRY) {
+                let (Some(message), Some(outcome)) = (text(&self.sort_key), text("outcome")) else {
                     continue;
-                }
-                if let Some(outcome) = text("outcome") {
-                    outcomes.add(&outcome, text("reason"));
+                };
+                if message != RUN_ENTRY {
+                    let reason = text("reason");
+                    entries.insert(message, Entry { outcome, reason });
                 }
             }
             match page.last_evaluated_key() {
                 Some(key) if !key.is_empty() => start = Some(key.clone()),
-                _ => return Ok(outcomes),
+                _ => return Ok(entries),
             }
+        }
+    }
+
+    /// What a run's messages have become so far (all entries under it).
+    ///
+    /// # Errors
+    /// DynamoDB refused.
+    pub async fn read(&self, run: &str) -> Result<RunOutcomes, LedgerError> {
+        Ok(RunOutcomes::of(self.entries(run).await?.values()))
+    }
+}
+
+/// One message's latest outcome in the ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// `succeeded`, `retrying` or `dead_lettered`.
+    pub outcome: String,
+    /// Why, for a failure.
+    pub reason: Option<String>,
+}
+
+impl Entry {
+    /// An entry for a message SQS moved to the DLQ by itself (its receives ran out), whatever
+    /// the workers last wrote about it.
+    pub fn moved_by_sqs() -> Self {
+        Self {
+            outcome: "dead_lettered".into(),
+            reason: Some("moved_by_sqs".into()),
         }
     }
 }
@@ -351,82 +409,101 @@ mod tests {
             partition_key: "run".into(),
             sort_key: "message".into(),
             ttl_attribute: Some("expires_at".into()),
+            open_runs: Arc::default(),
         }
     }
 
     #[tokio::test]
-    async fn an_outcome_is_written_only_under_an_open_run_and_a_forged_one_is_told_apart() {
-        use aws_sdk_dynamodb::operation::transact_write_items::{
-            TransactWriteItemsError, TransactWriteItemsOutput,
-        };
-        use aws_sdk_dynamodb::types::error::TransactionCanceledException;
-        use aws_sdk_dynamodb::types::CancellationReason;
+    async fn an_outcome_is_written_only_under_an_open_run_which_is_looked_up_once() {
+        use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
+        use aws_sdk_dynamodb::operation::put_item::PutItemOutput;
         use aws_smithy_mocks::{mock, mock_client, RuleMode};
 
-        let written = mock!(aws_sdk_dynamodb::Client::transact_write_items)
+        let open = mock!(aws_sdk_dynamodb::Client::get_item)
+            .match_requests(|r| r.key().unwrap()["run"].as_s().unwrap() == "run-1")
+            .then_output(|| {
+                GetItemOutput::builder()
+                    .item("run", AttributeValue::S("run-1".into()))
+                    .build()
+            });
+        let unknown = mock!(aws_sdk_dynamodb::Client::get_item)
+            .match_requests(|r| r.key().unwrap()["run"].as_s().unwrap() != "run-1")
+            .then_output(|| GetItemOutput::builder().build());
+        let written = mock!(aws_sdk_dynamodb::Client::put_item)
             .match_requests(|r| {
-                let items = r.transact_items();
-                let check = items[0].condition_check().unwrap();
-                let put = items[1].put().unwrap();
-                check.key()["message"].as_s().unwrap() == RUN_ENTRY
-                    && check.condition_expression() == "attribute_exists(#pk)"
-                    && put.item()["run"].as_s().unwrap() == "run-1"
-                    && put.item()["message"].as_s().unwrap() == "m-1"
-                    && put.item()["outcome"].as_s().unwrap() == "dead_lettered"
-                    && put.item()["reason"].as_s().unwrap() == "unknown_product"
-                    && put.item().contains_key("expires_at")
+                let item = r.item().unwrap();
+                item["run"].as_s().unwrap() == "run-1"
+                    && item["message"].as_s().unwrap().starts_with("m-")
+                    && item["outcome"].as_s().unwrap() == "dead_lettered"
+                    && item["reason"].as_s().unwrap() == "unknown_product"
+                    && item.contains_key("expires_at")
+                    && r.condition_expression().is_none()
             })
-            .then_output(|| TransactWriteItemsOutput::builder().build());
-        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&written]);
+            .then_output(|| PutItemOutput::builder().build());
+        let client = mock_client!(
+            aws_sdk_dynamodb,
+            RuleMode::MatchAny,
+            [&open, &unknown, &written]
+        );
+        let ledger = ledger(client);
         let outcome = Outcome::DeadLettered {
             reason: "unknown_product",
         };
-        ledger(client)
-            .record("run-1", "m-1", outcome, OffsetDateTime::now_utc())
-            .await
-            .unwrap();
-        assert_eq!(written.num_calls(), 1);
-
-        let forged = mock!(aws_sdk_dynamodb::Client::transact_write_items).then_error(|| {
-            TransactWriteItemsError::TransactionCanceledException(
-                TransactionCanceledException::builder()
-                    .cancellation_reasons(
-                        CancellationReason::builder()
-                            .code("ConditionalCheckFailed")
-                            .build(),
-                    )
-                    .cancellation_reasons(CancellationReason::builder().code("None").build())
-                    .build(),
-            )
-        });
-        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&forged]);
-        let e = ledger(client)
-            .record(
-                "nobody",
-                "m-1",
-                Outcome::Succeeded,
-                OffsetDateTime::now_utc(),
-            )
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(e, LedgerError::UnknownRun(ref run) if run == "nobody"),
-            "{e}"
+        for m in ["m-1", "m-2", "m-3"] {
+            ledger
+                .record("run-1", m, outcome, OffsetDateTime::now_utc())
+                .await
+                .unwrap();
+        }
+        assert_eq!(written.num_calls(), 3);
+        assert_eq!(
+            open.num_calls(),
+            1,
+            "the run is looked up once, then remembered"
         );
+        for _ in 0..2 {
+            let e = ledger
+                .record(
+                    "forged",
+                    "m-9",
+                    Outcome::Succeeded,
+                    OffsetDateTime::now_utc(),
+                )
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, LedgerError::UnknownRun(ref run) if run == "forged"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            unknown.num_calls(),
+            1,
+            "a run found closed is remembered too"
+        );
+        assert_eq!(written.num_calls(), 3, "nothing written under it");
+    }
 
-        let throttled = mock!(aws_sdk_dynamodb::Client::transact_write_items).then_error(|| {
-            TransactWriteItemsError::TransactionCanceledException(
-                TransactionCanceledException::builder()
-                    .cancellation_reasons(CancellationReason::builder().code("None").build())
-                    .cancellation_reasons(
-                        CancellationReason::builder()
-                            .code("ThrottlingError")
-                            .build(),
-                    )
+    #[tokio::test]
+    async fn a_failed_write_is_an_error_the_caller_logs_not_a_forgery() {
+        use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
+        use aws_sdk_dynamodb::operation::put_item::PutItemError;
+        use aws_sdk_dynamodb::types::error::ProvisionedThroughputExceededException;
+        use aws_smithy_mocks::{mock, mock_client, RuleMode};
+
+        let open = mock!(aws_sdk_dynamodb::Client::get_item).then_output(|| {
+            GetItemOutput::builder()
+                .item("run", AttributeValue::S("run-1".into()))
+                .build()
+        });
+        let throttled = mock!(aws_sdk_dynamodb::Client::put_item).then_error(|| {
+            PutItemError::ProvisionedThroughputExceededException(
+                ProvisionedThroughputExceededException::builder()
+                    .message("slow down")
                     .build(),
             )
         });
-        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&throttled]);
+        let client = mock_client!(aws_sdk_dynamodb, RuleMode::MatchAny, [&open, &throttled]);
         let e = ledger(client)
             .record(
                 "run-1",

@@ -788,7 +788,8 @@ async fn a_canary_halts_a_redrive_whose_failure_is_not_fixed_and_lets_a_fixed_on
 
 /// The ledger takes an outcome only under a run that `dlq redrive` opened: a `fleet-redrive`
 /// record an upstream forges at the edge names no open run, so the worker writes nothing (and
-/// the message is processed as any other).
+/// the message is processed as any other). One naming a live run is written, and the run does
+/// not count it: it counts only the copies it sent (a unit test in dlq-cli's redrive holds that).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_redrive_record_writes_nothing_in_the_ledger() {
     let env = TestEnv::new(|c| {

@@ -2,33 +2,55 @@
 //! most `max_in_flight_per_group` messages of one group run at once in a task, so one noisy
 //! tenant cannot take every permit while a quiet one waits behind its backlog.
 //!
-//! A first attempt over its group's cap is deferred by the consumer: sent again to its queue
-//! with a short delay (the same body, attributes and group) and then deleted, so the deferral
-//! uses none of the message's attempts and cannot push it toward the queue's redrive policy.
-//! A retry (second attempt or later) always runs, and so does a message deferred
-//! [`MAX_DEFERRALS`] times already (counted in its [`DEFERRALS`] attribute, as each deferral is a
-//! new message to SQS): deferral delays a message by seconds, never for ever.
+//! A message over its group's cap, first attempt or retry, is deferred by the consumer: sent
+//! again to its queue with a delay (the same body, attributes and group) and then deleted. The
+//! attempts it had used travel with it ([`ATTEMPTS`]), because the copy is a new message to SQS
+//! with a receive count of its own; so a deferral uses no attempt, takes none away, and cannot
+//! push the message toward the queue's redrive policy. The delay doubles with each deferral of
+//! the same message ([`DEFERRALS`]), from 1 s up to SQS's 15 minutes: a tenant that keeps its
+//! cap busy waits for its own messages, never for ever (a deferral happens only while the
+//! group's own messages run) and without a receive loop that costs requests every second.
 //!
 //! The group is what the upstream declares (the edge authenticates the sender, not its tenants):
-//! a message without a group is never limited.
+//! a message without a group is never limited. Both counters are read at the edge too; an
+//! upstream that forges them only delays or shortens its own message.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
+use aws_sdk_sqs::types::MessageAttributeValue;
+
 /// The attribute counting how often a message was deferred for its group's cap.
 pub const DEFERRALS: &str = "fleet-deferrals";
 
-/// How often a message may be deferred before it runs whatever its group's count (about 30 s of
-/// deferral, at one second each).
-pub const MAX_DEFERRALS: u32 = 30;
+/// The attribute carrying the attempts a deferred message had used before its deferral.
+pub const ATTEMPTS: &str = "fleet-attempts";
 
-/// How often `attributes` say the message was deferred already.
-pub fn deferrals(attributes: &std::collections::BTreeMap<String, String>) -> u32 {
+/// The longest delay SQS allows a message (`DelaySeconds`).
+pub const MAX_DEFER_SECS: i32 = 900;
+
+/// The most a counter attribute is believed (an upstream may set anything).
+const MAX_COUNTER: u32 = 1000;
+
+/// A counter attribute (`DEFERRALS`, `ATTEMPTS`) of a message, as the fleet wrote it: 0 when
+/// absent or not a number, and never more than 1000.
+pub fn counter(attributes: &HashMap<String, MessageAttributeValue>, name: &str) -> u32 {
     attributes
-        .get(DEFERRALS)
-        .and_then(|n| n.parse().ok())
+        .get(name)
+        .and_then(|v| v.string_value())
+        .and_then(|n| n.parse::<u32>().ok())
         .unwrap_or(0)
+        .min(MAX_COUNTER)
+}
+
+/// The delay of a message deferred `deferrals` times before: 1 s, then doubling, at most
+/// [`MAX_DEFER_SECS`].
+pub fn defer_delay(deferrals: u32) -> i32 {
+    1_i32
+        .checked_shl(deferrals.min(30))
+        .unwrap_or(MAX_DEFER_SECS)
+        .min(MAX_DEFER_SECS)
 }
 
 /// Per-group counts of running messages, under a cap.
@@ -55,9 +77,8 @@ impl GroupLimits {
     }
 
     /// A slot for a message of `group` (`None`: a message without a group, never limited), or
-    /// `None` when its group is at the cap and the message may wait (`may_wait`: a first attempt
-    /// deferred fewer than [`MAX_DEFERRALS`] times).
-    pub fn try_enter(&self, group: Option<&str>, may_wait: bool) -> Option<GroupSlot> {
+    /// `None` when its group is at the cap.
+    pub fn try_enter(&self, group: Option<&str>) -> Option<GroupSlot> {
         let (Some(cap), Some(group)) = (self.cap, group) else {
             return Some(GroupSlot {
                 group: None,
@@ -66,7 +87,7 @@ impl GroupLimits {
         };
         let mut running = self.running.lock().expect("group counts");
         let count = running.entry(group.to_owned()).or_default();
-        if *count >= cap.get() && may_wait {
+        if *count >= cap.get() {
             if *count == 0 {
                 running.remove(group);
             }
@@ -126,48 +147,48 @@ mod tests {
     #[test]
     fn a_noisy_group_gets_its_cap_and_a_quiet_one_still_gets_in() {
         let limits = GroupLimits::new(NonZeroUsize::new(2));
-        let a1 = limits.try_enter(Some("noisy"), true).unwrap();
-        let _a2 = limits.try_enter(Some("noisy"), true).unwrap();
-        assert!(
-            limits.try_enter(Some("noisy"), true).is_none(),
-            "over the cap"
-        );
-        let retry = limits.try_enter(Some("noisy"), false);
-        assert!(retry.is_some(), "a retry is never deferred");
-        assert_eq!(limits.running("noisy"), 3);
-        let _quiet = limits.try_enter(Some("quiet"), true).unwrap();
-        let _ungrouped: Vec<GroupSlot> = (0..10)
-            .map(|_| limits.try_enter(None, true).unwrap())
-            .collect();
-        drop(retry);
+        let a1 = limits.try_enter(Some("noisy")).unwrap();
+        let _a2 = limits.try_enter(Some("noisy")).unwrap();
+        assert!(limits.try_enter(Some("noisy")).is_none(), "over the cap");
+        assert_eq!(limits.running("noisy"), 2);
+        let _quiet = limits.try_enter(Some("quiet")).unwrap();
+        let _ungrouped: Vec<GroupSlot> = (0..10).map(|_| limits.try_enter(None).unwrap()).collect();
         drop(a1);
         assert_eq!(limits.running("noisy"), 1);
-        assert!(
-            limits.try_enter(Some("noisy"), true).is_some(),
-            "room again"
-        );
+        assert!(limits.try_enter(Some("noisy")).is_some(), "room again");
     }
 
     #[test]
-    fn a_message_deferred_often_enough_runs_whatever_its_group_count() {
-        let mut attributes = std::collections::BTreeMap::new();
-        assert_eq!(deferrals(&attributes), 0);
-        attributes.insert(DEFERRALS.to_owned(), MAX_DEFERRALS.to_string());
-        let limits = GroupLimits::new(NonZeroUsize::new(1));
-        let _running = limits.try_enter(Some("noisy"), true).unwrap();
-        let may_wait = deferrals(&attributes) < MAX_DEFERRALS;
-        assert!(limits.try_enter(Some("noisy"), may_wait).is_some());
+    fn a_deferral_waits_longer_each_time_up_to_what_sqs_allows_and_counters_are_bounded() {
+        let delays: Vec<i32> = (0..12).map(defer_delay).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900]);
+        assert_eq!(defer_delay(u32::MAX), MAX_DEFER_SECS);
+        let value = |v: &str| {
+            aws_sdk_sqs::types::MessageAttributeValue::builder()
+                .data_type("Number")
+                .string_value(v)
+                .build()
+                .unwrap()
+        };
+        let mut attributes = std::collections::HashMap::new();
+        assert_eq!(counter(&attributes, ATTEMPTS), 0);
+        attributes.insert(ATTEMPTS.to_owned(), value("3"));
+        attributes.insert(DEFERRALS.to_owned(), value("99999999"));
+        assert_eq!(counter(&attributes, ATTEMPTS), 3);
+        assert_eq!(
+            counter(&attributes, DEFERRALS),
+            1000,
+            "a forged count is bounded"
+        );
+        attributes.insert(ATTEMPTS.to_owned(), value("-1"));
+        assert_eq!(counter(&attributes, ATTEMPTS), 0);
     }
 
     #[test]
     fn idle_groups_are_forgotten_and_no_cap_means_no_limit() {
         let limits = GroupLimits::new(NonZeroUsize::new(1));
         for i in 0..1000 {
-            drop(
-                limits
-                    .try_enter(Some(&format!("tenant-{i}")), true)
-                    .unwrap(),
-            );
+            drop(limits.try_enter(Some(&format!("tenant-{i}"))).unwrap());
         }
         assert_eq!(
             limits.groups(),
@@ -176,7 +197,7 @@ mod tests {
         );
         let open = GroupLimits::new(None);
         let _held: Vec<GroupSlot> = (0..100)
-            .map(|_| open.try_enter(Some("t"), true).unwrap())
+            .map(|_| open.try_enter(Some("t")).unwrap())
             .collect();
     }
 

@@ -29,6 +29,11 @@ pub struct Message {
     pub correlation_id: Option<String>,
     /// How many times SQS has handed this message out (1 on the first attempt).
     pub receive_count: u32,
+    /// Attempts used before the message was deferred for its group's cap (a deferred message is
+    /// a new message to SQS, with a receive count of its own): see [`Message::attempt`].
+    pub prior_attempts: u32,
+    /// How often the message was deferred for its group's cap.
+    pub deferrals: u32,
     /// When SQS first handed it out.
     pub first_received_at: Option<OffsetDateTime>,
     /// When it was sent to the queue.
@@ -83,10 +88,11 @@ impl Message {
                 .filter(|c| is_valid_id(c))
                 .cloned(),
             attributes,
-            raw_attributes,
             receive_count: sys(MessageSystemAttributeName::ApproximateReceiveCount)
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1),
+            prior_attempts: super::fairness::counter(&raw_attributes, super::fairness::ATTEMPTS),
+            deferrals: super::fairness::counter(&raw_attributes, super::fairness::DEFERRALS),
             first_received_at: millis(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp),
             sent_at: millis(MessageSystemAttributeName::SentTimestamp),
             group_id: sys(MessageSystemAttributeName::MessageGroupId),
@@ -94,6 +100,7 @@ impl Message {
             received: std::time::Instant::now(),
             sender_id: sys(MessageSystemAttributeName::SenderId),
             aws_trace_header: sys(MessageSystemAttributeName::AwsTraceHeader),
+            raw_attributes,
         })
     }
 
@@ -107,6 +114,8 @@ impl Message {
             raw_attributes: HashMap::new(),
             correlation_id: None,
             receive_count: 1,
+            prior_attempts: 0,
+            deferrals: 0,
             first_received_at: Some(OffsetDateTime::now_utc()),
             sent_at: Some(OffsetDateTime::now_utc()),
             group_id: None,
@@ -129,6 +138,12 @@ impl Message {
             .ok()?
             .id
             .filter(|id| is_valid_id(id))
+    }
+
+    /// This attempt's number: the receives of this copy plus the attempts used before a
+    /// deferral for its group's cap (1 on the first attempt).
+    pub fn attempt(&self) -> u32 {
+        self.receive_count.saturating_add(self.prior_attempts)
     }
 
     /// How long the message waited in the queue before this receive.

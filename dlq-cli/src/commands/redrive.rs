@@ -13,14 +13,14 @@
 //! does the work instead: fast and server-side, but blind (no record, no canary); the CLI
 //! follows its progress.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use fleet_common::attribution::{self, RedriveRecord};
-use fleet_common::redrive_ledger::RunOutcomes;
+use fleet_common::redrive_ledger::{Entry, Ledger, RunOutcomes};
 use fleet_common::runtime::carried_group_id;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use indicatif::ProgressBar;
@@ -197,6 +197,7 @@ impl Report {
         if self.interrupted {
             Exit::Interrupted
         } else if self.halted
+            || self.held_limit_reached
             || self.failed + self.not_deleted + self.no_destination + self.in_flight_elsewhere > 0
         {
             Exit::Partial
@@ -404,6 +405,9 @@ pub fn redriven_entry(
     };
     let mut carried = m.clone();
     carried.attributes.remove(attribution::ATTRIBUTION);
+    // A group cap's counters belong to the queue it was deferred on: it starts afresh.
+    carried.attributes.remove(fleet_common::runtime::DEFERRALS);
+    carried.attributes.remove(fleet_common::runtime::ATTEMPTS);
     carried.attributes.insert(
         attribution::REDRIVE.to_owned(),
         AttributeValue::string(serde_json::to_string(&record).expect("record serializes")),
@@ -448,13 +452,19 @@ struct Mover<'a> {
     started: OffsetDateTime,
     /// Matched messages read beyond the canary's size: moved first once it passes.
     held_back: Vec<Planned>,
-    /// What the workers wrote in the ledger, as last read.
-    outcomes: Option<RunOutcomes>,
+    /// The ledger, once the run is open in it.
+    ledger: Option<&'a Ledger>,
+    /// The ids SQS gave the copies this run sent: only their entries in the ledger count.
+    sent_ids: HashSet<String>,
+    /// What the workers wrote in the ledger about them, as last read.
+    entries: BTreeMap<String, Entry>,
     last_ledger_read: Option<Instant>,
-    /// This run's messages read back in the DLQ: all of them, and those SQS moved there itself.
+    /// This run's messages read back in the DLQ, by reason.
     read_back: u64,
     read_back_reasons: BTreeMap<String, u64>,
-    moved_by_sqs: u64,
+    /// Of those, the ones SQS moved there itself (their receives ran out): their id in the DLQ is
+    /// the id of the copy that was sent.
+    moved_by_sqs: HashSet<String>,
 }
 
 /// Room kept under the reader's limit for one more receive.
@@ -522,11 +532,13 @@ impl<'a> Mover<'a> {
             last_send: Instant::now(),
             waited: Duration::ZERO,
             held_back: Vec::new(),
-            outcomes: None,
+            ledger: None,
+            sent_ids: HashSet::new(),
+            entries: BTreeMap::new(),
             last_ledger_read: None,
             read_back: 0,
             read_back_reasons: BTreeMap::new(),
-            moved_by_sqs: 0,
+            moved_by_sqs: HashSet::new(),
         }
     }
 
@@ -534,17 +546,27 @@ impl<'a> Mover<'a> {
     /// releases what it still holds and tallies what became of what moved.
     async fn run(mut self) -> Result<Report> {
         tracing::info!(redrive = %self.report.redrive_id, queue = %self.dlq.name, "redrive started");
+        let canary = self.opts.canary.is_some() && !self.opts.dry_run;
         if let (Some(ledger), false) = (&self.ctx.ledger, self.opts.dry_run) {
-            ledger
+            match ledger
                 .open_run(&self.report.redrive_id, &self.dlq.name, self.started)
                 .await
-                .map_err(|e| CliError::Aws {
-                    doing: "opening the run in the redrive ledger".into(),
-                    detail: e.to_string(),
-                })?;
+            {
+                Ok(()) => self.ledger = Some(ledger),
+                // The canary decides on the ledger: without it, nothing moves.
+                Err(e) if canary => {
+                    return Err(CliError::Aws {
+                        doing: "opening the run in the redrive ledger (--canary needs it)".into(),
+                        detail: e.to_string(),
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not open the run in the redrive ledger: the report will not say what succeeded downstream");
+                }
+            }
         }
         let result = self.move_all().await;
-        if result.is_ok() && self.ctx.ledger.is_some() && self.report.moved > 0 {
+        if result.is_ok() && self.ledger.is_some() && self.report.moved > 0 {
             // A last look, so that the table is as fresh as it can be.
             if let Err(e) = self.refresh_outcomes(true).await {
                 tracing::warn!(error = %e, "could not read the redrive ledger at the end");
@@ -571,32 +593,32 @@ impl<'a> Mover<'a> {
         Ok(self.report)
     }
 
-    /// The outcome table: from the ledger when there is one (and from what was read back in the
-    /// DLQ, which also sees what SQS moved there itself), else from what was read back alone.
+    /// The outcome table: from the ledger when the run is in one, else from what was read
+    /// back in the DLQ.
     fn tally(&mut self) {
+        let o = self.outcomes();
         let report = &mut self.report;
-        report.came_back = self.read_back;
-        report.came_back_reasons = self.read_back_reasons.clone();
-        if let Some(o) = &self.outcomes {
-            let by_ledger = o.dead_lettered + self.moved_by_sqs;
-            if by_ledger >= self.read_back {
-                report.came_back = by_ledger;
-                report.came_back_reasons = o.dead_lettered_reasons.clone();
-                if self.moved_by_sqs > 0 {
-                    report
-                        .came_back_reasons
-                        .insert("moved_by_sqs".into(), self.moved_by_sqs);
-                }
-            }
+        report.came_back = o.dead_lettered;
+        report.came_back_reasons = o.dead_lettered_reasons.clone();
+        if self.ledger.is_some() {
             report.succeeded = Some(o.succeeded);
             report.retrying = Some(o.retrying);
-            report.in_flight = Some(
-                report
-                    .moved
-                    .saturating_sub(o.succeeded + o.retrying + report.came_back),
-            );
+            report.in_flight = Some(report.moved.saturating_sub(o.known()));
         }
         report.not_back = report.moved.saturating_sub(report.came_back);
+    }
+
+    /// What became of what this run sent: the ledger's entries of the copies it sent (nobody
+    /// else's), those SQS moved to the DLQ itself counted as come back whatever the ledger
+    /// last said, and never fewer come back than were read back in the DLQ (a ledger write
+    /// can fail).
+    fn outcomes(&self) -> RunOutcomes {
+        outcomes_of_run(
+            &self.entries,
+            &self.sent_ids,
+            &self.moved_by_sqs,
+            (self.read_back, &self.read_back_reasons),
+        )
     }
 
     /// Messages sent to their destination (deleted from the DLQ or not).
@@ -608,7 +630,7 @@ impl<'a> Mover<'a> {
         let Some(c) = self.opts.canary.filter(|_| !self.opts.dry_run) else {
             return self.move_until(None, None).await;
         };
-        if self.ctx.ledger.is_none() {
+        if self.ledger.is_none() {
             return Err(CliError::Usage(format!(
                 "--canary decides on what the workers write in the redrive ledger: pass --config with a [tables.{}] section (config/fleet.toml has one)",
                 fleet_common::redrive_ledger::TABLE_KEY
@@ -618,26 +640,26 @@ impl<'a> Mover<'a> {
         if self.stop.is_cancelled() || self.sent() == 0 {
             return Ok(());
         }
-        if !self.watch_canary(c).await? {
+        if !self.watch_canary(c).await {
             return Ok(());
         }
         self.move_until(None, Some(c)).await?;
         if !self.stop.is_cancelled() && !self.report.halted {
             // The last of it is watched too, so that the table tells what became of it.
-            self.wait_for_outcomes(c).await?;
+            self.wait_for_outcomes(c).await;
         }
         Ok(())
     }
 
     /// Moves matching messages until `limit` have been sent (the canary) or none are left.
-    /// With `guard` (after the canary passed), stops when too many come back and never gets
-    /// further ahead of the outcomes than they allow.
+    /// With `guard` (after the canary passed), each batch waits for its go: no further ahead of
+    /// the outcomes than they allow, and a halt when too many come back.
     async fn move_until(&mut self, limit: Option<u64>, guard: Option<Canary>) -> Result<()> {
         if limit.is_none() {
             let mut held = std::mem::take(&mut self.held_back);
             while !held.is_empty() && !self.stop.is_cancelled() {
                 if let Some(c) = guard {
-                    if !self.keep_going(c).await? {
+                    if !self.keep_going(c).await {
                         return Ok(());
                     }
                 }
@@ -650,11 +672,6 @@ impl<'a> Mover<'a> {
             if limit.is_some_and(|l| self.sent() >= l) || self.max_reached() {
                 break;
             }
-            if let Some(c) = guard {
-                if !self.keep_going(c).await? {
-                    return Ok(());
-                }
-            }
             let Some(batch) = self.next_batch().await? else {
                 break;
             };
@@ -663,6 +680,13 @@ impl<'a> Mover<'a> {
                 let room = l.saturating_sub(self.sent()) as usize;
                 self.held_back
                     .extend(planned.split_off(room.min(planned.len())));
+            }
+            if let (Some(c), false) = (guard, planned.is_empty()) {
+                if !self.keep_going(c).await {
+                    // Still held: released, visible again in the DLQ, when the run ends.
+                    self.held_back.extend(planned);
+                    return Ok(());
+                }
             }
             self.send_planned(planned).await?;
         }
@@ -676,8 +700,8 @@ impl<'a> Mover<'a> {
     }
 
     /// Reads the ledger (at most every [`LEDGER_POLL`] unless `now`).
-    async fn refresh_outcomes(&mut self, now: bool) -> Result<()> {
-        let Some(ledger) = &self.ctx.ledger else {
+    async fn refresh_outcomes(&mut self, now: bool) -> std::result::Result<(), String> {
+        let Some(ledger) = self.ledger else {
             return Ok(());
         };
         if !now
@@ -687,23 +711,23 @@ impl<'a> Mover<'a> {
         {
             return Ok(());
         }
-        let outcomes = ledger
-            .read(&self.report.redrive_id)
+        self.entries = ledger
+            .entries(&self.report.redrive_id)
             .await
-            .map_err(|e| CliError::Aws {
-                doing: "reading the redrive ledger".into(),
-                detail: e.to_string(),
-            })?;
-        self.outcomes = Some(outcomes);
+            .map_err(|e| e.to_string())?;
         self.last_ledger_read = Some(Instant::now());
         Ok(())
     }
 
-    /// Dead-lettered again, and all with an outcome for good (succeeded or dead-lettered).
-    fn came_back_and_settled(&self) -> (u64, u64) {
-        let o = self.outcomes.clone().unwrap_or_default();
-        let back = (o.dead_lettered + self.moved_by_sqs).max(self.read_back);
-        (back, o.succeeded + back)
+    /// Reads the ledger; a failure halts the run (it cannot judge what it cannot see).
+    async fn refresh_or_halt(&mut self, now: bool) -> bool {
+        match self.refresh_outcomes(now).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.halt(format!("cannot read the redrive ledger ({e})"));
+                false
+            }
+        }
     }
 
     fn halt(&mut self, why: String) {
@@ -712,62 +736,69 @@ impl<'a> Mover<'a> {
         self.report.halt_reason = Some(why);
     }
 
-    /// After the canary: whether to send more. Halts when more than `--halt-above` percent of
-    /// what has settled came back (once as many have settled as the canary had, or at once
-    /// when that many came back of all that moved); waits while more messages are unsettled
-    /// than have settled (at least the canary's size may be), and halts when no outcome comes
-    /// for `--watch`.
-    async fn keep_going(&mut self, c: Canary) -> Result<bool> {
-        let mut settled_seen = None;
+    /// After the canary, before each batch: whether to send it (see [`guard`]). While the
+    /// outcomes lag it waits; when none comes for `--watch` it halts.
+    async fn keep_going(&mut self, c: Canary) -> bool {
+        let mut seen = None;
         let mut since = Instant::now();
         loop {
-            self.refresh_outcomes(false).await?;
-            let (back, settled) = self.came_back_and_settled();
+            if !self.refresh_or_halt(false).await {
+                return false;
+            }
+            let o = self.outcomes();
             let sent = self.sent();
-            match guard(c, sent, settled, back) {
-                Guard::Go => return Ok(true),
+            match guard(c, sent, &o) {
+                Guard::Go => return true,
                 Guard::Halt => {
                     self.halt(format!(
-                        "{back} of the {settled} moved messages with an outcome came back (more than {}%)",
+                        "{} came back and {} are retrying, of the {} of {sent} moved messages with an outcome (more than {}%)",
+                        o.dead_lettered,
+                        o.retrying,
+                        o.known(),
                         c.halt_above_pct
                     ));
-                    return Ok(false);
+                    return false;
                 }
                 Guard::Wait => {}
             }
-            let unsettled = sent.saturating_sub(settled);
-            if settled_seen != Some(settled) {
-                settled_seen = Some(settled);
+            let progress = (o.succeeded, o.retrying, o.dead_lettered);
+            if seen != Some(progress) {
+                seen = Some(progress);
                 since = Instant::now();
             } else if since.elapsed() >= c.watch {
                 self.halt(format!(
-                    "no outcome for {} while {unsettled} moved messages had none: are the workers running?",
-                    humantime::format_duration(c.watch)
+                    "no new outcome for {} while {} moved messages had none: are the workers running?",
+                    humantime::format_duration(c.watch),
+                    sent.saturating_sub(o.known())
                 ));
-                return Ok(false);
+                return false;
             }
             self.bar.set_message(format!(
-                "waiting for outcomes: {unsettled} in flight, {settled} settled"
+                "waiting for outcomes: {} of {sent} known",
+                o.known()
             ));
             tokio::select! {
                 () = tokio::time::sleep(LEDGER_POLL) => {}
-                () = self.stop.cancelled() => return Ok(false),
+                () = self.stop.cancelled() => return false,
             }
         }
     }
 
-    /// Waits until every message sent has an outcome for good, for at most `--watch`.
-    async fn wait_for_outcomes(&mut self, c: Canary) -> Result<()> {
+    /// After the last batch: waits until everything sent has succeeded or come back, for at
+    /// most `--watch`, then judges the whole run as the guard would.
+    async fn wait_for_outcomes(&mut self, c: Canary) {
         let started = Instant::now();
         while started.elapsed() < c.watch && !self.stop.is_cancelled() {
-            self.refresh_outcomes(true).await?;
-            let (_, settled) = self.came_back_and_settled();
-            if settled >= self.sent() {
+            if !self.refresh_or_halt(true).await {
+                return;
+            }
+            let o = self.outcomes();
+            if o.settled() >= self.sent() {
                 break;
             }
             self.bar.set_message(format!(
                 "watching the last: {} of {} settled",
-                settled,
+                o.settled(),
                 self.sent()
             ));
             tokio::select! {
@@ -775,50 +806,62 @@ impl<'a> Mover<'a> {
                 () = self.stop.cancelled() => {}
             }
         }
-        Ok(())
+        let o = self.outcomes();
+        let bad = o.dead_lettered + o.retrying;
+        if o.known() > 0 && c.over(bad, o.known()) {
+            self.halt(format!(
+                "in the end {} came back and {} are retrying, of the {} moved messages with an outcome (more than {}%)",
+                o.dead_lettered,
+                o.retrying,
+                o.known(),
+                c.halt_above_pct
+            ));
+        }
     }
 
     /// Watches the canary for `--watch`, or until each of its messages has settled, or until
-    /// more came back than the threshold allows whatever the rest does. It passes when some of
-    /// it has an outcome and at most `--halt-above` percent of those are dead-lettered again or
-    /// still retrying. `Ok(false)`: halted or stopped.
-    async fn watch_canary(&mut self, c: Canary) -> Result<bool> {
+    /// more came back than the threshold allows whatever the rest does. It passes when at most
+    /// `--halt-above` percent of it came back, is retrying, or has no outcome at all.
+    async fn watch_canary(&mut self, c: Canary) -> bool {
         let started = Instant::now();
         let moved = self.sent();
         self.bar.set_message(format!(
             "canary: {moved} moved, watching for {}",
             humantime::format_duration(c.watch)
         ));
-        let over = |part, whole| c.over(part, whole);
         while started.elapsed() < c.watch && !self.stop.is_cancelled() {
-            self.refresh_outcomes(true).await?;
-            let (back, settled) = self.came_back_and_settled();
-            if settled >= moved || over(back, moved) {
+            if !self.refresh_or_halt(true).await {
+                return false;
+            }
+            let o = self.outcomes();
+            if o.settled() >= moved || c.over(o.dead_lettered, moved) {
                 break;
             }
             self.bar.set_message(format!(
-                "canary: {moved} moved, {settled} settled, {back} came back"
+                "canary: {moved} moved, {} settled, {} came back",
+                o.settled(),
+                o.dead_lettered
             ));
             tokio::select! {
                 () = tokio::time::sleep(LEDGER_POLL) => {}
                 () = self.stop.cancelled() => {}
             }
         }
-        let o = self.outcomes.clone().unwrap_or_default();
-        let (back, settled) = self.came_back_and_settled();
-        let bad = back + o.retrying;
-        let known = settled + o.retrying;
-        let passed = known > 0 && !over(bad, known) && !self.stop.is_cancelled();
-        if !passed && !self.stop.is_cancelled() {
-            self.halt(if known == 0 {
+        let o = self.outcomes();
+        let no_outcome = moved.saturating_sub(o.known());
+        let bad = o.dead_lettered + o.retrying + no_outcome;
+        let stopped = self.stop.is_cancelled();
+        let passed = o.known() > 0 && !c.over(bad, moved) && !stopped;
+        if !passed && !stopped {
+            self.halt(if o.known() == 0 {
                 format!(
                     "no outcome for the canary within {}: are the workers running? (a longer --watch waits longer)",
                     humantime::format_duration(c.watch)
                 )
             } else {
                 format!(
-                    "{bad} of the canary's {known} messages with an outcome came back or are retrying (more than {}%)",
-                    c.halt_above_pct
+                    "of the canary's {moved}: {} came back, {} are retrying, {no_outcome} have no outcome (more than {}%)",
+                    o.dead_lettered, o.retrying, c.halt_above_pct
                 )
             });
         }
@@ -827,14 +870,14 @@ impl<'a> Mover<'a> {
             moved,
             succeeded: o.succeeded,
             retrying: o.retrying,
-            came_back: back,
-            no_outcome: moved.saturating_sub(known),
-            came_back_pct: percent(bad, known),
+            came_back: o.dead_lettered,
+            no_outcome,
+            came_back_pct: percent(bad, moved),
             halt_above_pct: c.halt_above_pct,
             watched_ms: started.elapsed().as_millis() as u64,
             passed,
         });
-        Ok(passed)
+        passed
     }
 
     /// The next batch of messages not seen before; `None` when nothing more can be read (after
@@ -892,11 +935,14 @@ impl<'a> Mover<'a> {
                 .is_some_and(|r| r.is_from_run(&self.report.redrive_id))
             {
                 self.read_back += 1;
-                if attribution.is_none() {
-                    // No current attribution: SQS moved it (its receives ran out), the workers
-                    // wrote nothing about it.
-                    self.moved_by_sqs += 1;
-                }
+                let reason = if attribution.is_none() {
+                    // No current attribution: SQS moved it (its receives ran out) under the id
+                    // this run's copy had; the workers wrote nothing about that.
+                    self.moved_by_sqs.insert(m.message_id.clone());
+                    "moved_by_sqs".to_owned()
+                } else {
+                    reason
+                };
                 *self.read_back_reasons.entry(reason).or_default() += 1;
                 continue;
             }
@@ -1004,8 +1050,9 @@ impl<'a> Mover<'a> {
         )
         .await?;
         self.last_send = Instant::now();
+        self.sent_ids.extend(sent.values().cloned());
         let (ok, failed): (Vec<&DlqMessage>, Vec<&DlqMessage>) =
-            refs.iter().partition(|m| sent.contains(&m.message_id));
+            refs.iter().partition(|m| sent.contains_key(&m.message_id));
         self.report.failed += failed.len() as u64;
         let not_deleted = self.reader.delete(&ok).await?;
         self.report.not_deleted += not_deleted.len() as u64;
@@ -1020,26 +1067,54 @@ impl<'a> Mover<'a> {
     }
 }
 
+/// What became of what a run sent (see [`Mover::outcomes`]): of the ledger's `entries`, only the
+/// copies it sent (`sent`); those SQS moved to the DLQ itself (`moved_by_sqs`) as come back,
+/// whatever the ledger last said; and never fewer come back than were read back in the DLQ.
+fn outcomes_of_run(
+    entries: &BTreeMap<String, Entry>,
+    sent: &HashSet<String>,
+    moved_by_sqs: &HashSet<String>,
+    (read_back, read_back_reasons): (u64, &BTreeMap<String, u64>),
+) -> RunOutcomes {
+    let by_sqs = Entry::moved_by_sqs();
+    let mut latest: BTreeMap<&str, &Entry> = entries
+        .iter()
+        .filter(|(id, _)| sent.contains(*id))
+        .map(|(id, e)| (id.as_str(), e))
+        .collect();
+    for id in moved_by_sqs.iter().filter(|id| sent.contains(*id)) {
+        latest.insert(id, &by_sqs);
+    }
+    let mut o = RunOutcomes::of(latest.into_values());
+    if read_back > o.dead_lettered {
+        o.dead_lettered = read_back;
+        o.dead_lettered_reasons = read_back_reasons.clone();
+    }
+    o
+}
+
 /// What a guarded redrive does next, after its canary passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Guard {
     /// Send the next batch.
     Go,
-    /// Wait for more outcomes first: more are unsettled than have settled.
+    /// Wait for more outcomes first: more messages have none than have one.
     Wait,
-    /// Stop: too many came back.
+    /// Stop: too many came back or are retrying.
     Halt,
 }
 
-/// Decides on `sent` messages of which `settled` have an outcome for good and `back` came back:
-/// halt when more than `--halt-above` percent of all that were sent came back (whatever the
-/// rest does), or of those settled once at least the canary's size has; otherwise go on while
-/// no more are unsettled than have settled (at least the canary's size may be), else wait.
-fn guard(c: Canary, sent: u64, settled: u64, back: u64) -> Guard {
-    let over = |part, whole| c.over(part, whole);
-    if over(back, sent) || (settled >= c.size as u64 && over(back, settled)) {
+/// Decides on `sent` messages with outcomes `o`: halt when more than `--halt-above` percent of
+/// everything sent came back (whatever the rest does), or, once at least the canary's size have
+/// an outcome, when more than that of those came back or are retrying; otherwise go on while no
+/// more messages are without an outcome than have one (at least the canary's size may be), else
+/// wait.
+fn guard(c: Canary, sent: u64, o: &RunOutcomes) -> Guard {
+    let known = o.known();
+    let bad = o.dead_lettered + o.retrying;
+    if c.over(o.dead_lettered, sent) || (known >= c.size as u64 && c.over(bad, known)) {
         Guard::Halt
-    } else if sent.saturating_sub(settled) <= (c.size as u64).max(settled) {
+    } else if sent.saturating_sub(known) <= (c.size as u64).max(known) {
         Guard::Go
     } else {
         Guard::Wait
@@ -1070,14 +1145,15 @@ pub fn new_redrive_id(now: OffsetDateTime) -> String {
     )
 }
 
-/// Sends a batch; returns the message ids SQS accepted.
+/// Sends a batch; returns, for each message SQS accepted, its id in the DLQ and the id SQS gave
+/// the copy (under which the workers write its outcome in the ledger).
 async fn send(
     ctx: &Ctx,
     queue: &Queue,
     from: &str,
     run: &str,
     messages: &[&DlqMessage],
-) -> Result<Vec<String>> {
+) -> Result<HashMap<String, String>> {
     let now = OffsetDateTime::now_utc();
     let mut entries = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
@@ -1100,9 +1176,10 @@ async fn send(
     Ok(out
         .successful()
         .iter()
-        .filter_map(|s| s.id().parse::<usize>().ok())
-        .filter_map(|i| messages.get(i))
-        .map(|m| m.message_id.clone())
+        .filter_map(|s| {
+            let m = messages.get(s.id().parse::<usize>().ok()?)?;
+            Some((m.message_id.clone(), s.message_id().to_owned()))
+        })
         .collect())
 }
 
@@ -1356,6 +1433,55 @@ mod tests {
         assert!(long.len() <= 128 && long.ends_with(".r1"));
     }
 
+    fn outcomes(succeeded: u64, retrying: u64, dead_lettered: u64) -> RunOutcomes {
+        RunOutcomes {
+            succeeded,
+            retrying,
+            dead_lettered,
+            ..RunOutcomes::default()
+        }
+    }
+
+    #[test]
+    fn a_run_counts_only_the_copies_it_sent_and_what_sqs_moved_back_counts_once() {
+        let entry = |outcome: &str, reason: Option<&str>| Entry {
+            outcome: outcome.into(),
+            reason: reason.map(str::to_owned),
+        };
+        let entries = BTreeMap::from([
+            ("a".to_owned(), entry("succeeded", None)),
+            (
+                "b".to_owned(),
+                entry("retrying", Some("dependency_unavailable")),
+            ),
+            (
+                "c".to_owned(),
+                entry("dead_lettered", Some("unknown_product")),
+            ),
+            // Written under the run by a message it never sent: a forged record at the edge,
+            // or an old one carried back by an import.
+            ("forged".to_owned(), entry("succeeded", None)),
+        ]);
+        let sent: HashSet<String> = ["a", "b", "c", "d"].map(String::from).into();
+        let none = BTreeMap::new();
+        let o = outcomes_of_run(&entries, &sent, &HashSet::new(), (0, &none));
+        assert_eq!((o.succeeded, o.retrying, o.dead_lettered), (1, 1, 1));
+        // `b` retried, then SQS moved it to the DLQ (its receives ran out): come back, once.
+        let by_sqs: HashSet<String> = ["b".to_owned()].into();
+        let read = BTreeMap::from([
+            ("moved_by_sqs".to_owned(), 1),
+            ("unknown_product".to_owned(), 1),
+        ]);
+        let o = outcomes_of_run(&entries, &sent, &by_sqs, (2, &read));
+        assert_eq!((o.succeeded, o.retrying, o.dead_lettered), (1, 0, 2));
+        assert_eq!(o.dead_lettered_reasons["moved_by_sqs"], 1);
+        assert_eq!(o.known(), 3, "d has no outcome yet");
+        // A ledger write that failed: the DLQ still shows what came back.
+        let read = BTreeMap::from([("unknown_product".to_owned(), 3)]);
+        let o = outcomes_of_run(&entries, &sent, &HashSet::new(), (3, &read));
+        assert_eq!(o.dead_lettered, 3);
+    }
+
     #[test]
     fn after_the_canary_the_redrive_keeps_within_its_evidence_and_halts_on_returns() {
         let c = Canary {
@@ -1363,19 +1489,23 @@ mod tests {
             halt_above_pct: 10.0,
             watch: Duration::from_secs(60),
         };
-        // Right after the canary: 10 sent, 10 settled, none back: go.
-        assert_eq!(guard(c, 10, 10, 0), Guard::Go);
-        // Never more unsettled than settled (and the canary's size): 40 sent, 20 settled waits.
-        assert_eq!(guard(c, 30, 20, 0), Guard::Go);
-        assert_eq!(guard(c, 41, 20, 0), Guard::Wait);
-        // 3 of 20 settled came back (15 % > 10 %): halt, though 21 more are unsettled.
-        assert_eq!(guard(c, 41, 20, 3), Guard::Halt);
-        // Too few settled to judge a rate (fewer than the canary's size): 1 of 5 is no verdict…
-        assert_eq!(guard(c, 10, 5, 1), Guard::Go);
+        // Right after the canary: 10 sent, 10 succeeded: go.
+        assert_eq!(guard(c, 10, &outcomes(10, 0, 0)), Guard::Go);
+        // Never more without an outcome than with one (and the canary's size).
+        assert_eq!(guard(c, 40, &outcomes(20, 0, 0)), Guard::Go);
+        assert_eq!(guard(c, 41, &outcomes(20, 0, 0)), Guard::Wait);
+        // 3 of 20 known came back (15 % > 10 %): halt, though 21 more have no outcome.
+        assert_eq!(guard(c, 41, &outcomes(17, 0, 3)), Guard::Halt);
+        // Retrying counts against it too: the failure may not be fixed.
+        assert_eq!(guard(c, 41, &outcomes(17, 3, 0)), Guard::Halt);
+        // Retrying is progress of a kind for the exposure: 20 known, 20 unknown.
+        assert_eq!(guard(c, 40, &outcomes(19, 1, 0)), Guard::Go);
+        // Too few known to judge a rate (fewer than the canary's size): 1 of 5 is no verdict…
+        assert_eq!(guard(c, 10, &outcomes(4, 0, 1)), Guard::Go);
         // …but 2 back of 10 sent is more than 10 % of everything sent, whatever the rest does.
-        assert_eq!(guard(c, 10, 5, 2), Guard::Halt);
+        assert_eq!(guard(c, 10, &outcomes(3, 0, 2)), Guard::Halt);
         // At the threshold exactly it goes on.
-        assert_eq!(guard(c, 100, 100, 10), Guard::Go);
+        assert_eq!(guard(c, 100, &outcomes(90, 0, 10)), Guard::Go);
     }
 
     #[test]

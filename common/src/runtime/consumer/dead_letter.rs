@@ -104,6 +104,9 @@ impl<H: Handler> Inner<H> {
         // one of its own and leaves it here (a run moves each message once), and the next
         // redrive counts on from it (a FIFO deduplication id new for each redrive).
         let mut raw = message.raw_attributes.clone();
+        // The group cap's counters are this queue's business: a redriven message starts afresh.
+        raw.remove(fairness::DEFERRALS);
+        raw.remove(fairness::ATTEMPTS);
         // Only a record that is one (at the edge an upstream may set anything), kept whole
         // below: masking digits or trimming it away would let the redrive run that moved this
         // message take it again.

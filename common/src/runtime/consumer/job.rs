@@ -44,7 +44,7 @@ impl<H: Handler> Inner<H> {
                 let mut extra_attempts = 0;
                 let span = self.message_span(&m);
                 loop {
-                    let attempt = m.receive_count + extra_attempts;
+                    let attempt = m.attempt() + extra_attempts;
                     let ran = self.run_through_throttling(&m).instrument(span.clone());
                     let result = match ran.await {
                         Ran::Done(result) => result,
@@ -157,7 +157,7 @@ impl<H: Handler> Inner<H> {
             message_id = %message.message_id,
             worker = %self.role,
             queue = %self.pair.queue.name,
-            attempt = message.receive_count,
+            attempt = message.attempt(),
             redrive = message.redrive_id().unwrap_or_default(),
             version = crate::build_info::VERSION,
         );
@@ -179,7 +179,7 @@ impl<H: Handler> Inner<H> {
             };
             let left_queue = match ran {
                 Ran::Done(result) => matches!(
-                    self.settle(&message, message.receive_count, result, false)
+                    self.settle(&message, message.attempt(), result, false)
                         .await,
                     Settled::Left
                 ),

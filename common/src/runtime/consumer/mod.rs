@@ -29,7 +29,7 @@ use tracing::{error_span, info, warn, Instrument};
 
 use super::batcher::{Batcher, EntryResult};
 use super::concurrency::Concurrency;
-use super::fairness::{self, carried_group_id, GroupLimits, MAX_DEFERRALS};
+use super::fairness::{self, carried_group_id, GroupLimits};
 use super::message::{Handler, Message, Outcome, Outgoing};
 use crate::attribution::{self, Attribution, CORRELATION_ID, RECEIVED_AT, REQUEST_ID, SOURCE};
 use crate::config::WorkerConfig;
@@ -55,8 +55,6 @@ const SQS_BATCH: usize = 10;
 const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
 /// How long a poller waits for enough free capacity to ask for a full batch.
 const BATCH_FILL_WAIT: Duration = Duration::from_millis(100);
-/// How long a message deferred for its group's cap waits before it can be received again.
-const GROUP_DEFER_SECS: i32 = 1;
 
 /// Counters of one consumer's run, for reports and tests.
 #[derive(Debug, Default)]
@@ -399,12 +397,19 @@ mod fairness_tests {
     }
 
     fn sqs_message(id: &str, group: &str) -> SqsMessage {
+        sqs_message_received(id, group, 1)
+    }
+
+    fn sqs_message_received(id: &str, group: &str, receives: u32) -> SqsMessage {
         SqsMessage::builder()
             .message_id(id)
             .receipt_handle(format!("receipt-{id}"))
             .body(format!("{{\"id\":\"{id}\"}}"))
             .attributes(MessageSystemAttributeName::MessageGroupId, group)
-            .attributes(MessageSystemAttributeName::ApproximateReceiveCount, "1")
+            .attributes(
+                MessageSystemAttributeName::ApproximateReceiveCount,
+                receives.to_string(),
+            )
             .build()
     }
 
@@ -414,6 +419,7 @@ mod fairness_tests {
         group: Option<String>,
         delay: Option<i32>,
         deferrals: Option<String>,
+        attempts: Option<String>,
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,7 +447,9 @@ mod fairness_tests {
                     vec![
                         sqs_message("n1", "noisy"),
                         sqs_message("n2", "noisy"),
-                        sqs_message("n3", "noisy"),
+                        // A retry (its third receive) over the cap waits too, keeping
+                        // the two attempts it used.
+                        sqs_message_received("n3", "noisy", 3),
                         sqs_message("q1", "quiet"),
                     ]
                 } else {
@@ -472,6 +480,11 @@ mod fairness_tests {
                         deferrals: e
                             .message_attributes()
                             .and_then(|a| a.get(crate::runtime::DEFERRALS))
+                            .and_then(|v| v.string_value())
+                            .map(str::to_owned),
+                        attempts: e
+                            .message_attributes()
+                            .and_then(|a| a.get(crate::runtime::ATTEMPTS))
                             .and_then(|v| v.string_value())
                             .map(str::to_owned),
                     });
@@ -558,13 +571,21 @@ mod fairness_tests {
         assert_eq!(deferred.len(), 2, "two over the cap go back to their queue");
         for d in deferred {
             assert_eq!(d.group.as_deref(), Some("noisy"), "with their group");
-            assert_eq!(d.delay, Some(super::GROUP_DEFER_SECS));
+            assert_eq!(d.delay, Some(1), "a first deferral waits a second");
             assert_eq!(
                 d.deferrals.as_deref(),
                 Some("1"),
-                "counted, to bound deferral"
+                "counted: the next deferral waits longer"
             );
         }
+        let mut attempts: Vec<Option<&str>> =
+            deferred.iter().map(|d| d.attempts.as_deref()).collect();
+        attempts.sort_unstable();
+        assert_eq!(
+            attempts,
+            [None, Some("2")],
+            "the retry's copy keeps the attempts it used; the first attempt's has none"
+        );
         let mut forwarded: Vec<Option<String>> = by_queue[&warehouse]
             .iter()
             .map(|s| s.group.clone())

@@ -75,17 +75,28 @@ impl<H: Handler> Inner<H> {
         })
     }
 
-    /// A first attempt whose group is at its cap in this task: sent again to the queue with a
-    /// short delay, unchanged (body, every attribute, group), then deleted; no attempt is used.
-    /// If the send fails, the message goes back to the queue after the same delay instead
-    /// (that receive then counts as an attempt).
+    /// A message whose group is at its cap in this task: sent again to the queue, unchanged
+    /// (body, every attribute, group), with the attempts it used and a delay that doubles with
+    /// each deferral, then deleted; no attempt is used. If the send fails, the message goes back
+    /// to the queue after the same delay instead (that receive then counts as an attempt).
     pub(super) async fn defer_for_group(&self, message: Message) {
         let queue = &self.pair.queue.name;
+        let delay = fairness::defer_delay(message.deferrals);
         let mut attributes = message.raw_attributes.clone();
         attributes.insert(
             fairness::DEFERRALS.to_owned(),
-            string_attribute((fairness::deferrals(&message.attributes) + 1).to_string()),
+            string_attribute(message.deferrals.saturating_add(1).to_string()),
         );
+        // This receive ran nothing: the copy has used what this one had used before it.
+        let used = message.attempt().saturating_sub(1);
+        if used > 0 {
+            attributes.insert(
+                fairness::ATTEMPTS.to_owned(),
+                string_attribute(used.to_string()),
+            );
+        } else {
+            attributes.remove(fairness::ATTEMPTS);
+        }
         attribution::fit_attributes(&mut attributes);
         let again = SendEntry {
             queue_url: self.pair.queue.url.clone(),
@@ -93,7 +104,7 @@ impl<H: Handler> Inner<H> {
             attributes,
             group_id: message.group_id.clone(),
             deduplication_id: None,
-            delay_seconds: Some(GROUP_DEFER_SECS),
+            delay_seconds: Some(delay),
             aws_trace_header: message.aws_trace_header.clone(),
         };
         match self.sends.submit(again).await {
@@ -103,8 +114,7 @@ impl<H: Handler> Inner<H> {
             }
             Err(e) => {
                 warn!(queue = %queue, error = %e, "could not defer a message over its group's cap; it comes back after its visibility");
-                self.set_visibility(&message.receipt_handle, GROUP_DEFER_SECS)
-                    .await;
+                self.set_visibility(&message.receipt_handle, delay).await;
             }
         }
     }

@@ -174,9 +174,7 @@ impl<H: Handler> Inner<H> {
             for m in messages {
                 let permit = take_one();
                 let this = Arc::clone(self);
-                let may_wait =
-                    m.receive_count <= 1 && fairness::deferrals(&m.attributes) < MAX_DEFERRALS;
-                match self.groups.try_enter(m.group_id.as_deref(), may_wait) {
+                match self.groups.try_enter(m.group_id.as_deref()) {
                     Some(slot) => jobs.spawn(async move {
                         this.process(m).await;
                         drop((slot, permit));
