@@ -66,6 +66,11 @@ pub struct Attribution {
     /// attributions written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The SQS `SenderId` of the message the worker gave up on (at the edge: its upstream), so
+    /// that a redrive can tell the edge who sent it first. Absent on attributions written
+    /// before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_id: Option<String>,
 }
 
 impl Attribution {
@@ -103,6 +108,11 @@ pub struct RedriveRecord {
     /// does not move it a second time. Absent on records written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Who sent the message to the fleet first (its SQS `SenderId` at the edge). A redrive
+    /// comes from the operator, not from the upstream: the edge checks this sender instead, but
+    /// only for a message the operator sent (`ingestion.redrivers`), never on an upstream's word.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_id: Option<String>,
 }
 
 impl RedriveRecord {
@@ -176,6 +186,7 @@ mod tests {
             origin: None,
             imported_at: None,
             version: Some(crate::build_info::VERSION.into()),
+            sender_id: None,
         };
         let json = serde_json::to_string(&a).unwrap();
         assert!(json.contains(r#""class":"permanent""#));

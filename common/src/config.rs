@@ -381,6 +381,11 @@ pub struct IngestionConfig {
     /// refused (`sender_not_allowed`).
     #[serde(default)]
     pub senders: BTreeMap<String, SenderConfig>,
+    /// The SQS `SenderId`s that redrive and import into the edge (the operator role running
+    /// `dlq`): a message they send is checked as sent by the sender its `fleet-redrive` record
+    /// names, and refused without one. Nobody else's record is believed.
+    #[serde(default)]
+    pub redrivers: Vec<String>,
     /// Deprecated and ignored: the edge no longer keeps a dedup record (each stage's
     /// conditional write is the idempotency). Still accepted so that older files load.
     #[serde(default, skip_serializing)]
@@ -393,6 +398,7 @@ impl Default for IngestionConfig {
             max_body_bytes: default_max_body_bytes(),
             default_source: None,
             senders: BTreeMap::new(),
+            redrivers: Vec::new(),
             dedup_ttl_hours: None,
         }
     }
@@ -413,12 +419,22 @@ impl IngestionConfig {
     /// The named sender of an SQS `SenderId`: the one listing it, or its role part (before
     /// `:`, the session).
     pub fn sender_of(&self, sender_id: &str) -> Option<(&str, &SenderConfig)> {
-        let role = sender_id.split(':').next().unwrap_or(sender_id);
         self.senders
             .iter()
-            .find(|(_, s)| s.ids.iter().any(|id| id == sender_id || id == role))
+            .find(|(_, s)| matches_sender(&s.ids, sender_id))
             .map(|(name, s)| (name.as_str(), s))
     }
+
+    /// Whether an SQS `SenderId` is one of `redrivers` (or its role part is).
+    pub fn is_redriver(&self, sender_id: &str) -> bool {
+        matches_sender(&self.redrivers, sender_id)
+    }
+}
+
+/// Whether `ids` list an SQS `SenderId`, or its role part (before `:`, the session).
+fn matches_sender(ids: &[String], sender_id: &str) -> bool {
+    let role = sender_id.split(':').next().unwrap_or(sender_id);
+    ids.iter().any(|id| id == sender_id || id == role)
 }
 const fn default_max_body_bytes() -> usize {
     64 * 1024
@@ -538,6 +554,20 @@ impl FleetConfig {
                         format!("`{id}` is also a SenderId of `{other}`: a message from it would have two senders"),
                     ));
                 }
+            }
+        }
+        for id in &self.ingestion.redrivers {
+            if id.is_empty() || id.contains(':') {
+                return Err(ConfigError::invalid(
+                    "ingestion.redrivers",
+                    "list SQS SenderIds, none empty, none with a `:session` part",
+                ));
+            }
+            if let Some(sender) = owners.get(id.as_str()) {
+                return Err(ConfigError::invalid(
+                    "ingestion.redrivers",
+                    format!("`{id}` is also a SenderId of `{sender}`: a redriver is the operator, not an upstream"),
+                ));
             }
         }
         Ok(())
@@ -942,6 +972,23 @@ mod tests {
         let message = error_text(&text, &[]);
         assert!(message.contains("workers.orders"), "{message}");
         assert!(message.contains("max_inflight"), "{message}");
+    }
+
+    #[test]
+    fn a_redriver_is_the_operator_never_an_upstream() {
+        let mut config: FleetConfig = toml::from_str(LOCAL).unwrap();
+        config.ingestion.redrivers = vec!["AROAOPERATOR".into()];
+        config.validate().unwrap();
+        assert!(config.ingestion.is_redriver("AROAOPERATOR:ops-alice"));
+        assert!(!config.ingestion.is_redriver("000000000000"));
+        config.ingestion.redrivers = vec!["000000000000".into()];
+        let e = config.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("ingestion.redrivers") && e.contains("local"),
+            "{e}"
+        );
+        config.ingestion.redrivers = vec!["AROAOPERATOR:ops-alice".into()];
+        assert!(config.validate().is_err(), "a session part");
     }
 
     #[test]

@@ -179,6 +179,7 @@ impl DlqMessage {
                 from_queue: format!("import into {queue}"),
                 previous_reason: Some(a.reason),
                 id: None,
+                sender_id: self.original_sender(),
             };
             out.attributes.remove(attribution::ATTRIBUTION);
             out.attributes.insert(
@@ -226,6 +227,21 @@ impl DlqMessage {
     /// The queue SQS moved it from (real AWS stamps this; the emulator does not).
     pub fn dead_letter_source_arn(&self) -> Option<&str> {
         self.system(MessageSystemAttributeName::DeadLetterQueueSourceArn)
+    }
+
+    /// Who sent the message to the fleet first (an SQS `SenderId`), for the edge to check when
+    /// it comes back from the operator: an earlier redrive's record says so, else the
+    /// attribution of the worker that gave up on it, else, for a message SQS moved here itself,
+    /// its own `SenderId` (a move keeps it).
+    pub fn original_sender(&self) -> Option<String> {
+        self.redrive()
+            .and_then(|r| r.sender_id)
+            .or_else(|| match self.attribution() {
+                Some(a) => a.sender_id,
+                None => self
+                    .system(MessageSystemAttributeName::SenderId)
+                    .map(str::to_owned),
+            })
     }
 
     /// The X-Ray trace header SQS keeps as a system attribute (on AWS: the trace context of a
@@ -302,6 +318,7 @@ pub(crate) mod tests {
             origin: Some("storefront".into()),
             imported_at: None,
             version: Some("0.1.0+abc".into()),
+            sender_id: Some("AROASTOREFRONT:s-1".into()),
         }
     }
 

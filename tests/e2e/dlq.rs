@@ -58,6 +58,7 @@ fn attribution(
         origin: Some("storefront".into()),
         imported_at: None,
         version: None,
+        sender_id: None,
     })
     .unwrap()
 }

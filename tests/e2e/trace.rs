@@ -99,6 +99,7 @@ async fn an_order_is_one_trace_through_the_four_stages_and_a_redrive_continues_i
         origin: None,
         imported_at: None,
         version: None,
+        sender_id: None,
     };
     env.clients
         .sqs

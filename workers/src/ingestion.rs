@@ -83,7 +83,64 @@ mod tests {
                 types: vec![DELIVERY_STATUS_REPORTED.into()],
             },
         );
+        limits.redrivers = vec!["AROAOPERATOR".into()];
         limits
+    }
+
+    /// A message as `dlq redrive` sends it back: from the operator, with a redrive record.
+    fn redriven(body: String, first_sender: Option<&str>, by: &str) -> Message {
+        let mut m = Message::for_test(body);
+        m.sender_id = Some(by.into());
+        let record = fleet_common::attribution::RedriveRecord {
+            count: 1,
+            at: time::OffsetDateTime::now_utc(),
+            from_queue: "fleet-ingest-dlq".into(),
+            previous_reason: Some("dependency_unavailable".into()),
+            id: Some("20261202T170000Z-0a1b2c3d".into()),
+            sender_id: first_sender.map(str::to_owned),
+        };
+        m.raw_attributes.insert(
+            fleet_common::attribution::REDRIVE.into(),
+            aws_sdk_sqs::types::MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value(serde_json::to_string(&record).unwrap())
+                .build()
+                .unwrap(),
+        );
+        m
+    }
+
+    #[test]
+    fn a_redrive_by_the_operator_is_checked_as_sent_by_its_first_sender_and_nobody_else_is_believed(
+    ) {
+        // The operator's redrive of an upstream's order: accepted as the upstream's.
+        let order = redriven(order_body(), Some("000000000000"), "AROAOPERATOR:ops-alice");
+        let out = ingestion().handle(&order).await_now().unwrap();
+        assert_eq!(out.forward.len(), 1, "the redriven order goes on");
+        let env: serde_json::Value = serde_json::from_str(&out.forward[0].body).unwrap();
+        assert_eq!(
+            env["metadata"]["source"], "local",
+            "the first sender, not the operator"
+        );
+        // The same record naming the carrier: the carrier may not place orders.
+        let as_carrier = redriven(
+            order_body(),
+            Some("AROACARRIER:hook"),
+            "AROAOPERATOR:ops-alice",
+        );
+        let err = ingestion().handle(&as_carrier).await_now().unwrap_err();
+        assert_eq!(err.reason().0, "sender_not_allowed");
+        // From the operator without a first sender (a record written before it was kept).
+        let unknown = redriven(order_body(), None, "AROAOPERATOR:ops-alice");
+        let err = ingestion().handle(&unknown).await_now().unwrap_err();
+        assert_eq!(err.reason().0, "sender_not_allowed");
+        assert!(err.detail().contains("redrive record"), "{}", err.detail());
+        // An upstream's own record is not believed: the carrier claiming the local sender is
+        // still the carrier.
+        let forged = redriven(order_body(), Some("000000000000"), "AROACARRIER:hook");
+        let err = ingestion().handle(&forged).await_now().unwrap_err();
+        assert_eq!(err.reason().0, "sender_not_allowed");
+        assert!(err.detail().contains("carrier"), "{}", err.detail());
     }
 
     fn ingestion() -> Ingestion {

@@ -402,6 +402,7 @@ pub fn redriven_entry(
             m.attribution()
                 .map_or_else(|| "none".to_owned(), |a| a.reason),
         ),
+        sender_id: m.original_sender(),
     };
     let mut carried = m.clone();
     carried.attributes.remove(attribution::ATTRIBUTION);
@@ -1385,6 +1386,47 @@ mod tests {
             Some("dependency_unavailable")
         );
         assert_eq!(source_of(&m).as_deref(), Some("fleet-orders"));
+        // Who sent it first travels, for the edge to check (the redrive comes from the operator).
+        assert_eq!(record.sender_id.as_deref(), Some("AROASTOREFRONT:s-1"));
+    }
+
+    #[test]
+    fn the_first_sender_survives_a_second_redrive_and_a_move_by_sqs() {
+        let a = attribution(
+            "dependency_unavailable",
+            "ingestion",
+            FailureClass::AttemptsExhausted,
+        );
+        let m = message("m1", "{}", Some(&a));
+        let first =
+            redriven_entry(&m, 0, "q-dlq", "run-1", false, OffsetDateTime::UNIX_EPOCH).unwrap();
+        // Dead-lettered again: the worker that gave up saw the operator as the sender, and kept
+        // the redrive record.
+        let mut again = attribution(
+            "dependency_unavailable",
+            "ingestion",
+            FailureClass::AttemptsExhausted,
+        );
+        again.sender_id = Some("AROAOPERATOR:ops-alice".into());
+        let mut back = message("m2", "{}", Some(&again));
+        back.attributes.insert(
+            attribution::REDRIVE.into(),
+            AttributeValue::string(
+                first.message_attributes().unwrap()[attribution::REDRIVE]
+                    .string_value()
+                    .unwrap(),
+            ),
+        );
+        assert_eq!(
+            back.original_sender().as_deref(),
+            Some("AROASTOREFRONT:s-1")
+        );
+        // Moved by SQS itself (no attribution): the move kept the upstream's own SenderId.
+        let mut moved = message("m3", "{}", None);
+        moved
+            .system_attributes
+            .insert("SenderId".into(), "AROACARRIER:hook".into());
+        assert_eq!(moved.original_sender().as_deref(), Some("AROACARRIER:hook"));
     }
 
     #[test]
