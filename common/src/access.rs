@@ -96,6 +96,20 @@ impl RoleAccess {
     pub fn all_tables(&self) -> Vec<(&'static str, &'static [&'static str])> {
         self.tables.iter().copied().chain([LEDGER]).collect()
     }
+
+    /// Whether the runtime sends to the queue the role consumes: a message over
+    /// `max_in_flight_per_group` is sent again to it with a delay. Every role after the edge;
+    /// never the edge, whose copy would lose the SenderId that names its upstream.
+    pub fn defers_to_own_queue(&self) -> bool {
+        self.role != "ingestion"
+    }
+
+    /// Every queue (logical key) the role's task sends to besides its DLQ: its handler's
+    /// forwards, and its own queue when it defers to it.
+    pub fn all_sends(&self) -> Vec<&'static str> {
+        let own = self.defers_to_own_queue().then_some(self.consumes);
+        self.sends_to.iter().copied().chain(own).collect()
+    }
 }
 
 /// The access of a role.

@@ -113,6 +113,10 @@ pub struct RedriveRecord {
     /// only for a message the operator sent (`ingestion.redrivers`), never on an upstream's word.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender_id: Option<String>,
+    /// The id of the copy the redrive sent, on a later copy of it (a worker sends a message
+    /// over its group's cap again to its queue): the ledger keys the outcome by that id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_of: Option<String>,
 }
 
 impl RedriveRecord {

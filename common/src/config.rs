@@ -432,7 +432,7 @@ impl IngestionConfig {
 }
 
 /// Whether `ids` list an SQS `SenderId`, or its role part (before `:`, the session).
-fn matches_sender(ids: &[String], sender_id: &str) -> bool {
+pub fn matches_sender(ids: &[String], sender_id: &str) -> bool {
     let role = sender_id.split(':').next().unwrap_or(sender_id);
     ids.iter().any(|id| id == sender_id || id == role)
 }

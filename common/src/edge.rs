@@ -454,30 +454,17 @@ fn sender<'a>(
     kind: &str,
 ) -> Result<&'a str, HandlerError> {
     let not_allowed = |why: String| HandlerError::permanent(Reason("sender_not_allowed"), why);
-    let actual = message
-        .sender_id
-        .as_deref()
-        .ok_or_else(|| not_allowed("the message has no SenderId".to_owned()))?;
-    // A redrive or an import by the operator: checked as sent by its first sender, which its
-    // redrive record names (believed of the operator only).
-    let first_sender;
-    let id = if limits.is_redriver(actual) {
-        first_sender = message
-            .raw_attributes
-            .get(crate::attribution::REDRIVE)
-            .and_then(|v| v.string_value())
-            .and_then(|r| serde_json::from_str::<crate::attribution::RedriveRecord>(r).ok())
-            .and_then(|r| r.sender_id)
-            .ok_or_else(|| {
-                not_allowed(
-                    "a redriver sent it without a redrive record naming its first sender"
-                        .to_owned(),
-                )
-            })?;
-        first_sender.as_str()
-    } else {
-        actual
-    };
+    if message.sender_id.is_none() {
+        return Err(not_allowed("the message has no SenderId".to_owned()));
+    }
+    // A redrive or an import by the operator is checked as sent by its first sender, which its
+    // redrive record names (believed of a redriver only).
+    let first = message.first_sender(&limits.redrivers).ok_or_else(|| {
+        not_allowed(
+            "a redriver sent it without a redrive record naming its first sender".to_owned(),
+        )
+    })?;
+    let id = first.as_str();
     let (name, sender) = limits
         .sender_of(id)
         .ok_or_else(|| not_allowed("its SenderId is not a configured sender".to_owned()))?;

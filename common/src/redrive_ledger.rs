@@ -7,8 +7,9 @@
 //! entries say what each message it moved has become: what succeeded downstream, what came back
 //! to the DLQ and why, what is still in flight. `dlq redrive --canary` decides on them.
 //!
-//! A worker writes only under a run whose entry exists (it looks once, then remembers for a
-//! minute): a record naming no open run writes nothing. The `dlq` CLI counts only the entries of
+//! A worker writes only under a run whose entry exists (a strongly consistent look, remembered
+//! for a minute, or five seconds when the run was not found): a record naming no open run
+//! writes nothing. The `dlq` CLI counts only the entries of
 //! the messages it sent itself (the ids SQS gave them), so a record forged at the edge with a
 //! live run's id, or an old record carried back by an import, cannot change a run's verdict.
 //! Each outcome is its own item, written with a plain PutItem: no transaction that concurrent
@@ -159,6 +160,9 @@ pub struct Ledger {
 /// How long a worker trusts what it learned about a run being open.
 pub const OPEN_RUN_MEMORY: Duration = Duration::from_secs(60);
 
+/// How long a worker trusts that a run is not open.
+pub const CLOSED_RUN_MEMORY: Duration = Duration::from_secs(5);
+
 /// The most runs a worker remembers (forgotten all at once beyond).
 const OPEN_RUNS_REMEMBERED: usize = 256;
 
@@ -265,7 +269,13 @@ impl Ledger {
     async fn is_open(&self, run: &str) -> Result<bool, LedgerError> {
         let now = std::time::Instant::now();
         if let Some((open, at)) = self.open_runs.lock().expect("open runs").get(run) {
-            if now.duration_since(*at) < OPEN_RUN_MEMORY {
+            // A run found closed is asked again soon: it may have opened a moment later.
+            let memory = if *open {
+                OPEN_RUN_MEMORY
+            } else {
+                CLOSED_RUN_MEMORY
+            };
+            if now.duration_since(*at) < memory {
                 return Ok(*open);
             }
         }
@@ -274,6 +284,7 @@ impl Ledger {
             .get_item()
             .table_name(&self.table)
             .set_key(Some(self.key(run, RUN_ENTRY)))
+            .consistent_read(true)
             .projection_expression("#pk")
             .expression_attribute_names("#pk", &self.partition_key)
             .send()
@@ -420,7 +431,10 @@ mod tests {
         use aws_smithy_mocks::{mock, mock_client, RuleMode};
 
         let open = mock!(aws_sdk_dynamodb::Client::get_item)
-            .match_requests(|r| r.key().unwrap()["run"].as_s().unwrap() == "run-1")
+            .match_requests(|r| {
+                r.key().unwrap()["run"].as_s().unwrap() == "run-1"
+                    && r.consistent_read() == Some(true)
+            })
             .then_output(|| {
                 GetItemOutput::builder()
                     .item("run", AttributeValue::S("run-1".into()))

@@ -28,6 +28,16 @@ pub struct Ctx {
     pub ledger: Option<Ledger>,
 }
 
+impl Ctx {
+    /// The SenderIds that redrive into the edge (`ingestion.redrivers` of the config): a
+    /// message SQS moved from one of their copies names its first sender in its redrive record.
+    pub fn redrivers(&self) -> &[String] {
+        self.config
+            .as_ref()
+            .map_or(&[], |c| c.ingestion.redrivers.as_slice())
+    }
+}
+
 /// A queue, resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Queue {

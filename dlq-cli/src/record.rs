@@ -157,7 +157,13 @@ impl DlqMessage {
     /// The message as it goes into a queue by `dlq import`: into a DLQ its attribution is
     /// marked as imported now (still current there); into a work queue the attribution is
     /// replaced by a redrive record, as a redrive does, so that it cannot go stale.
-    pub fn for_import(&self, into_dlq: bool, queue: &str, now: OffsetDateTime) -> Self {
+    pub fn for_import(
+        &self,
+        into_dlq: bool,
+        queue: &str,
+        now: OffsetDateTime,
+        redrivers: &[String],
+    ) -> Self {
         let mut out = self.clone();
         let Some(mut a) = self.stored_attribution() else {
             return out;
@@ -179,7 +185,8 @@ impl DlqMessage {
                 from_queue: format!("import into {queue}"),
                 previous_reason: Some(a.reason),
                 id: None,
-                sender_id: self.original_sender(),
+                sender_id: self.original_sender(redrivers),
+                copy_of: None,
             };
             out.attributes.remove(attribution::ATTRIBUTION);
             out.attributes.insert(
@@ -230,18 +237,21 @@ impl DlqMessage {
     }
 
     /// Who sent the message to the fleet first (an SQS `SenderId`), for the edge to check when
-    /// it comes back from the operator: an earlier redrive's record says so, else the
-    /// attribution of the worker that gave up on it, else, for a message SQS moved here itself,
-    /// its own `SenderId` (a move keeps it).
-    pub fn original_sender(&self) -> Option<String> {
-        self.redrive()
-            .and_then(|r| r.sender_id)
-            .or_else(|| match self.attribution() {
-                Some(a) => a.sender_id,
-                None => self
-                    .system(MessageSystemAttributeName::SenderId)
-                    .map(str::to_owned),
-            })
+    /// it comes back from the operator: what the attribution of the worker that gave up on it
+    /// says (the worker believes a redrive record only of a redriver); for a message SQS moved
+    /// here itself (no attribution), its own `SenderId` (a move keeps it), or, when that is one
+    /// of `redrivers` (the operator's copy), what that copy's redrive record says. An upstream's
+    /// own record is never believed.
+    pub fn original_sender(&self, redrivers: &[String]) -> Option<String> {
+        if let Some(a) = self.attribution() {
+            return a.sender_id;
+        }
+        let sender = self.system(MessageSystemAttributeName::SenderId)?;
+        if fleet_common::config::matches_sender(redrivers, sender) {
+            self.redrive().and_then(|r| r.sender_id)
+        } else {
+            Some(sender.to_owned())
+        }
     }
 
     /// The X-Ray trace header SQS keeps as a system attribute (on AWS: the trace context of a
@@ -411,7 +421,7 @@ pub(crate) mod tests {
             "SentTimestamp".into(),
             sent(failed + time::Duration::seconds(2)),
         );
-        let mut restored = fresh.for_import(true, "fleet-orders-dlq", now);
+        let mut restored = fresh.for_import(true, "fleet-orders-dlq", now, &[]);
         restored.system_attributes.insert(
             "SentTimestamp".into(),
             sent(now + time::Duration::seconds(1)),
@@ -420,7 +430,7 @@ pub(crate) mod tests {
             restored.attribution().is_some(),
             "an import into a DLQ keeps it current"
         );
-        let mut still_stale = m.for_import(true, "fleet-orders-dlq", now);
+        let mut still_stale = m.for_import(true, "fleet-orders-dlq", now, &[]);
         still_stale.system_attributes.insert(
             "SentTimestamp".into(),
             sent(now + time::Duration::seconds(1)),
@@ -438,7 +448,7 @@ pub(crate) mod tests {
         );
         assert_eq!(moved.attribution(), None);
         // Imported into a work queue: a redrive record instead, nothing left to go stale.
-        let replayed = m.for_import(false, "fleet-orders-dlq", now);
+        let replayed = m.for_import(false, "fleet-orders-dlq", now, &[]);
         assert_eq!(replayed.stored_attribution(), None);
         assert_eq!(
             replayed.redrive().unwrap().previous_reason.as_deref(),

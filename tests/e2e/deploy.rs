@@ -311,7 +311,7 @@ fn check_roles(config: &FleetConfig, t: &Value) -> Vec<String> {
             want.insert(((*action).to_owned(), queue_id(&consumed.name)));
         }
         let mut targets = vec![consumed.dlq_name()];
-        targets.extend(a.sends_to.iter().map(|k| config.queues[*k].name.clone()));
+        targets.extend(a.all_sends().iter().map(|k| config.queues[*k].name.clone()));
         for name in targets {
             for action in access::SENDER_SQS_ACTIONS {
                 want.insert(((*action).to_owned(), queue_id(&name)));
@@ -583,7 +583,8 @@ fn left_to(statements: &[&Value], id: &str, action: &str) -> Option<BTreeSet<Str
 
 /// Every queue's policy: only denies; denies every action without TLS; leaves SendMessage to the
 /// intended senders (the edge queue: `IngestSenderRoleArns`; a next queue: the roles that forward
-/// to it; a DLQ: its worker) and the consumer actions to its consumer (a work queue: its worker;
+/// to it, and its own worker, which defers a message over its group's cap to it; a DLQ: its
+/// worker) and the consumer actions to its consumer (a work queue: its worker;
 /// a DLQ: nobody else), each with the operator.
 fn check_queue_policies(config: &FleetConfig, t: &Value) -> Vec<String> {
     let mut problems = Vec::new();
@@ -606,7 +607,7 @@ fn check_queue_policies(config: &FleetConfig, t: &Value) -> Vec<String> {
             .collect();
         let mut senders: BTreeSet<String> = access::ROLES
             .iter()
-            .filter(|a| a.sends_to.contains(&key.as_str()))
+            .filter(|a| a.all_sends().contains(&key.as_str()))
             .map(|a| role_id(a.role))
             .collect();
         if edge == Some(key.as_str()) {

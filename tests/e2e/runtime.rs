@@ -37,6 +37,7 @@ fn start<H: Handler>(
             untrusted_edge: false,
             aws_trace_header: false,
             ledger: None,
+            redrivers: Vec::new(),
         },
         Health::default(),
     )
@@ -614,6 +615,7 @@ async fn the_edge_ignores_forged_fleet_attributes_and_an_oversized_message_still
             untrusted_edge: true,
             aws_trace_header: false,
             ledger: None,
+            redrivers: Vec::new(),
         },
         Health::default(),
     )

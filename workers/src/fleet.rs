@@ -75,6 +75,7 @@ pub async fn run(
                 .as_deref()
                 .is_some_and(fleet_common::aws::is_loopback_url),
             ledger: ledger.clone(),
+            redrivers: config.ingestion.redrivers.clone(),
         };
         let (task, role_stats) = match role.as_str() {
             "ingestion" => spawn(

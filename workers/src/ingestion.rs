@@ -98,6 +98,7 @@ mod tests {
             previous_reason: Some("dependency_unavailable".into()),
             id: Some("20261202T170000Z-0a1b2c3d".into()),
             sender_id: first_sender.map(str::to_owned),
+            copy_of: None,
         };
         m.raw_attributes.insert(
             fleet_common::attribution::REDRIVE.into(),

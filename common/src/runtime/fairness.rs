@@ -7,9 +7,10 @@
 //! attempts it had used travel with it ([`ATTEMPTS`]), because the copy is a new message to SQS
 //! with a receive count of its own; so a deferral uses no attempt, takes none away, and cannot
 //! push the message toward the queue's redrive policy. The delay doubles with each deferral of
-//! the same message ([`DEFERRALS`]), from 1 s up to SQS's 15 minutes: a tenant that keeps its
-//! cap busy waits for its own messages, never for ever (a deferral happens only while the
-//! group's own messages run) and without a receive loop that costs requests every second.
+//! the same message ([`DEFERRALS`]), from 1 s up to a minute, so a tenant that keeps its cap
+//! busy waits for its own messages without a receive loop that costs requests every second; and
+//! a message deferred [`STARVED_AFTER`] times may take one slot above the cap, so that fresh
+//! messages of its group cannot keep it waiting for ever.
 //!
 //! The group is what the upstream declares (the edge authenticates the sender, not its tenants):
 //! a message without a group is never limited. Both counters are read at the edge too; an
@@ -27,8 +28,12 @@ pub const DEFERRALS: &str = "fleet-deferrals";
 /// The attribute carrying the attempts a deferred message had used before its deferral.
 pub const ATTEMPTS: &str = "fleet-attempts";
 
-/// The longest delay SQS allows a message (`DelaySeconds`).
-pub const MAX_DEFER_SECS: i32 = 900;
+/// The longest a deferral waits (SQS allows up to 900 s).
+pub const MAX_DEFER_SECS: i32 = 60;
+
+/// Deferrals after which a message may take one slot above its group's cap (1 + 2 + 4 + 8 s of
+/// waiting).
+pub const STARVED_AFTER: u32 = 4;
 
 /// The most a counter attribute is believed (an upstream may set anything).
 const MAX_COUNTER: u32 = 1000;
@@ -77,8 +82,9 @@ impl GroupLimits {
     }
 
     /// A slot for a message of `group` (`None`: a message without a group, never limited), or
-    /// `None` when its group is at the cap.
-    pub fn try_enter(&self, group: Option<&str>) -> Option<GroupSlot> {
+    /// `None` when its group is at the cap. A message deferred `deferrals` ≥ [`STARVED_AFTER`]
+    /// times may take one slot above it.
+    pub fn try_enter(&self, group: Option<&str>, deferrals: u32) -> Option<GroupSlot> {
         let (Some(cap), Some(group)) = (self.cap, group) else {
             return Some(GroupSlot {
                 group: None,
@@ -87,7 +93,8 @@ impl GroupLimits {
         };
         let mut running = self.running.lock().expect("group counts");
         let count = running.entry(group.to_owned()).or_default();
-        if *count >= cap.get() {
+        let room = cap.get() + usize::from(deferrals >= STARVED_AFTER);
+        if *count >= room {
             if *count == 0 {
                 running.remove(group);
             }
@@ -147,21 +154,31 @@ mod tests {
     #[test]
     fn a_noisy_group_gets_its_cap_and_a_quiet_one_still_gets_in() {
         let limits = GroupLimits::new(NonZeroUsize::new(2));
-        let a1 = limits.try_enter(Some("noisy")).unwrap();
-        let _a2 = limits.try_enter(Some("noisy")).unwrap();
-        assert!(limits.try_enter(Some("noisy")).is_none(), "over the cap");
+        let a1 = limits.try_enter(Some("noisy"), 0).unwrap();
+        let _a2 = limits.try_enter(Some("noisy"), 0).unwrap();
+        assert!(limits.try_enter(Some("noisy"), 0).is_none(), "over the cap");
         assert_eq!(limits.running("noisy"), 2);
-        let _quiet = limits.try_enter(Some("quiet")).unwrap();
-        let _ungrouped: Vec<GroupSlot> = (0..10).map(|_| limits.try_enter(None).unwrap()).collect();
+        let _quiet = limits.try_enter(Some("quiet"), 0).unwrap();
+        let _ungrouped: Vec<GroupSlot> = (0..10)
+            .map(|_| limits.try_enter(None, 0).unwrap())
+            .collect();
+        // A message deferred often enough takes one slot above the cap, and only one.
+        let starved = limits.try_enter(Some("noisy"), STARVED_AFTER);
+        assert!(starved.is_some(), "a starved message gets in");
+        assert!(
+            limits.try_enter(Some("noisy"), STARVED_AFTER).is_none(),
+            "one above, no more"
+        );
+        drop(starved);
         drop(a1);
         assert_eq!(limits.running("noisy"), 1);
-        assert!(limits.try_enter(Some("noisy")).is_some(), "room again");
+        assert!(limits.try_enter(Some("noisy"), 0).is_some(), "room again");
     }
 
     #[test]
     fn a_deferral_waits_longer_each_time_up_to_what_sqs_allows_and_counters_are_bounded() {
         let delays: Vec<i32> = (0..12).map(defer_delay).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 900, 900]);
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60, 60, 60]);
         assert_eq!(defer_delay(u32::MAX), MAX_DEFER_SECS);
         let value = |v: &str| {
             aws_sdk_sqs::types::MessageAttributeValue::builder()
@@ -188,7 +205,7 @@ mod tests {
     fn idle_groups_are_forgotten_and_no_cap_means_no_limit() {
         let limits = GroupLimits::new(NonZeroUsize::new(1));
         for i in 0..1000 {
-            drop(limits.try_enter(Some(&format!("tenant-{i}"))).unwrap());
+            drop(limits.try_enter(Some(&format!("tenant-{i}")), 0).unwrap());
         }
         assert_eq!(
             limits.groups(),
@@ -197,7 +214,7 @@ mod tests {
         );
         let open = GroupLimits::new(None);
         let _held: Vec<GroupSlot> = (0..100)
-            .map(|_| open.try_enter(Some("t")).unwrap())
+            .map(|_| open.try_enter(Some("t"), 0).unwrap())
             .collect();
     }
 

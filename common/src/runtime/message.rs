@@ -129,15 +129,29 @@ impl Message {
     /// The `dlq redrive` run that last moved this message back, when it carries a record of
     /// one (logged with every line about the message).
     pub fn redrive_id(&self) -> Option<String> {
-        // As received: the edge hides `fleet-*` attributes from handlers, not from logs.
+        self.redrive_record()?.id.filter(|id| is_valid_id(id))
+    }
+
+    /// The `fleet-redrive` record it carries, as received (the edge hides `fleet-*` attributes
+    /// from handlers, not from the runtime).
+    pub fn redrive_record(&self) -> Option<crate::attribution::RedriveRecord> {
         let record = self
             .raw_attributes
             .get(crate::attribution::REDRIVE)?
             .string_value()?;
-        serde_json::from_str::<crate::attribution::RedriveRecord>(record)
-            .ok()?
-            .id
-            .filter(|id| is_valid_id(id))
+        serde_json::from_str(record).ok()
+    }
+
+    /// Who sent the message to the fleet first, as far as the fleet can vouch for it: its SQS
+    /// `SenderId`, unless that is one of `redrivers` (the operator redriving or importing it),
+    /// whose redrive record then names the first sender (`None` if it does not). An upstream's
+    /// own record is never believed.
+    pub fn first_sender(&self, redrivers: &[String]) -> Option<String> {
+        let actual = self.sender_id.as_deref()?;
+        if !crate::config::matches_sender(redrivers, actual) {
+            return Some(actual.to_owned());
+        }
+        self.redrive_record()?.sender_id
     }
 
     /// This attempt's number: the receives of this copy plus the attempts used before a
@@ -304,6 +318,50 @@ mod tests {
         async fn handle(&self, input: Ping, _m: &Message) -> Result<Outcome, HandlerError> {
             Ok(Outcome::forward(Outgoing::new("next", input.n.to_string())))
         }
+    }
+
+    #[test]
+    fn the_first_sender_is_the_sender_unless_a_redriver_sent_it_with_a_record() {
+        let redrivers = ["AROAOPERATOR".to_owned()];
+        let with_record = |sender: &str, claimed: Option<&str>| {
+            let mut m = Message::for_test("{}");
+            m.sender_id = Some(sender.into());
+            if let Some(claimed) = claimed {
+                let record = crate::attribution::RedriveRecord {
+                    count: 1,
+                    at: OffsetDateTime::UNIX_EPOCH,
+                    from_queue: "q-dlq".into(),
+                    previous_reason: None,
+                    id: None,
+                    sender_id: Some(claimed.into()),
+                    copy_of: None,
+                };
+                m.raw_attributes.insert(
+                    crate::attribution::REDRIVE.into(),
+                    MessageAttributeValue::builder()
+                        .data_type("String")
+                        .string_value(serde_json::to_string(&record).unwrap())
+                        .build()
+                        .unwrap(),
+                );
+            }
+            m
+        };
+        let upstream = with_record("AROACARRIER:hook", Some("AROASTOREFRONT"));
+        assert_eq!(
+            upstream.first_sender(&redrivers).as_deref(),
+            Some("AROACARRIER:hook"),
+            "an upstream's own record is not believed"
+        );
+        let redriven = with_record("AROAOPERATOR:ops", Some("AROASTOREFRONT"));
+        assert_eq!(
+            redriven.first_sender(&redrivers).as_deref(),
+            Some("AROASTOREFRONT")
+        );
+        assert_eq!(
+            with_record("AROAOPERATOR:ops", None).first_sender(&redrivers),
+            None
+        );
     }
 
     #[tokio::test]

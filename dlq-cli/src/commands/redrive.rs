@@ -391,6 +391,7 @@ pub fn redriven_entry(
     run: &str,
     fifo: bool,
     now: OffsetDateTime,
+    redrivers: &[String],
 ) -> std::result::Result<SendMessageBatchRequestEntry, String> {
     let previous = m.redrive();
     let record = RedriveRecord {
@@ -402,7 +403,8 @@ pub fn redriven_entry(
             m.attribution()
                 .map_or_else(|| "none".to_owned(), |a| a.reason),
         ),
-        sender_id: m.original_sender(),
+        sender_id: m.original_sender(redrivers),
+        copy_of: None,
     };
     let mut carried = m.clone();
     carried.attributes.remove(attribution::ATTRIBUTION);
@@ -808,14 +810,12 @@ impl<'a> Mover<'a> {
             }
         }
         let o = self.outcomes();
-        let bad = o.dead_lettered + o.retrying;
-        if o.known() > 0 && c.over(bad, o.known()) {
+        let sent = self.sent();
+        let no_outcome = sent.saturating_sub(o.known());
+        if c.over(o.dead_lettered + o.retrying + no_outcome, sent) {
             self.halt(format!(
-                "in the end {} came back and {} are retrying, of the {} moved messages with an outcome (more than {}%)",
-                o.dead_lettered,
-                o.retrying,
-                o.known(),
-                c.halt_above_pct
+                "in the end, of the {sent} moved: {} came back, {} are retrying, {no_outcome} have no outcome (more than {}%)",
+                o.dead_lettered, o.retrying, c.halt_above_pct
             ));
         }
     }
@@ -1088,6 +1088,9 @@ fn outcomes_of_run(
     }
     let mut o = RunOutcomes::of(latest.into_values());
     if read_back > o.dead_lettered {
+        // The ledger missed some (a failed write): those were last written as retrying, most
+        // likely; counted once, as come back.
+        o.retrying = o.retrying.saturating_sub(read_back - o.dead_lettered);
         o.dead_lettered = read_back;
         o.dead_lettered_reasons = read_back_reasons.clone();
     }
@@ -1158,9 +1161,10 @@ async fn send(
     let now = OffsetDateTime::now_utc();
     let mut entries = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        let entry = redriven_entry(m, i, from, run, queue.fifo(), now).map_err(|e| {
-            CliError::Usage(format!("message {} cannot be sent: {e}", m.message_id))
-        })?;
+        let entry =
+            redriven_entry(m, i, from, run, queue.fifo(), now, ctx.redrivers()).map_err(|e| {
+                CliError::Usage(format!("message {} cannot be sent: {e}", m.message_id))
+            })?;
         entries.push(entry);
     }
     let out = ctx
@@ -1370,6 +1374,7 @@ mod tests {
             "run-1",
             false,
             OffsetDateTime::UNIX_EPOCH,
+            &[],
         )
         .unwrap();
         assert_eq!(entry.id(), "3");
@@ -1391,42 +1396,77 @@ mod tests {
     }
 
     #[test]
-    fn the_first_sender_survives_a_second_redrive_and_a_move_by_sqs() {
+    fn the_first_sender_is_what_the_fleet_vouches_for_never_an_upstreams_record() {
+        let redrivers = ["AROAOPERATOR".to_owned()];
+        let record = |sender: &str| {
+            AttributeValue::string(
+                serde_json::to_string(&RedriveRecord {
+                    count: 1,
+                    at: OffsetDateTime::UNIX_EPOCH,
+                    from_queue: "fleet-ingest-dlq".into(),
+                    previous_reason: None,
+                    id: Some("run-1".into()),
+                    sender_id: Some(sender.into()),
+                    copy_of: None,
+                })
+                .unwrap(),
+            )
+        };
+        // Dead-lettered by a worker: its attribution names the first sender it vouched for.
         let a = attribution(
             "dependency_unavailable",
             "ingestion",
             FailureClass::AttemptsExhausted,
         );
-        let m = message("m1", "{}", Some(&a));
-        let first =
-            redriven_entry(&m, 0, "q-dlq", "run-1", false, OffsetDateTime::UNIX_EPOCH).unwrap();
-        // Dead-lettered again: the worker that gave up saw the operator as the sender, and kept
-        // the redrive record.
-        let mut again = attribution(
-            "dependency_unavailable",
-            "ingestion",
-            FailureClass::AttemptsExhausted,
-        );
-        again.sender_id = Some("AROAOPERATOR:ops-alice".into());
-        let mut back = message("m2", "{}", Some(&again));
-        back.attributes.insert(
-            attribution::REDRIVE.into(),
-            AttributeValue::string(
-                first.message_attributes().unwrap()[attribution::REDRIVE]
-                    .string_value()
-                    .unwrap(),
-            ),
-        );
+        let mut m = message("m1", "{}", Some(&a));
+        m.attributes
+            .insert(attribution::REDRIVE.into(), record("AROAFORGED"));
         assert_eq!(
-            back.original_sender().as_deref(),
+            m.original_sender(&redrivers).as_deref(),
             Some("AROASTOREFRONT:s-1")
         );
-        // Moved by SQS itself (no attribution): the move kept the upstream's own SenderId.
-        let mut moved = message("m3", "{}", None);
+        // Moved by SQS from the operator's copy: that copy's record names the first sender.
+        let mut moved = message("m2", "{}", None);
+        moved
+            .system_attributes
+            .insert("SenderId".into(), "AROAOPERATOR:ops-alice".into());
+        moved
+            .attributes
+            .insert(attribution::REDRIVE.into(), record("AROASTOREFRONT:s-1"));
+        assert_eq!(
+            moved.original_sender(&redrivers).as_deref(),
+            Some("AROASTOREFRONT:s-1")
+        );
+        // Without knowing the redrivers (no --config) the record is not believed.
+        assert_eq!(
+            moved.original_sender(&[]).as_deref(),
+            Some("AROAOPERATOR:ops-alice")
+        );
+        // Moved by SQS from an upstream's message with a forged record: the upstream it is.
         moved
             .system_attributes
             .insert("SenderId".into(), "AROACARRIER:hook".into());
-        assert_eq!(moved.original_sender().as_deref(), Some("AROACARRIER:hook"));
+        assert_eq!(
+            moved.original_sender(&redrivers).as_deref(),
+            Some("AROACARRIER:hook")
+        );
+        let entry = redriven_entry(
+            &moved,
+            0,
+            "q-dlq",
+            "run-2",
+            false,
+            OffsetDateTime::UNIX_EPOCH,
+            &redrivers,
+        )
+        .unwrap();
+        let carried: RedriveRecord = serde_json::from_str(
+            entry.message_attributes().unwrap()[attribution::REDRIVE]
+                .string_value()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(carried.sender_id.as_deref(), Some("AROACARRIER:hook"));
     }
 
     #[test]
@@ -1443,6 +1483,7 @@ mod tests {
             "run-1",
             true,
             OffsetDateTime::UNIX_EPOCH,
+            &[],
         )
         .unwrap();
         assert_eq!(first.message_group_id(), Some("order-7"));
@@ -1463,12 +1504,21 @@ mod tests {
             "run-1",
             true,
             OffsetDateTime::UNIX_EPOCH,
+            &[],
         )
         .unwrap();
         assert_eq!(second.message_deduplication_id(), Some("evt-7.r2"));
         // A standard queue (fair queues): the group travels, no deduplication id.
-        let standard =
-            redriven_entry(&m, 0, "q-dlq", "run-1", false, OffsetDateTime::UNIX_EPOCH).unwrap();
+        let standard = redriven_entry(
+            &m,
+            0,
+            "q-dlq",
+            "run-1",
+            false,
+            OffsetDateTime::UNIX_EPOCH,
+            &[],
+        )
+        .unwrap();
         assert_eq!(standard.message_group_id(), Some("order-7"));
         assert_eq!(standard.message_deduplication_id(), None);
         let long = redrive_deduplication_id(&"x".repeat(128), 1);
@@ -1521,7 +1571,11 @@ mod tests {
         // A ledger write that failed: the DLQ still shows what came back.
         let read = BTreeMap::from([("unknown_product".to_owned(), 3)]);
         let o = outcomes_of_run(&entries, &sent, &HashSet::new(), (3, &read));
-        assert_eq!(o.dead_lettered, 3);
+        assert_eq!(
+            (o.dead_lettered, o.retrying),
+            (3, 0),
+            "b counted once, as come back"
+        );
     }
 
     #[test]
@@ -1556,8 +1610,16 @@ mod tests {
         let header = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
         m.system_attributes
             .insert("AWSTraceHeader".into(), header.into());
-        let entry =
-            redriven_entry(&m, 0, "q-dlq", "run-1", false, OffsetDateTime::UNIX_EPOCH).unwrap();
+        let entry = redriven_entry(
+            &m,
+            0,
+            "q-dlq",
+            "run-1",
+            false,
+            OffsetDateTime::UNIX_EPOCH,
+            &[],
+        )
+        .unwrap();
         let system = entry.message_system_attributes().unwrap();
         let carried =
             &system[&aws_sdk_sqs::types::MessageSystemAttributeNameForSends::AwsTraceHeader];
@@ -1571,6 +1633,7 @@ mod tests {
             "run-1",
             false,
             OffsetDateTime::UNIX_EPOCH,
+            &[],
         )
         .unwrap();
         assert!(plain.message_system_attributes().is_none());

@@ -362,7 +362,7 @@ pub async fn import(
         let mut entries = Vec::with_capacity(chunk.len());
         let now = OffsetDateTime::now_utc();
         for (i, m) in chunk.iter().enumerate() {
-            let m = &m.for_import(to.is_dlq(), &to.name, now);
+            let m = &m.for_import(to.is_dlq(), &to.name, now, ctx.redrivers());
             let mut e = SendMessageBatchRequestEntry::builder()
                 .id(i.to_string())
                 .message_body(&m.body)

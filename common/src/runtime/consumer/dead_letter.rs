@@ -60,7 +60,7 @@ impl<H: Handler> Inner<H> {
             origin: message.attributes.get(SOURCE).cloned(),
             imported_at: None,
             version: Some(crate::build_info::VERSION.to_owned()),
-            sender_id: message.sender_id.clone(),
+            sender_id: message.first_sender(&self.redrivers),
         };
         match self.dead_letter(message, &attribution).await {
             Ok(()) => {

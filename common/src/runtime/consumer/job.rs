@@ -326,8 +326,14 @@ impl<H: Handler> Inner<H> {
         let (Some(ledger), Some(run)) = (&self.ledger, message.redrive_id()) else {
             return;
         };
+        // A later copy (deferred for its group's cap) writes under the id the redrive sent;
+        // never at the edge, where the record is an upstream's word.
+        let key = match message.redrive_record().and_then(|r| r.copy_of) {
+            Some(first) if !self.untrusted_edge => first,
+            _ => message.message_id.clone(),
+        };
         let now = OffsetDateTime::now_utc();
-        let write = ledger.record(&run, &message.message_id, outcome, now);
+        let write = ledger.record(&run, &key, outcome, now);
         let result = match tokio::time::timeout(redrive_ledger::WRITE_TIMEOUT, write).await {
             Ok(result) => result,
             Err(_) => Err(redrive_ledger::LedgerError::Aws(format!(

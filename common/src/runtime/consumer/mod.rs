@@ -134,6 +134,9 @@ pub struct ConsumerSettings {
     /// Where the outcome of each redriven message is written (`[tables.redrives]`); `None`
     /// writes nothing.
     pub ledger: Option<Ledger>,
+    /// The SenderIds that redrive into this queue (`ingestion.redrivers`): a dead letter's
+    /// attribution names the first sender their redrive record vouches for, not them.
+    pub redrivers: Vec<String>,
 }
 
 /// A running consumer of one queue.
@@ -167,6 +170,7 @@ struct Inner<H> {
     untrusted_edge: bool,
     aws_trace_header: bool,
     ledger: Option<Ledger>,
+    redrivers: Vec<String>,
     stats: Arc<Stats>,
     health: Health,
 }
@@ -226,6 +230,7 @@ impl<H: Handler> Consumer<H> {
             untrusted_edge,
             aws_trace_header,
             ledger,
+            redrivers,
         } = settings;
         let pair = topology.pair(&worker.queue).cloned().ok_or_else(|| {
             format!(
@@ -266,6 +271,7 @@ impl<H: Handler> Consumer<H> {
                 untrusted_edge,
                 aws_trace_header,
                 ledger,
+                redrivers,
                 stats: Arc::new(Stats::default()),
                 health,
             }),
@@ -400,6 +406,26 @@ mod fairness_tests {
         sqs_message_received(id, group, 1)
     }
 
+    /// `n3`, a redriven message on its third receive.
+    fn redriven_retry() -> SqsMessage {
+        let record = r#"{"count":1,"at":"2026-12-02T10:00:00Z","from_queue":"q-dlq","id":"run-1"}"#;
+        SqsMessage::builder()
+            .message_id("n3")
+            .receipt_handle("receipt-n3")
+            .body(r#"{"id":"n3"}"#)
+            .attributes(MessageSystemAttributeName::MessageGroupId, "noisy")
+            .attributes(MessageSystemAttributeName::ApproximateReceiveCount, "3")
+            .message_attributes(
+                crate::attribution::REDRIVE,
+                aws_sdk_sqs::types::MessageAttributeValue::builder()
+                    .data_type("String")
+                    .string_value(record)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+    }
+
     fn sqs_message_received(id: &str, group: &str, receives: u32) -> SqsMessage {
         SqsMessage::builder()
             .message_id(id)
@@ -420,6 +446,7 @@ mod fairness_tests {
         delay: Option<i32>,
         deferrals: Option<String>,
         attempts: Option<String>,
+        redrive: Option<String>,
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -449,7 +476,7 @@ mod fairness_tests {
                         sqs_message("n2", "noisy"),
                         // A retry (its third receive) over the cap waits too, keeping
                         // the two attempts it used.
-                        sqs_message_received("n3", "noisy", 3),
+                        redriven_retry(),
                         sqs_message("q1", "quiet"),
                     ]
                 } else {
@@ -485,6 +512,11 @@ mod fairness_tests {
                         attempts: e
                             .message_attributes()
                             .and_then(|a| a.get(crate::runtime::ATTEMPTS))
+                            .and_then(|v| v.string_value())
+                            .map(str::to_owned),
+                        redrive: e
+                            .message_attributes()
+                            .and_then(|a| a.get(crate::attribution::REDRIVE))
                             .and_then(|v| v.string_value())
                             .map(str::to_owned),
                     });
@@ -545,6 +577,7 @@ mod fairness_tests {
                 untrusted_edge: false,
                 aws_trace_header: false,
                 ledger: None,
+                redrivers: Vec::new(),
             },
             Health::default(),
         )
@@ -586,6 +619,14 @@ mod fairness_tests {
             [None, Some("2")],
             "the retry's copy keeps the attempts it used; the first attempt's has none"
         );
+        // A redriven message's copy keeps the id its redrive sent it with, for the ledger.
+        let record = deferred
+            .iter()
+            .find_map(|d| d.redrive.clone())
+            .expect("the redriven message's copy carries its record");
+        let record: crate::attribution::RedriveRecord = serde_json::from_str(&record).unwrap();
+        assert_eq!(record.id.as_deref(), Some("run-1"));
+        assert_eq!(record.copy_of.as_deref(), Some("n3"));
         let mut forwarded: Vec<Option<String>> = by_queue[&warehouse]
             .iter()
             .map(|s| s.group.clone())

@@ -87,6 +87,14 @@ impl<H: Handler> Inner<H> {
             fairness::DEFERRALS.to_owned(),
             string_attribute(message.deferrals.saturating_add(1).to_string()),
         );
+        // A redriven message's outcome stays under the id the redrive sent it with.
+        if let Some(mut record) = message.redrive_record() {
+            record
+                .copy_of
+                .get_or_insert_with(|| message.message_id.clone());
+            let json = serde_json::to_string(&record).expect("a record serializes");
+            attributes.insert(attribution::REDRIVE.to_owned(), string_attribute(json));
+        }
         // This receive ran nothing: the copy has used what this one had used before it.
         let used = message.attempt().saturating_sub(1);
         if used > 0 {

@@ -143,6 +143,9 @@ impl<H: Handler> Inner<H> {
         if self.untrusted_edge {
             for m in &mut messages {
                 m.attributes.retain(|name, _| !name.starts_with("fleet-"));
+                // The group cap never defers at the edge: counters there are an upstream's.
+                m.prior_attempts = 0;
+                m.deferrals = 0;
             }
         }
         events::received(&self.pair.queue.name, messages.len());
@@ -174,7 +177,7 @@ impl<H: Handler> Inner<H> {
             for m in messages {
                 let permit = take_one();
                 let this = Arc::clone(self);
-                match self.groups.try_enter(m.group_id.as_deref()) {
+                match self.groups.try_enter(m.group_id.as_deref(), m.deferrals) {
                     Some(slot) => jobs.spawn(async move {
                         this.process(m).await;
                         drop((slot, permit));
