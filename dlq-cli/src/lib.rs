@@ -19,9 +19,7 @@ use fleet_common::config::{AwsConfig, FleetConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{Cli, Command};
-use crate::commands::{attribute, inspect, redrive, transfer};
 use crate::error::{CliError, Exit, Result};
-use crate::output::Output;
 use crate::queues::Ctx;
 
 /// Builds the clients from the config (when given) and the standard AWS chain.
@@ -76,130 +74,16 @@ pub async fn run(cli: Cli, stop: CancellationToken) -> Result<Exit> {
         return Ok(Exit::Ok);
     }
     let ctx = context(&cli).await?;
-    let output = cli.output;
+    let (output, stop) = (cli.output, &stop);
     match cli.command {
-        Command::List { prefix } => inspect::list(&ctx, prefix.as_deref(), output).await,
-        Command::Peek {
-            queue,
-            max,
-            reveal,
-            force,
-            filter,
-        } => {
-            let q = queues::resolve(&ctx, &queue).await?;
-            inspect::peek(&ctx, &q, max, &filter, reveal, force, output).await
-        }
-        Command::Show {
-            queue,
-            message_id,
-            reveal,
-            force,
-        } => {
-            let q = queues::resolve(&ctx, &queue).await?;
-            inspect::show(&ctx, &q, &message_id, reveal, force, output).await
-        }
-        Command::Attribute {
-            queue,
-            by,
-            window,
-            examples,
-            max,
-            force,
-            filter,
-        } => {
-            let q = queues::resolve(&ctx, &queue).await?;
-            let opts = attribute::Options {
-                by,
-                window,
-                examples,
-                max,
-                force,
-                filter,
-            };
-            attribute::run(&ctx, &q, &opts, output).await
-        }
-        Command::Redrive {
-            queue,
-            to,
-            filter,
-            max,
-            rate,
-            dry_run,
-            move_task,
-            no_move_task: _,
-            hold,
-            wait_in_flight,
-            canary,
-            halt_above,
-            watch,
-        } => {
-            if hold < std::time::Duration::from_secs(2)
-                || hold > std::time::Duration::from_secs(43_200)
-            {
-                return Err(CliError::Usage("--hold must be between 2s and 12h".into()));
-            }
-            let q = queues::resolve(&ctx, &queue).await?;
-            let opts = redrive::Options {
-                to,
-                filter,
-                max,
-                rate,
-                dry_run,
-                move_task,
-                hold,
-                wait_in_flight,
-                canary: canary.map(|size| redrive::Canary {
-                    size: size as usize,
-                    halt_above_pct: halt_above,
-                    watch,
-                }),
-            };
-            let report = redrive::run(&ctx, &q, &opts, output, &stop).await?;
-            match output {
-                Output::Json => output::json(&report),
-                Output::Table => redrive::print(&report),
-            }
-            Ok(report.exit())
-        }
-        Command::Export {
-            queue,
-            file,
-            delete,
-            max,
-            force,
-            filter,
-        } => {
-            let q = queues::resolve(&ctx, &queue).await?;
-            let opts = transfer::ExportOptions {
-                file,
-                filter,
-                max,
-                delete,
-                overwrite: force,
-            };
-            transfer::export(&ctx, &q, &opts, output, &stop).await
-        }
-        Command::Import { file, to, rate } => {
-            let name = ctx
-                .config
-                .as_ref()
-                .and_then(|c| c.queues.get(&to))
-                .map_or_else(|| to.clone(), |q| q.name.clone());
-            let q = if to.starts_with("http") {
-                queues::resolve(&ctx, &to).await?
-            } else {
-                queues::resolve_name(&ctx, &name).await?
-            };
-            transfer::import(&ctx, &file, &q, rate, output, &stop).await
-        }
-        Command::Purge {
-            queue,
-            yes,
-            work_queue,
-        } => {
-            let q = queues::resolve(&ctx, &queue).await?;
-            transfer::purge(&ctx, &q, yes, work_queue, output).await
-        }
+        Command::List(args) => args.run(&ctx, output, stop).await,
+        Command::Peek(args) => args.run(&ctx, output, stop).await,
+        Command::Show(args) => args.run(&ctx, output, stop).await,
+        Command::Attribute(args) => args.run(&ctx, output, stop).await,
+        Command::Redrive(args) => args.run(&ctx, output, stop).await,
+        Command::Export(args) => args.run(&ctx, output, stop).await,
+        Command::Import(args) => args.run(&ctx, output, stop).await,
+        Command::Purge(args) => args.run(&ctx, output, stop).await,
         Command::Completions { .. } => unreachable!("handled above"),
     }
 }

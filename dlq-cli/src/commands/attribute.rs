@@ -167,20 +167,51 @@ pub fn group(
     out
 }
 
+/// `dlq attribute`: the queue and what to group.
+#[derive(Debug, clap::Args)]
+pub struct AttributeArgs {
+    /// The queue.
+    pub queue: String,
+    #[command(flatten)]
+    pub options: Options,
+}
+
+impl AttributeArgs {
+    /// Runs `dlq attribute`.
+    ///
+    /// # Errors
+    /// AWS errors; a queue with a redrive policy without `--force`.
+    pub async fn run(self, ctx: &Ctx, output: Output, _stop: &CancellationToken) -> Result<Exit> {
+        let q = queues::resolve(ctx, &self.queue).await?;
+        run(ctx, &q, &self.options, output).await
+    }
+}
+
 /// What `dlq attribute` groups, and over which messages.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
-    /// Group by these.
+    /// Group by these (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "reason,worker,source,class,window"
+    )]
     pub by: Vec<Dimension>,
-    /// Width of the first-failure window.
+    /// Width of the first-failure time window.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub window: Duration,
     /// Examples per group.
+    #[arg(long, default_value_t = 3)]
     pub examples: usize,
     /// Read at most this many messages.
+    #[arg(long)]
     pub max: Option<usize>,
     /// Read a queue that has a redrive policy.
+    #[arg(long)]
     pub force: bool,
     /// Only the messages that pass these.
+    #[command(flatten)]
     pub filter: Filter,
 }
 

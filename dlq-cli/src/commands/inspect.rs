@@ -14,6 +14,88 @@ use crate::queues::{self, Ctx, Queue, QueueInfo};
 use crate::record::DlqMessage;
 use crate::scan::{read_all, scan, Reader};
 
+/// `dlq list`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only queues whose name starts with this.
+    #[arg(long)]
+    pub prefix: Option<String>,
+}
+
+impl ListArgs {
+    /// Runs `dlq list`.
+    ///
+    /// # Errors
+    /// AWS errors.
+    pub async fn run(self, ctx: &Ctx, output: Output, _stop: &CancellationToken) -> Result<Exit> {
+        list(ctx, self.prefix.as_deref(), output).await
+    }
+}
+
+/// `dlq peek`.
+#[derive(Debug, clap::Args)]
+pub struct PeekArgs {
+    /// The queue.
+    pub queue: String,
+    /// Show at most this many (matching) messages.
+    #[arg(long, default_value_t = 10)]
+    pub max: usize,
+    /// Show bodies as they are (they can hold personal data).
+    #[arg(long)]
+    pub reveal: bool,
+    /// Read a queue that has a redrive policy.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub filter: Filter,
+}
+
+impl PeekArgs {
+    /// Runs `dlq peek`.
+    ///
+    /// # Errors
+    /// AWS errors; a queue with a redrive policy without `--force`.
+    pub async fn run(self, ctx: &Ctx, output: Output, _stop: &CancellationToken) -> Result<Exit> {
+        let q = queues::resolve(ctx, &self.queue).await?;
+        peek(
+            ctx,
+            &q,
+            self.max,
+            &self.filter,
+            self.reveal,
+            self.force,
+            output,
+        )
+        .await
+    }
+}
+
+/// `dlq show`.
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// The queue.
+    pub queue: String,
+    /// Its message id.
+    pub message_id: String,
+    /// Show the body as it is.
+    #[arg(long)]
+    pub reveal: bool,
+    /// Read a queue that has a redrive policy.
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl ShowArgs {
+    /// Runs `dlq show`.
+    ///
+    /// # Errors
+    /// AWS errors; a message that is not there.
+    pub async fn run(self, ctx: &Ctx, output: Output, _stop: &CancellationToken) -> Result<Exit> {
+        let q = queues::resolve(ctx, &self.queue).await?;
+        show(ctx, &q, &self.message_id, self.reveal, self.force, output).await
+    }
+}
+
 /// One DLQ in `list`.
 #[derive(Debug, Serialize)]
 pub struct DlqRow {

@@ -36,6 +36,98 @@ use crate::queues::{self, Ctx, Queue, QueueInfo};
 use crate::record::{AttributeValue, DlqMessage};
 use crate::scan::{Reader, MAX_HELD};
 
+/// `dlq redrive`: its flags.
+#[derive(Debug, clap::Args)]
+pub struct RedriveArgs {
+    /// The DLQ.
+    pub queue: String,
+    /// Destination queue (name, URL or config key); default: each message's source queue.
+    #[arg(long)]
+    pub to: Option<String>,
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Move at most this many.
+    #[arg(long)]
+    pub max: Option<usize>,
+    /// At most this many messages per second.
+    #[arg(long)]
+    pub rate: Option<NonZeroU32>,
+    /// Show what would move, and where; move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Hand the whole DLQ to SQS's StartMessageMoveTask (AWS only): fast and server-side,
+    /// but blind: no filter, no canary, no `fleet-redrive` record, no run-once guarantee.
+    #[arg(long)]
+    pub move_task: bool,
+    /// The default since the fleet's own path became the default; kept so scripts still run.
+    #[arg(long, hide = true, conflicts_with = "move_task")]
+    pub no_move_task: bool,
+    /// How long messages read are held invisible at a time (extended while running).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub hold: Duration,
+    /// How long to wait for messages in flight elsewhere (an interrupted run's) to come back.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub wait_in_flight: Duration,
+    /// Move this many first, then watch what becomes of them (--watch) and go on only while
+    /// at most --halt-above percent of them came back, are retrying or have no outcome.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub canary: Option<u32>,
+    /// With --canary: halt when more than this percentage of the moved messages came back or
+    /// are retrying (checked during the watch and before each batch of the rest).
+    #[arg(long, value_name = "PCT", default_value_t = 10.0, requires = "canary", value_parser = parse_percent)]
+    pub halt_above: f64,
+    /// With --canary: how long to watch the canary, and the longest wait for a new outcome.
+    #[arg(long, value_name = "DURATION", default_value = "2m", requires = "canary", value_parser = humantime::parse_duration)]
+    pub watch: Duration,
+}
+
+/// `--halt-above`: a percentage from 0 to 100 (`%` allowed).
+fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    let pct: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("`{s}` is not a percentage"))?;
+    if (0.0..=100.0).contains(&pct) {
+        Ok(pct)
+    } else {
+        Err(format!("`{s}` is not between 0 and 100"))
+    }
+}
+
+impl RedriveArgs {
+    /// Runs `dlq redrive` and prints its report.
+    ///
+    /// # Errors
+    /// A `--hold` out of range; AWS errors that stop the whole run.
+    pub async fn run(self, ctx: &Ctx, output: Output, stop: &CancellationToken) -> Result<Exit> {
+        if self.hold < Duration::from_secs(2) || self.hold > Duration::from_secs(43_200) {
+            return Err(CliError::Usage("--hold must be between 2s and 12h".into()));
+        }
+        let q = queues::resolve(ctx, &self.queue).await?;
+        let opts = Options {
+            to: self.to,
+            filter: self.filter,
+            max: self.max,
+            rate: self.rate,
+            dry_run: self.dry_run,
+            move_task: self.move_task,
+            hold: self.hold,
+            wait_in_flight: self.wait_in_flight,
+            canary: self.canary.map(|size| Canary {
+                size: size as usize,
+                halt_above_pct: self.halt_above,
+                watch: self.watch,
+            }),
+        };
+        let report = run(ctx, &q, &opts, output, stop).await?;
+        match output {
+            Output::Json => output::json(&report),
+            Output::Table => print(&report),
+        }
+        Ok(report.exit())
+    }
+}
+
 /// What to redrive and how.
 #[derive(Debug, Clone)]
 pub struct Options {

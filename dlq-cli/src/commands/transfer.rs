@@ -46,19 +46,102 @@ pub struct ExportReport {
     pub lapsed: u64,
 }
 
+/// `dlq export`: the queue, and what to write.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The queue.
+    pub queue: String,
+    #[command(flatten)]
+    pub options: ExportOptions,
+}
+
+impl ExportArgs {
+    /// Runs `dlq export`.
+    ///
+    /// # Errors
+    /// AWS and file errors.
+    pub async fn run(self, ctx: &Ctx, output: Output, stop: &CancellationToken) -> Result<Exit> {
+        let q = queues::resolve(ctx, &self.queue).await?;
+        export(ctx, &q, &self.options, output, stop).await
+    }
+}
+
 /// What `dlq export` writes, and what it does with what it wrote.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ExportOptions {
-    /// The JSON Lines file.
+    /// The file to write (JSON Lines).
+    #[arg(long)]
     pub file: std::path::PathBuf,
-    /// Which messages.
-    pub filter: Filter,
-    /// At most this many.
-    pub max: Option<usize>,
-    /// Delete what was exported, once it is synced to disk.
+    /// Delete what was exported, once the file is synced to disk.
+    #[arg(long)]
     pub delete: bool,
+    /// Export at most this many messages.
+    #[arg(long)]
+    pub max: Option<usize>,
     /// Replace an existing file.
+    #[arg(long = "force")]
     pub overwrite: bool,
+    /// Which messages.
+    #[command(flatten)]
+    pub filter: Filter,
+}
+
+/// `dlq import`.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The export file.
+    pub file: std::path::PathBuf,
+    /// Destination queue (name, URL or config key of a work queue).
+    #[arg(long)]
+    pub to: String,
+    /// At most this many messages per second.
+    #[arg(long)]
+    pub rate: Option<NonZeroU32>,
+}
+
+impl ImportArgs {
+    /// Runs `dlq import`.
+    ///
+    /// # Errors
+    /// AWS and file errors.
+    pub async fn run(self, ctx: &Ctx, output: Output, stop: &CancellationToken) -> Result<Exit> {
+        // A config key names the work queue here, not its DLQ.
+        let q = if self.to.starts_with("http") {
+            queues::resolve(ctx, &self.to).await?
+        } else {
+            let name = ctx
+                .config
+                .as_ref()
+                .and_then(|c| c.queues.get(&self.to))
+                .map_or_else(|| self.to.clone(), |q| q.name.clone());
+            queues::resolve_name(ctx, &name).await?
+        };
+        import(ctx, &self.file, &q, self.rate, output, stop).await
+    }
+}
+
+/// `dlq purge`.
+#[derive(Debug, clap::Args)]
+pub struct PurgeArgs {
+    /// The queue (a config key names its DLQ).
+    pub queue: String,
+    /// Do not ask.
+    #[arg(long)]
+    pub yes: bool,
+    /// Purge a work queue (not a `<queue>-dlq`): deletes jobs no worker has run yet.
+    #[arg(long)]
+    pub work_queue: bool,
+}
+
+impl PurgeArgs {
+    /// Runs `dlq purge`.
+    ///
+    /// # Errors
+    /// AWS errors; a work queue without `--work-queue`.
+    pub async fn run(self, ctx: &Ctx, output: Output, _stop: &CancellationToken) -> Result<Exit> {
+        let q = queues::resolve(ctx, &self.queue).await?;
+        purge(ctx, &q, self.yes, self.work_queue, output).await
+    }
 }
 
 /// `dlq export`.
