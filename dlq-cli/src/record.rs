@@ -156,7 +156,9 @@ impl DlqMessage {
 
     /// The message as it goes into a queue by `dlq import`: into a DLQ its attribution is
     /// marked as imported now (still current there); into a work queue the attribution is
-    /// replaced by a redrive record, as a redrive does, so that it cannot go stale.
+    /// replaced by a redrive record, as a redrive does, so that it cannot go stale. Either way
+    /// no record goes on that the CLI did not compute: who sent the message first is what the
+    /// fleet vouches for ([`Self::original_sender`]), never what a record in the file says.
     pub fn for_import(
         &self,
         into_dlq: bool,
@@ -165,35 +167,45 @@ impl DlqMessage {
         redrivers: &[String],
     ) -> Self {
         let mut out = self.clone();
-        let Some(mut a) = self.stored_attribution() else {
-            return out;
-        };
-        if into_dlq && self.attribution().is_none() {
-            // Stale in the file already: it stays stale, with its old times.
-            return out;
-        }
-        if into_dlq {
-            a.imported_at = Some(now);
-            out.attributes.insert(
-                attribution::ATTRIBUTION.to_owned(),
-                AttributeValue::string(serde_json::to_string(&a).expect("attribution serializes")),
-            );
-        } else {
-            let record = RedriveRecord {
-                count: self.redrive().map_or(1, |p| p.count + 1),
-                at: now,
-                from_queue: format!("import into {queue}"),
-                previous_reason: Some(a.reason),
-                id: None,
-                sender_id: self.original_sender(redrivers),
-                copy_of: None,
-            };
-            out.attributes.remove(attribution::ATTRIBUTION);
+        let first = self.original_sender(redrivers);
+        let set_record = |out: &mut Self, record: &RedriveRecord| {
             out.attributes.insert(
                 attribution::REDRIVE.to_owned(),
-                AttributeValue::string(serde_json::to_string(&record).expect("record serializes")),
+                AttributeValue::string(serde_json::to_string(record).expect("record serializes")),
             );
+        };
+        if into_dlq {
+            if let Some(mut record) = self.redrive() {
+                record.sender_id = first;
+                record.copy_of = None;
+                set_record(&mut out, &record);
+            }
+            // A stale attribution in the file stays stale, with its old times.
+            if let (Some(mut a), true) = (self.stored_attribution(), self.attribution().is_some()) {
+                a.imported_at = Some(now);
+                out.attributes.insert(
+                    attribution::ATTRIBUTION.to_owned(),
+                    AttributeValue::string(
+                        serde_json::to_string(&a).expect("attribution serializes"),
+                    ),
+                );
+            }
+            return out;
         }
+        let record = RedriveRecord {
+            count: self.redrive().map_or(1, |p| p.count + 1),
+            at: now,
+            from_queue: format!("import into {queue}"),
+            previous_reason: Some(
+                self.stored_attribution()
+                    .map_or_else(|| "none".to_owned(), |a| a.reason),
+            ),
+            id: None,
+            sender_id: first,
+            copy_of: None,
+        };
+        out.attributes.remove(attribution::ATTRIBUTION);
+        set_record(&mut out, &record);
         out
     }
 
@@ -238,19 +250,25 @@ impl DlqMessage {
 
     /// Who sent the message to the fleet first (an SQS `SenderId`), for the edge to check when
     /// it comes back from the operator: what the attribution of the worker that gave up on it
-    /// says (the worker believes a redrive record only of a redriver); for a message SQS moved
-    /// here itself (no attribution), its own `SenderId` (a move keeps it), or, when that is one
-    /// of `redrivers` (the operator's copy), what that copy's redrive record says. An upstream's
-    /// own record is never believed.
+    /// says (the worker believes a redrive record only of a redriver), or for a message SQS
+    /// moved here itself (no attribution) its own `SenderId` (a move keeps it); when that sender
+    /// is one of `redrivers` (the operator's copy), what the copy's redrive record says. An
+    /// upstream's own record is never believed. Without `redrivers` (no `--config`), an
+    /// operator's copy names the operator, whom the edge refuses.
     pub fn original_sender(&self, redrivers: &[String]) -> Option<String> {
-        if let Some(a) = self.attribution() {
-            return a.sender_id;
-        }
-        let sender = self.system(MessageSystemAttributeName::SenderId)?;
-        if fleet_common::config::matches_sender(redrivers, sender) {
+        let is_redriver = |id: &str| fleet_common::config::matches_sender(redrivers, id);
+        let sender = match self.attribution() {
+            // The worker's word; a worker that did not know the redrivers wrote the operator.
+            Some(a) => a.sender_id?,
+            None => self
+                .system(MessageSystemAttributeName::SenderId)?
+                .to_owned(),
+        };
+        if is_redriver(&sender) {
+            // The copy came from the operator: its record is the CLI's own.
             self.redrive().and_then(|r| r.sender_id)
         } else {
-            Some(sender.to_owned())
+            Some(sender)
         }
     }
 
@@ -453,6 +471,72 @@ pub(crate) mod tests {
         assert_eq!(
             replayed.redrive().unwrap().previous_reason.as_deref(),
             Some("downstream_unavailable")
+        );
+    }
+
+    #[test]
+    fn an_import_never_carries_a_record_it_did_not_compute() {
+        let redrivers = ["AROAOPERATOR".to_owned()];
+        // SQS moved an upstream's message (no attribution) that carried a planted record
+        // naming another sender, a run and a copy.
+        let mut m = message("m-1", "{}", None);
+        m.system_attributes
+            .insert("SenderId".into(), "AROACARRIER:hook".into());
+        let planted = RedriveRecord {
+            count: 1,
+            at: time::macros::datetime!(2026-11-20 10:00 UTC),
+            from_queue: "x".into(),
+            previous_reason: None,
+            id: Some("20261120T100000Z-0a1b2c3d".into()),
+            sender_id: Some("AROASTOREFRONT".into()),
+            copy_of: Some("victim".into()),
+        };
+        m.attributes.insert(
+            attribution::REDRIVE.into(),
+            AttributeValue::string(serde_json::to_string(&planted).unwrap()),
+        );
+        let now = time::macros::datetime!(2026-11-21 10:00 UTC);
+        for into_dlq in [false, true] {
+            let imported = m.for_import(into_dlq, "fleet-ingest", now, &redrivers);
+            let record = imported.redrive().unwrap();
+            assert_eq!(
+                record.sender_id.as_deref(),
+                Some("AROACARRIER:hook"),
+                "the sender SQS kept, not the planted one (into a DLQ: {into_dlq})"
+            );
+            assert_eq!(record.copy_of, None);
+        }
+        // Into a work queue, a message with neither attribution nor record gets one, so the
+        // edge can check who sent it first.
+        let mut bare = message("m-2", "{}", None);
+        bare.system_attributes
+            .insert("SenderId".into(), "AROACARRIER:hook".into());
+        let imported = bare.for_import(false, "fleet-ingest", now, &redrivers);
+        assert_eq!(
+            imported.redrive().unwrap().sender_id.as_deref(),
+            Some("AROACARRIER:hook")
+        );
+        // A worker of an earlier build wrote the operator as the sender of a redriven copy:
+        // the copy's record (the CLI's own) names the first sender.
+        let mut a = attribution(
+            "dependency_unavailable",
+            "ingestion",
+            FailureClass::AttemptsExhausted,
+        );
+        a.sender_id = Some("AROAOPERATOR:ops-alice".into());
+        let mut redriven = message("m-3", "{}", Some(&a));
+        let ours = RedriveRecord {
+            sender_id: Some("AROASTOREFRONT:s-1".into()),
+            copy_of: None,
+            ..planted
+        };
+        redriven.attributes.insert(
+            attribution::REDRIVE.into(),
+            AttributeValue::string(serde_json::to_string(&ours).unwrap()),
+        );
+        assert_eq!(
+            redriven.original_sender(&redrivers).as_deref(),
+            Some("AROASTOREFRONT:s-1")
         );
     }
 }

@@ -9,12 +9,12 @@
 //! push the message toward the queue's redrive policy. The delay doubles with each deferral of
 //! the same message ([`DEFERRALS`]), from 1 s up to a minute, so a tenant that keeps its cap
 //! busy waits for its own messages without a receive loop that costs requests every second; and
-//! a message deferred [`STARVED_AFTER`] times may take one slot above the cap, so that fresh
-//! messages of its group cannot keep it waiting for ever.
+//! a message deferred [`STARVED_AFTER`] times may take one slot above the cap (one per group and
+//! task), so that a group's long-deferred messages keep moving while fresh ones arrive.
 //!
 //! The group is what the upstream declares (the edge authenticates the sender, not its tenants):
-//! a message without a group is never limited. Both counters are read at the edge too; an
-//! upstream that forges them only delays or shortens its own message.
+//! a message without a group is never limited. The cap is refused at the edge (a copy would lose
+//! the SenderId that names its upstream), and the edge ignores both counters.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;

@@ -1180,9 +1180,8 @@ fn outcomes_of_run(
     }
     let mut o = RunOutcomes::of(latest.into_values());
     if read_back > o.dead_lettered {
-        // The ledger missed some (a failed write): those were last written as retrying, most
-        // likely; counted once, as come back.
-        o.retrying = o.retrying.saturating_sub(read_back - o.dead_lettered);
+        // The ledger missed some (a failed write); one last written as retrying then counts
+        // twice, against the run: the guard errs on the side of halting.
         o.dead_lettered = read_back;
         o.dead_lettered_reasons = read_back_reasons.clone();
     }
@@ -1665,8 +1664,8 @@ mod tests {
         let o = outcomes_of_run(&entries, &sent, &HashSet::new(), (3, &read));
         assert_eq!(
             (o.dead_lettered, o.retrying),
-            (3, 0),
-            "b counted once, as come back"
+            (3, 1),
+            "b may count twice, against the run: the guard errs on the side of halting"
         );
     }
 

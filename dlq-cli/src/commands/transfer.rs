@@ -446,10 +446,13 @@ pub async fn import(
         let now = OffsetDateTime::now_utc();
         for (i, m) in chunk.iter().enumerate() {
             let m = &m.for_import(to.is_dlq(), &to.name, now, ctx.redrivers());
+            let mut attributes = m.sdk_attributes().map_err(CliError::Usage)?;
+            // Within SQS's 10, the fleet's own kept first (the record may be one more).
+            fleet_common::attribution::fit_attributes(&mut attributes);
             let mut e = SendMessageBatchRequestEntry::builder()
                 .id(i.to_string())
                 .message_body(&m.body)
-                .set_message_attributes(Some(m.sdk_attributes().map_err(CliError::Usage)?))
+                .set_message_attributes(Some(attributes))
                 .set_message_system_attributes(m.sdk_system_attributes())
                 // The tenant's group travels, on standard queues too (fair queues).
                 .set_message_group_id(carried_group_id(to.fifo(), m.group_id()));

@@ -214,6 +214,11 @@ pub(super) fn kept_redrive_record(raw: &str) -> Option<String> {
         }
     };
     record.id = record.id.filter(|id| crate::runtime::is_valid_id(id));
+    // Ids only, never a card number (an upstream may write anything in a record).
+    record.sender_id = record
+        .sender_id
+        .filter(|id| crate::runtime::is_valid_id(id));
+    record.copy_of = record.copy_of.filter(|id| crate::runtime::is_valid_id(id));
     record.from_queue = clean(&record.from_queue, 256);
     record.previous_reason = record.previous_reason.map(|r| clean(&r, 128));
     serde_json::to_string(&record).ok()
