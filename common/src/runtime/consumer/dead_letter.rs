@@ -129,36 +129,9 @@ impl<H: Handler> Inner<H> {
         let json = serde_json::to_string(attribution).map_err(|e| e.to_string())?;
         attributes.insert(attribution::ATTRIBUTION.to_owned(), string_attribute(json));
         let mut dropped = attribution::fit_attributes(&mut attributes);
-        // Within SQS's size limit too, or the send fails on every attempt: the upstream's own
-        // attributes go first, the largest first; then the attribution's detail is cut.
-        let limit = self.max_message_bytes;
-        let over =
-            |a: &HashMap<String, MessageAttributeValue>| body.len() + attributes_size(a) > limit;
-        let bytes = |(k, v): &(&String, &MessageAttributeValue)| {
-            k.len()
-                + v.string_value().map_or(0, str::len)
-                + v.binary_value().map_or(0, |b| b.as_ref().len())
-        };
-        // The upstream's own attributes go first, then any but the attribution (at the edge an
-        // upstream may have set `fleet-*` or a huge correlation id itself), the largest first.
-        let ours = |k: &str| k.starts_with("fleet-") || k == CORRELATION_ID;
-        for any in [false, true] {
-            while over(&attributes) {
-                let largest = attributes
-                    .iter()
-                    .filter(|(k, _)| {
-                        k.as_str() != attribution::ATTRIBUTION
-                            && k.as_str() != attribution::REDRIVE
-                            && (any || !ours(k))
-                    })
-                    .max_by_key(bytes)
-                    .map(|(k, _)| k.clone());
-                let Some(name) = largest else { break };
-                attributes.remove(&name);
-                dropped.push(name);
-            }
-        }
-        if over(&attributes) {
+        dropped.extend(fit_size(&body, &mut attributes, self.max_message_bytes));
+        if body.len() + attributes_size(&attributes) > self.max_message_bytes {
+            // Still over: the attribution's detail is cut.
             let mut cut = attribution.clone();
             cut.detail = "(cut: the message is at SQS's size limit)".to_owned();
             let json = serde_json::to_string(&cut).map_err(|e| e.to_string())?;
@@ -195,6 +168,42 @@ impl<H: Handler> Inner<H> {
             })
             .await
     }
+}
+
+/// Drops attributes until the body and the attributes fit SQS's size `limit` (or the send fails
+/// on every attempt): the upstream's own first, then any but the attribution and the redrive
+/// record (at the edge an upstream may have set `fleet-*` or a huge correlation id itself), the
+/// largest first. Returns the names dropped.
+fn fit_size(
+    body: &str,
+    attributes: &mut HashMap<String, MessageAttributeValue>,
+    limit: usize,
+) -> Vec<String> {
+    let over = |a: &HashMap<String, MessageAttributeValue>| body.len() + attributes_size(a) > limit;
+    let bytes = |(k, v): &(&String, &MessageAttributeValue)| {
+        k.len()
+            + v.string_value().map_or(0, str::len)
+            + v.binary_value().map_or(0, |b| b.as_ref().len())
+    };
+    let ours = |k: &str| k.starts_with("fleet-") || k == CORRELATION_ID;
+    let mut dropped = Vec::new();
+    for any in [false, true] {
+        while over(attributes) {
+            let largest = attributes
+                .iter()
+                .filter(|(k, _)| {
+                    k.as_str() != attribution::ATTRIBUTION
+                        && k.as_str() != attribution::REDRIVE
+                        && (any || !ours(k))
+                })
+                .max_by_key(bytes)
+                .map(|(k, _)| k.clone());
+            let Some(name) = largest else { break };
+            attributes.remove(&name);
+            dropped.push(name);
+        }
+    }
+    dropped
 }
 
 /// The redrive record a dead-lettered message keeps: a well-formed record, rewritten from its

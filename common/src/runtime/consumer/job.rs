@@ -5,6 +5,16 @@
 #[allow(unused_imports)]
 use super::*;
 
+/// What a FIFO group does after one of its messages.
+enum GroupStep {
+    /// The message is done (or dead-lettered): on to the next.
+    Done,
+    /// Hand this message and the rest back to SQS (shutdown, or held too long).
+    HandBackWithThis,
+    /// This message stays on the queue for its retry: hand the rest back.
+    HandBackAfterThis,
+}
+
 impl<H: Handler> Inner<H> {
     /// A FIFO group's messages of one receive, strictly in order. All of them are held, and
     /// heartbeated, until each is done: a transient failure is retried here, in place, after
@@ -33,60 +43,24 @@ impl<H: Handler> Inner<H> {
         let work = async {
             let mut rest = group.into_iter();
             while let Some((m, permit)) = rest.next() {
-                if self.stopping.is_cancelled() {
+                let step = if self.stopping.is_cancelled() {
                     // Shutdown: nothing more is started; the group goes back whole.
-                    let left = std::iter::once(m.receipt_handle.clone())
-                        .chain(rest.map(|(m, _)| m.receipt_handle))
-                        .collect();
-                    hand_back(left).await;
-                    return;
-                }
-                let mut extra_attempts = 0;
-                let span = self.message_span(&m);
-                loop {
-                    let attempt = m.attempt() + extra_attempts;
-                    let ran = self.run_through_throttling(&m).instrument(span.clone());
-                    let result = match ran.await {
-                        Ran::Done(result) => result,
-                        Ran::Stopped => {
-                            let left = std::iter::once(m.receipt_handle.clone())
-                                .chain(rest.map(|(m, _)| m.receipt_handle))
-                                .collect();
-                            hand_back(left).await;
-                            return;
-                        }
-                    };
-                    let settled = self.settle(&m, attempt, result, true);
-                    match settled.instrument(span.clone()).await {
-                        Settled::Left => break,
-                        Settled::RetryIn(delay) => {
-                            // Held no longer than SQS lets a receive stay invisible.
-                            let fits =
-                                m.received.elapsed() + delay + self.worker.handler_deadline()
-                                    < MAX_VISIBILITY.saturating_sub(VISIBILITY_MARGIN);
-                            if !fits {
-                                let left = std::iter::once(m.receipt_handle.clone())
-                                    .chain(rest.map(|(m, _)| m.receipt_handle))
-                                    .collect();
-                                hand_back(left).await;
-                                return;
-                            }
-                            tokio::select! {
-                                () = tokio::time::sleep(delay) => extra_attempts += 1,
-                                () = self.stopping.cancelled() => {
-                                    let left = std::iter::once(m.receipt_handle.clone())
-                                        .chain(rest.map(|(m, _)| m.receipt_handle))
-                                        .collect();
-                                    hand_back(left).await;
-                                    return;
-                                }
-                            }
-                        }
-                        Settled::Stays => {
-                            let left = rest.map(|(m, _)| m.receipt_handle).collect();
-                            hand_back(left).await;
-                            return;
-                        }
+                    GroupStep::HandBackWithThis
+                } else {
+                    self.run_in_group(&m).await
+                };
+                match step {
+                    GroupStep::Done => {}
+                    GroupStep::HandBackWithThis => {
+                        let left = std::iter::once(m.receipt_handle.clone())
+                            .chain(rest.map(|(m, _)| m.receipt_handle))
+                            .collect();
+                        hand_back(left).await;
+                        return;
+                    }
+                    GroupStep::HandBackAfterThis => {
+                        hand_back(rest.map(|(m, _)| m.receipt_handle).collect()).await;
+                        return;
                     }
                 }
                 held.lock()
@@ -113,6 +87,45 @@ impl<H: Handler> Inner<H> {
         self.report_in_flight();
     }
 
+    /// One message of a FIFO group through its handler, a transient failure retried here, in
+    /// place, after its backoff (counting the attempt): what the group does next.
+    async fn run_in_group(&self, m: &Message) -> GroupStep {
+        let span = self.message_span(m);
+        let mut extra_attempts = 0;
+        loop {
+            let attempt = m.attempt() + extra_attempts;
+            let result = match self
+                .run_through_throttling(m)
+                .instrument(span.clone())
+                .await
+            {
+                Ran::Done(result) => result,
+                Ran::Stopped => return GroupStep::HandBackWithThis,
+            };
+            match self
+                .settle(m, attempt, result, true)
+                .instrument(span.clone())
+                .await
+            {
+                Settled::Left => return GroupStep::Done,
+                // Failed and hidden for its retry by SQS: the rest must not overtake it.
+                Settled::Stays => return GroupStep::HandBackAfterThis,
+                Settled::RetryIn(delay) => {
+                    // Held no longer than SQS lets a receive stay invisible.
+                    let fits = m.received.elapsed() + delay + self.worker.handler_deadline()
+                        < MAX_VISIBILITY.saturating_sub(VISIBILITY_MARGIN);
+                    if !fits {
+                        return GroupStep::HandBackWithThis;
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => extra_attempts += 1,
+                        () = self.stopping.cancelled() => return GroupStep::HandBackWithThis,
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs the handler once, within its deadline; a panic is a transient failure.
     pub(super) async fn run_handler(&self, message: &Message) -> Result<Outcome, HandlerError> {
         let deadline = self.worker.handler_deadline();
@@ -137,11 +150,6 @@ impl<H: Handler> Inner<H> {
         result
     }
 
-    /// Runs the handler, with a heartbeat, until the message is settled: done (acknowledged),
-    /// retried later, or dead-lettered. Throttling is retried here, in place, while the
-    /// consumer's concurrency limit shrinks, for up to `throttle_patience_secs`: throttling
-    /// alone does not use up the message's attempts. Returns whether the message left the
-    /// queue.
     /// The span of one message's handling: every line logged in it carries the correlation id;
     /// with tracing on it is the message's span in the order's trace.
     pub(super) fn message_span(&self, message: &Message) -> tracing::Span {
@@ -165,6 +173,11 @@ impl<H: Handler> Inner<H> {
         span
     }
 
+    /// Runs the handler, with a heartbeat, until the message is settled: done (acknowledged),
+    /// retried later, or dead-lettered. Throttling is retried here, in place, while the
+    /// consumer's concurrency limit shrinks, for up to `throttle_patience_secs`: throttling
+    /// alone does not use up the message's attempts. Returns whether the message left the
+    /// queue.
     pub(super) async fn process(&self, message: Message) -> bool {
         let span = self.message_span(&message);
         async {
