@@ -677,6 +677,16 @@ impl FleetConfig {
     /// # Errors
     /// The first violated rule, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_observability()?;
+        self.validate_senders()?;
+        self.validate_aws()?;
+        self.validate_queues()?;
+        self.validate_workers()?;
+        self.validate_tables()
+    }
+
+    /// Health and tracing: a poller's staleness above what a healthy idle poll can take; an OTLP endpoint that is a local collector.
+    fn validate_observability(&self) -> Result<(), ConfigError> {
         let longest_poll_ms = self
             .workers
             .values()
@@ -703,7 +713,11 @@ impl FleetConfig {
                 ));
             }
         }
-        self.validate_senders()?;
+        Ok(())
+    }
+
+    /// SQS's size limits (the edge's body within them) and request timeouts.
+    fn validate_aws(&self) -> Result<(), ConfigError> {
         if !(1024..=1024 * 1024).contains(&self.aws.sqs_max_message_bytes) {
             return Err(ConfigError::invalid(
                 "aws.sqs_max_message_bytes",
@@ -727,6 +741,17 @@ impl FleetConfig {
                 ));
             }
         }
+        if self.ingestion.max_body_bytes == 0 || self.ingestion.max_body_bytes > 256 * 1024 {
+            return Err(ConfigError::invalid(
+                "ingestion.max_body_bytes",
+                "must be 1–262144 (SQS's own limit is 256 KiB)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queue names, visibility, receive counts and retention.
+    fn validate_queues(&self) -> Result<(), ConfigError> {
         for (key, q) in &self.queues {
             let at = |f: &str| format!("queues.{key}.{f}");
             if q.name.is_empty() || q.name.len() > 80 - 4 {
@@ -785,6 +810,11 @@ impl FleetConfig {
                 return Err(ConfigError::invalid(at("dlq_retention_secs"), "must be longer than retention_secs, or messages expire in the DLQ before anyone looks"));
             }
         }
+        Ok(())
+    }
+
+    /// Each worker against its queue: batches, waits, deadlines, heartbeats under the visibility, attempts under the receive count, backoff, the group cap.
+    fn validate_workers(&self) -> Result<(), ConfigError> {
         for (role, w) in &self.workers {
             let at = |f: &str| format!("workers.{role}.{f}");
             let q = self.queues.get(&w.queue).ok_or_else(|| {
@@ -861,6 +891,11 @@ impl FleetConfig {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Table names.
+    fn validate_tables(&self) -> Result<(), ConfigError> {
         for (key, t) in &self.tables {
             if t.name.len() < 3 || t.name.len() > 255 {
                 return Err(ConfigError::invalid(
@@ -868,12 +903,6 @@ impl FleetConfig {
                     "must be 3–255 characters",
                 ));
             }
-        }
-        if self.ingestion.max_body_bytes == 0 || self.ingestion.max_body_bytes > 256 * 1024 {
-            return Err(ConfigError::invalid(
-                "ingestion.max_body_bytes",
-                "must be 1–262144 (SQS's own limit is 256 KiB)",
-            ));
         }
         Ok(())
     }
