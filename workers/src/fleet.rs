@@ -62,21 +62,7 @@ pub async fn run(
             stage_name(role)?,
             worker.downstream_rate_per_sec,
         );
-        let settings = ConsumerSettings {
-            role: role.clone(),
-            worker,
-            topology: topology.clone(),
-            max_message_bytes: config.aws.sqs_max_message_bytes,
-            untrusted_edge: role == "ingestion",
-            // The emulator does not keep system attributes; real SQS carries X-Ray's header.
-            aws_trace_header: !config
-                .aws
-                .sqs_endpoint_url
-                .as_deref()
-                .is_some_and(fleet_common::aws::is_loopback_url),
-            ledger: ledger.clone(),
-            redrivers: config.ingestion.redrivers.clone(),
-        };
+        let settings = settings(config, role, worker, &topology, ledger.clone());
         let (task, role_stats) = match role.as_str() {
             "ingestion" => spawn(
                 clients,
@@ -118,6 +104,31 @@ pub async fn run(
         task.await?;
     }
     Ok(stats)
+}
+
+/// What a role's consumer needs besides its handler.
+fn settings(
+    config: &FleetConfig,
+    role: &str,
+    worker: fleet_common::config::WorkerConfig,
+    topology: &Topology,
+    ledger: Option<fleet_common::redrive_ledger::Ledger>,
+) -> ConsumerSettings {
+    ConsumerSettings {
+        role: role.to_owned(),
+        worker,
+        topology: topology.clone(),
+        max_message_bytes: config.aws.sqs_max_message_bytes,
+        untrusted_edge: role == "ingestion",
+        // The emulator does not keep system attributes; real SQS carries X-Ray's header.
+        aws_trace_header: !config
+            .aws
+            .sqs_endpoint_url
+            .as_deref()
+            .is_some_and(fleet_common::aws::is_loopback_url),
+        ledger,
+        redrivers: config.ingestion.redrivers.clone(),
+    }
 }
 
 fn stage_name(role: &str) -> anyhow::Result<&'static str> {

@@ -34,34 +34,12 @@ impl<H: Handler> Inner<H> {
                 events::retried(queue, reason.0, attempt, delay, &detail);
                 let outcome = redrive_ledger::Outcome::Retrying { reason: reason.0 };
                 self.record_redrive(message, outcome).await;
-                if hold {
-                    return Settled::RetryIn(delay);
-                }
-                let visibility = retry_visibility(delay, message.received.elapsed());
-                self.set_visibility(&message.receipt_handle, visibility)
-                    .await;
-                return Settled::Stays;
+                return self.retry_later(message, delay, hold).await;
             }
             HandlerError::Transient { .. } => FailureClass::AttemptsExhausted,
             HandlerError::Permanent { .. } => FailureClass::Permanent,
         };
-        let now = OffsetDateTime::now_utc();
-        let attribution = Attribution {
-            reason: error.reason().0.to_owned(),
-            class,
-            detail,
-            worker: self.role.clone(),
-            source_queue: queue.clone(),
-            attempts: attempt,
-            first_failed_at: message.first_received_at.unwrap_or(now),
-            last_failed_at: now,
-            correlation_id: message.correlation_id.clone(),
-            source_message_id: message.message_id.clone(),
-            origin: message.attributes.get(SOURCE).cloned(),
-            imported_at: None,
-            version: Some(crate::build_info::VERSION.to_owned()),
-            sender_id: message.first_sender(&self.redrivers),
-        };
+        let attribution = self.attribution(message, attempt, &error, class, detail);
         match self.dead_letter(message, &attribution).await {
             Ok(()) => {
                 self.acknowledge(message).await;
@@ -82,16 +60,48 @@ impl<H: Handler> Inner<H> {
             Err(e) => {
                 events::dead_letter_failed(queue, &e);
                 let delay = Duration::from_millis(self.worker.backoff_min_ms);
-                if hold {
-                    return Settled::RetryIn(delay);
-                }
-                self.set_visibility(
-                    &message.receipt_handle,
-                    retry_visibility(delay, message.received.elapsed()),
-                )
-                .await;
-                Settled::Stays
+                self.retry_later(message, delay, hold).await
             }
+        }
+    }
+
+    /// Another attempt after `delay`: by the caller, in place (`hold`, a FIFO group), or by SQS
+    /// once the message's visibility ends.
+    async fn retry_later(&self, message: &Message, delay: Duration, hold: bool) -> Settled {
+        if hold {
+            return Settled::RetryIn(delay);
+        }
+        let visibility = retry_visibility(delay, message.received.elapsed());
+        self.set_visibility(&message.receipt_handle, visibility)
+            .await;
+        Settled::Stays
+    }
+
+    /// Why the message goes to the DLQ, as the attribution it carries there.
+    fn attribution(
+        &self,
+        message: &Message,
+        attempt: u32,
+        error: &HandlerError,
+        class: FailureClass,
+        detail: String,
+    ) -> Attribution {
+        let now = OffsetDateTime::now_utc();
+        Attribution {
+            reason: error.reason().0.to_owned(),
+            class,
+            detail,
+            worker: self.role.clone(),
+            source_queue: self.pair.queue.name.clone(),
+            attempts: attempt,
+            first_failed_at: message.first_received_at.unwrap_or(now),
+            last_failed_at: now,
+            correlation_id: message.correlation_id.clone(),
+            source_message_id: message.message_id.clone(),
+            origin: message.attributes.get(SOURCE).cloned(),
+            imported_at: None,
+            version: Some(crate::build_info::VERSION.to_owned()),
+            sender_id: message.first_sender(&self.redrivers),
         }
     }
 
