@@ -442,25 +442,18 @@ pub async fn import(
                 .await
                 .expect("within burst");
         }
-        let mut entries = Vec::with_capacity(chunk.len());
         let now = OffsetDateTime::now_utc();
-        for (i, m) in chunk.iter().enumerate() {
-            let m = &m.for_import(to.is_dlq(), &to.name, now, ctx.redrivers());
-            let mut attributes = m.sdk_attributes().map_err(CliError::Usage)?;
-            // Within SQS's 10, the fleet's own kept first (the record may be one more).
-            fleet_common::attribution::fit_attributes(&mut attributes);
-            let mut e = SendMessageBatchRequestEntry::builder()
-                .id(i.to_string())
-                .message_body(&m.body)
-                .set_message_attributes(Some(attributes))
-                .set_message_system_attributes(m.sdk_system_attributes())
-                // The tenant's group travels, on standard queues too (fair queues).
-                .set_message_group_id(carried_group_id(to.fifo(), m.group_id()));
-            if to.fifo() {
-                e = e.message_deduplication_id(m.deduplication_id().unwrap_or(&m.message_id));
-            }
-            entries.push(e.build().map_err(|e| CliError::Usage(e.to_string()))?);
-        }
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                import_entry(
+                    &m.for_import(to.is_dlq(), &to.name, now, ctx.redrivers()),
+                    i,
+                    to,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
         let out = ctx
             .sqs
             .send_message_batch()
@@ -496,6 +489,24 @@ pub async fn import(
     } else {
         Exit::Ok
     })
+}
+
+/// One message of an import as it is sent to `to` (already made ready by `for_import`): body,
+/// attributes (within SQS's 10, the fleet's own kept first), trace header, group and FIFO ids.
+fn import_entry(m: &DlqMessage, id: usize, to: &Queue) -> Result<SendMessageBatchRequestEntry> {
+    let mut attributes = m.sdk_attributes().map_err(CliError::Usage)?;
+    fleet_common::attribution::fit_attributes(&mut attributes);
+    let mut e = SendMessageBatchRequestEntry::builder()
+        .id(id.to_string())
+        .message_body(&m.body)
+        .set_message_attributes(Some(attributes))
+        .set_message_system_attributes(m.sdk_system_attributes())
+        // The tenant's group travels, on standard queues too (fair queues).
+        .set_message_group_id(carried_group_id(to.fifo(), m.group_id()));
+    if to.fifo() {
+        e = e.message_deduplication_id(m.deduplication_id().unwrap_or(&m.message_id));
+    }
+    e.build().map_err(|e| CliError::Usage(e.to_string()))
 }
 
 /// Whether `dlq purge` may empty this queue. A DLQ (the fleet names them `<queue>-dlq`) holds
