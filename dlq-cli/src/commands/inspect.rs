@@ -309,30 +309,9 @@ pub async fn peek(
 ) -> Result<Exit> {
     let info = guard_reads(ctx, queue, force).await?;
     let mut reader = Reader::new(ctx, queue, Duration::from_secs(30));
-    let now = OffsetDateTime::now_utc();
-    let mut matched = Vec::new();
-    let mut read = 0usize;
-    let stop = CancellationToken::new();
-    loop {
-        let batch = read_all(ctx, &mut reader, Some(10), &stop, |_| {}).await;
-        let batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                reader.finish().await;
-                return Err(e);
-            }
-        };
-        if batch.is_empty() {
-            break;
-        }
-        read += batch.len();
-        matched.extend(batch.into_iter().filter(|m| filter.matches(m, now)));
-        if matched.len() >= max {
-            matched.truncate(max);
-            break;
-        }
-    }
+    let found = read_matching(ctx, &mut reader, filter, max).await;
     reader.finish().await;
+    let (matched, read) = found?;
     match output {
         Output::Json => output::json(&serde_json::json!({
             "queue": queue.name,
@@ -341,40 +320,7 @@ pub async fn peek(
             "messages": matched.iter().map(|m| shown(m, reveal)).collect::<Vec<_>>(),
         })),
         Output::Table => {
-            let rows = matched.iter().map(|m| {
-                let a = m.attribution();
-                vec![
-                    m.message_id.clone(),
-                    m.sent_at().map_or("-".into(), |t| t.to_string()),
-                    m.receive_count().map_or("-".into(), |n| n.to_string()),
-                    m.correlation_id().unwrap_or_else(|| "-".into()),
-                    a.as_ref().map_or("(moved by SQS)".into(), |a| {
-                        format!("{} / {}", a.reason, a.worker)
-                    }),
-                    clip(
-                        &if reveal {
-                            m.body.clone()
-                        } else {
-                            redact_body(&m.body)
-                        },
-                        80,
-                    ),
-                ]
-            });
-            crate::outln!(
-                "{}",
-                output::table(
-                    &[
-                        "message id",
-                        "sent",
-                        "receives",
-                        "correlation id",
-                        "reason / worker",
-                        "body"
-                    ],
-                    rows
-                )
-            );
+            crate::outln!("{}", peek_table(&matched, reveal));
             eprintln!(
                 "{} of {} read shown; every message read is visible again.{}",
                 matched.len(),
@@ -388,6 +334,66 @@ pub async fn peek(
         }
     }
     Ok(Exit::Ok)
+}
+
+/// Reads until `max` messages pass `filter` or nothing more can be read: those, and how many
+/// were read.
+async fn read_matching(
+    ctx: &Ctx,
+    reader: &mut Reader,
+    filter: &Filter,
+    max: usize,
+) -> Result<(Vec<DlqMessage>, usize)> {
+    let now = OffsetDateTime::now_utc();
+    let stop = CancellationToken::new();
+    let (mut matched, mut read) = (Vec::new(), 0);
+    loop {
+        let batch = read_all(ctx, reader, Some(10), &stop, |_| {}).await?;
+        if batch.is_empty() {
+            return Ok((matched, read));
+        }
+        read += batch.len();
+        matched.extend(batch.into_iter().filter(|m| filter.matches(m, now)));
+        if matched.len() >= max {
+            matched.truncate(max);
+            return Ok((matched, read));
+        }
+    }
+}
+
+/// The messages `peek` shows, as a table; bodies redacted unless `reveal`.
+fn peek_table(matched: &[DlqMessage], reveal: bool) -> comfy_table::Table {
+    let rows = matched.iter().map(|m| {
+        let a = m.attribution();
+        vec![
+            m.message_id.clone(),
+            m.sent_at().map_or("-".into(), |t| t.to_string()),
+            m.receive_count().map_or("-".into(), |n| n.to_string()),
+            m.correlation_id().unwrap_or_else(|| "-".into()),
+            a.as_ref().map_or("(moved by SQS)".into(), |a| {
+                format!("{} / {}", a.reason, a.worker)
+            }),
+            clip(
+                &if reveal {
+                    m.body.clone()
+                } else {
+                    redact_body(&m.body)
+                },
+                80,
+            ),
+        ]
+    });
+    output::table(
+        &[
+            "message id",
+            "sent",
+            "receives",
+            "correlation id",
+            "reason / worker",
+            "body",
+        ],
+        rows,
+    )
 }
 
 /// `dlq show`.
