@@ -257,50 +257,7 @@ pub async fn run(ctx: &Ctx, queue: &Queue, opts: &Options, output: Output) -> Re
             &serde_json::json!({ "queue": queue.name, "messages": messages.len(), "groups": groups }),
         ),
         Output::Table => {
-            let header: Vec<&str> = by
-                .iter()
-                .map(|d| match d {
-                    Dimension::Reason => "reason",
-                    Dimension::Worker => "worker",
-                    Dimension::Source => "source queue",
-                    Dimension::Class => "class",
-                    Dimension::Window => "first failed in",
-                    Dimension::Version => "worker version",
-                    Dimension::Redrive => "redrive",
-                })
-                .chain(["count", "examples (message id / correlation id)"])
-                .collect();
-            let rows = groups.iter().map(|g| {
-                let mut row: Vec<String> = [
-                    &g.key.reason,
-                    &g.key.worker,
-                    &g.key.source_queue,
-                    &g.key.class,
-                    &g.key.window_start,
-                    &g.key.version,
-                    &g.key.redrive,
-                ]
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect();
-                row.push(g.count.to_string());
-                row.push(
-                    g.examples
-                        .iter()
-                        .map(|e| {
-                            format!(
-                                "{} / {}",
-                                clip(&e.message_id, 12),
-                                e.correlation_id.as_deref().unwrap_or("-")
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                );
-                row
-            });
-            crate::outln!("{}", output::table(&header, rows));
+            crate::outln!("{}", groups_table(by, &groups));
             eprintln!(
                 "{} messages in {} groups; every message read is visible again.",
                 messages.len(),
@@ -309,6 +266,54 @@ pub async fn run(ctx: &Ctx, queue: &Queue, opts: &Options, output: Output) -> Re
         }
     }
     Ok(Exit::Ok)
+}
+
+/// The groups as a table: a column per dimension, the count, and examples.
+fn groups_table(by: &[Dimension], groups: &[Group]) -> comfy_table::Table {
+    let header: Vec<&str> = by
+        .iter()
+        .map(|d| match d {
+            Dimension::Reason => "reason",
+            Dimension::Worker => "worker",
+            Dimension::Source => "source queue",
+            Dimension::Class => "class",
+            Dimension::Window => "first failed in",
+            Dimension::Version => "worker version",
+            Dimension::Redrive => "redrive",
+        })
+        .chain(["count", "examples (message id / correlation id)"])
+        .collect();
+    let rows = groups.iter().map(|g| {
+        let mut row: Vec<String> = [
+            &g.key.reason,
+            &g.key.worker,
+            &g.key.source_queue,
+            &g.key.class,
+            &g.key.window_start,
+            &g.key.version,
+            &g.key.redrive,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        row.push(g.count.to_string());
+        row.push(
+            g.examples
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{} / {}",
+                        clip(&e.message_id, 12),
+                        e.correlation_id.as_deref().unwrap_or("-")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        row
+    });
+    output::table(&header, rows)
 }
 
 #[cfg(test)]
