@@ -18,7 +18,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{
+    CancellationReason, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
+};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use fleet_common::contract::{Envelope, OrderRef, ORDER_PACKED, SCHEMA_VERSION};
 use fleet_common::failure::{HandlerError, Reason};
@@ -349,6 +351,44 @@ impl Warehouse {
         plan: &Plan,
         event_id: &str,
     ) -> Result<Commit, HandlerError> {
+        let (items, status, lines) = self.packing(order, plan, event_id);
+        let request = || {
+            self.store
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
+                .send()
+        };
+        let e = match self
+            .store
+            .call(store::transaction_units(items.len()), request)
+            .await
+        {
+            Ok(_) => {
+                info!(order_id = %order.order_id, status, lines, "order packed");
+                return Ok(Commit::Recorded(status == "packed"));
+            }
+            Err(e) => e,
+        };
+        match e.as_service_error() {
+            Some(TransactWriteItemsError::TransactionCanceledException(c)) => cancelled(
+                plan,
+                c.cancellation_reasons(),
+                store::failure("packing the order", &e),
+            ),
+            _ => Err(store::failure("packing the order", &e)),
+        }
+    }
+
+    /// The packing transaction: the order recorded (`packed`, or `unpackable` with no line
+    /// left) only if still `accepted`, and each product's units taken only if there are enough;
+    /// with the status and the number of lines packed.
+    fn packing(
+        &self,
+        order: &OrderRecord,
+        plan: &Plan,
+        event_id: &str,
+    ) -> (Vec<TransactWriteItem>, &'static str, usize) {
         let (lines, events) = plan.outcome();
         let status = if lines.is_empty() {
             "unpackable"
@@ -388,9 +428,8 @@ impl Warehouse {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .build()
             .expect("table, key and expression set");
-        let takes = plan.takes();
         let mut items = vec![TransactWriteItem::builder().update(record).build()];
-        for (sku, quantity) in &takes {
+        for (sku, quantity) in &plan.takes() {
             let take = Update::builder()
                 .table_name(&self.store.tables.catalog)
                 .key("pk", s(plan.stock_item(sku)))
@@ -404,74 +443,7 @@ impl Warehouse {
                 .expect("table, key and expression set");
             items.push(TransactWriteItem::builder().update(take).build());
         }
-        let request = || {
-            self.store
-                .client
-                .transact_write_items()
-                .set_transact_items(Some(items.clone()))
-                .send()
-        };
-        let e = match self
-            .store
-            .call(store::transaction_units(items.len()), request)
-            .await
-        {
-            Ok(_) => {
-                info!(order_id = %order.order_id, status, lines = lines.len(), "order packed");
-                return Ok(Commit::Recorded(status == "packed"));
-            }
-            Err(e) => e,
-        };
-        let reasons = match e.as_service_error() {
-            Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
-                c.cancellation_reasons().to_vec()
-            }
-            _ => return Err(store::failure("packing the order", &e)),
-        };
-        let failed = |i: usize| {
-            reasons
-                .get(i)
-                .filter(|r| r.code() == Some("ConditionalCheckFailed"))
-        };
-        if let Some(reason) = failed(0) {
-            // Another attempt recorded the order first; its result stands.
-            let old: OrderRecord = store::from_item(reason.item().cloned().unwrap_or_default())?;
-            return Ok(Commit::Recorded(old.status == "packed"));
-        }
-        let mut shortages = Vec::new();
-        for (i, sku) in takes.keys().enumerate() {
-            if let Some(reason) = failed(i + 1) {
-                // A shard's item holds only its stock, not the product: `pack` reads the
-                // product when every shard was short.
-                let old = reason
-                    .item()
-                    .cloned()
-                    .filter(|item| !item.is_empty() && plan.shards(sku) == 1);
-                shortages.push((sku.clone(), old.map(store::from_item).transpose()?));
-            }
-        }
-        if !shortages.is_empty() {
-            return Ok(Commit::Short(shortages));
-        }
-        if reasons
-            .iter()
-            .any(|r| store::is_throttling_reason(r.code()))
-        {
-            // Throttling inside a transaction is throttling: the runtime slows down and
-            // tries again in place.
-            return Err(HandlerError::throttled(
-                "packing the order: TransactionCanceled (ThrottlingError)",
-            ));
-        }
-        let error = store::failure("packing the order", &e);
-        if reasons
-            .iter()
-            .any(|r| r.code() == Some("TransactionConflict"))
-        {
-            return Ok(Commit::Conflict(error));
-        }
-        // Throttling or anything else: the queue tries again later.
-        Err(error)
+        (items, status, lines.len())
     }
 
     /// Reads a product (consistent read); `None` when it does not exist.
@@ -513,6 +485,59 @@ enum Commit {
     Short(Vec<(String, Option<Product>)>),
     /// Cancelled by a concurrent transaction on one of its items; nothing was written.
     Conflict(HandlerError),
+}
+
+/// What a cancelled packing transaction (see `Warehouse::packing`) says: the order recorded by
+/// another attempt first (its result stands), products short, throttling, a conflict with
+/// another transaction, or another failure (`error`).
+fn cancelled(
+    plan: &Plan,
+    reasons: &[CancellationReason],
+    error: HandlerError,
+) -> Result<Commit, HandlerError> {
+    let failed = |i: usize| {
+        reasons
+            .get(i)
+            .filter(|r| r.code() == Some("ConditionalCheckFailed"))
+    };
+    if let Some(reason) = failed(0) {
+        // Another attempt recorded the order first; its result stands.
+        let old: OrderRecord = store::from_item(reason.item().cloned().unwrap_or_default())?;
+        return Ok(Commit::Recorded(old.status == "packed"));
+    }
+    let mut shortages = Vec::new();
+    for (i, sku) in plan.takes().keys().enumerate() {
+        if let Some(reason) = failed(i + 1) {
+            // A shard's item holds only its stock, not the product: `pack` reads the product
+            // when every shard was short.
+            let old = reason
+                .item()
+                .cloned()
+                .filter(|item| !item.is_empty() && plan.shards(sku) == 1);
+            shortages.push((sku.clone(), old.map(store::from_item).transpose()?));
+        }
+    }
+    if !shortages.is_empty() {
+        return Ok(Commit::Short(shortages));
+    }
+    if reasons
+        .iter()
+        .any(|r| store::is_throttling_reason(r.code()))
+    {
+        // Throttling inside a transaction is throttling: the runtime slows down and tries
+        // again in place.
+        return Err(HandlerError::throttled(
+            "packing the order: TransactionCanceled (ThrottlingError)",
+        ));
+    }
+    if reasons
+        .iter()
+        .any(|r| r.code() == Some("TransactionConflict"))
+    {
+        return Ok(Commit::Conflict(error));
+    }
+    // Anything else: the queue tries again later.
+    Err(error)
 }
 
 #[cfg(test)]
