@@ -318,6 +318,39 @@ pub struct Admitted {
 /// # Errors
 /// A permanent failure with its reason.
 pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, HandlerError> {
+    check_size(limits, message)?;
+    check_unique_keys(&message.body).map_err(|e| {
+        if e.contains("duplicate key") {
+            HandlerError::permanent(Reason("duplicate_key"), e)
+        } else {
+            HandlerError::permanent(Reason("malformed_json"), e)
+        }
+    })?;
+    let value: serde_json::Value = serde_json::from_str(&message.body)
+        .map_err(|e| HandlerError::permanent(Reason("malformed_json"), describe_json_error(&e)))?;
+    check_payment_data(message, &value)?;
+    let kind = contract::validate(&value, &EXTERNAL_TYPES)
+        .map_err(|v| HandlerError::permanent(Reason(v.reason), v.fields.join("; ")))?;
+    let kind = ROUTED_TYPES
+        .into_iter()
+        .find(|k| *k == kind)
+        .expect("every external type is routed");
+    let sender = sender(limits, message, kind)?;
+    let received_at = crate::now_rfc3339();
+    let body = match kind {
+        ORDER_SUBMITTED => stamp::<OrderSubmitted>(value, message, sender, received_at)?,
+        _ => stamp::<DeliveryStatusReported>(value, message, sender, received_at)?,
+    };
+    Ok(Admitted {
+        kind,
+        body: body.0,
+        correlation_id: body.1,
+        metadata: body.2,
+    })
+}
+
+/// The body and the attributes, as SQS counts them, within `max_body_bytes`.
+fn check_size(limits: &IngestionConfig, message: &Message) -> Result<(), HandlerError> {
     let attribute_bytes: usize = message
         .raw_attributes
         .iter()
@@ -340,22 +373,24 @@ pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, Ha
             ),
         ));
     }
-    check_unique_keys(&message.body).map_err(|e| {
-        if e.contains("duplicate key") {
-            HandlerError::permanent(Reason("duplicate_key"), e)
-        } else {
-            HandlerError::permanent(Reason("malformed_json"), e)
-        }
-    })?;
-    let value: serde_json::Value = serde_json::from_str(&message.body)
-        .map_err(|e| HandlerError::permanent(Reason("malformed_json"), describe_json_error(&e)))?;
-    // Payment data never enters the fleet (nor its logs or DLQ attributions: only where), in
-    // the body or in an attribute (a correlation or request id goes into every log line).
-    // Trace context (`traceparent`, `tracestate`) is exempt: its ids are random hex and its
-    // vendor state joins numbers and times, so about one in a hundred trace ids and most New
-    // Relic states hold a Luhn-valid run, and refusing them lost the order. It is not order data
-    // either: the runtime carries a `tracestate` on only when it holds no card number, and a
-    // dead letter's copy masks the digits of one that does.
+    Ok(())
+}
+
+/// Payment data never enters the fleet (nor its logs or DLQ attributions: only where), in the
+/// body, in an attribute's name or value (a correlation or request id goes into every log line)
+/// or in the group id (it travels with everything derived from the message, and `dlq show`
+/// shows it). Trace context (`traceparent`, `tracestate`) is exempt: its ids are random hex and
+/// its vendor state joins numbers and times, so about one in a hundred trace ids and most New
+/// Relic states hold a Luhn-valid run, and refusing them lost the order. It is not order data
+/// either: the runtime carries a `tracestate` on only when it holds no card number, and a dead
+/// letter's copy masks the digits of one that does.
+fn check_payment_data(message: &Message, body: &serde_json::Value) -> Result<(), HandlerError> {
+    let refused = |where_: String| {
+        Err(HandlerError::permanent(
+            Reason("payment_data"),
+            format!("a card number {where_}"),
+        ))
+    };
     if let Some(name) = message.raw_attributes.iter().find_map(|(name, v)| {
         if holds_card_number(name) {
             return Some("an attribute's name".to_owned());
@@ -369,43 +404,15 @@ pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, Ha
             )
         })
     }) {
-        return Err(HandlerError::permanent(
-            Reason("payment_data"),
-            format!("a card number in {name}"),
-        ));
+        return refused(format!("in {name}"));
     }
-    // The group id travels with everything derived from the message (forwards, dead letters,
-    // redrives) and is shown by `dlq show`.
     if message.group_id.as_deref().is_some_and(holds_card_number) {
-        return Err(HandlerError::permanent(
-            Reason("payment_data"),
-            "a card number in the message group id".to_owned(),
-        ));
+        return refused("in the message group id".to_owned());
     }
-    if let Some(path) = find_card_number(&value) {
-        return Err(HandlerError::permanent(
-            Reason("payment_data"),
-            format!("a card number at {path}"),
-        ));
+    if let Some(path) = find_card_number(body) {
+        return refused(format!("at {path}"));
     }
-    let kind = contract::validate(&value, &EXTERNAL_TYPES)
-        .map_err(|v| HandlerError::permanent(Reason(v.reason), v.fields.join("; ")))?;
-    let kind = ROUTED_TYPES
-        .into_iter()
-        .find(|k| *k == kind)
-        .expect("every external type is routed");
-    let sender = sender(limits, message, kind)?;
-    let received_at = crate::now_rfc3339();
-    let body = match kind {
-        ORDER_SUBMITTED => stamp::<OrderSubmitted>(value, message, sender, received_at)?,
-        _ => stamp::<DeliveryStatusReported>(value, message, sender, received_at)?,
-    };
-    Ok(Admitted {
-        kind,
-        body: body.0,
-        correlation_id: body.1,
-        metadata: body.2,
-    })
+    Ok(())
 }
 
 /// Decodes the envelope as the next stage will, stamps the edge's metadata and correlation
