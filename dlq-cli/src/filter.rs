@@ -7,6 +7,8 @@ use clap::Args;
 use regex::Regex;
 use time::OffsetDateTime;
 
+use fleet_common::attribution::Attribution;
+
 use crate::record::DlqMessage;
 
 /// Filters shared by `peek`, `redrive` and `export`.
@@ -104,29 +106,46 @@ impl Filter {
     /// Whether `m` passes every criterion at time `now`.
     pub fn matches(&self, m: &DlqMessage, now: OffsetDateTime) -> bool {
         let attribution = m.attribution();
-        if !self.reasons.is_empty() {
-            let reason = attribution.as_ref().map_or("none", |a| a.reason.as_str());
-            if !self.reasons.iter().any(|r| r == reason) {
+        self.matches_attribution(attribution.as_ref())
+            && self.matches_times(m, attribution.as_ref(), now)
+            && self.matches_message(m)
+    }
+
+    /// `--reason` (`none`: moved by SQS), `--worker`, `--version` (or its git revision).
+    fn matches_attribution(&self, attribution: Option<&Attribution>) -> bool {
+        let reason = attribution.map_or("none", |a| a.reason.as_str());
+        if !self.reasons.is_empty() && !self.reasons.iter().any(|r| r == reason) {
+            return false;
+        }
+        if !self.workers.is_empty()
+            && !attribution.is_some_and(|a| self.workers.contains(&a.worker))
+        {
+            return false;
+        }
+        if !self.versions.is_empty() {
+            let version = attribution.and_then(|a| a.version.as_deref());
+            let revision = version.and_then(|v| v.split_once('+')).map(|(_, r)| r);
+            if !self
+                .versions
+                .iter()
+                .any(|v| Some(v.as_str()) == version || Some(v.as_str()) == revision)
+            {
                 return false;
             }
         }
-        if !self.workers.is_empty() {
-            let Some(a) = &attribution else { return false };
-            if !self.workers.contains(&a.worker) {
-                return false;
-            }
-        }
-        if !self.correlation_ids.is_empty() {
-            let Some(id) = m.correlation_id() else {
-                return false;
-            };
-            if !self.correlation_ids.contains(&id) {
-                return false;
-            }
-        }
+        true
+    }
+
+    /// `--older-than`, `--newer-than` (since the first failure, else since SQS took it in) and
+    /// `--since` (since it was dead-lettered: the worker's time, else when SQS took it in).
+    fn matches_times(
+        &self,
+        m: &DlqMessage,
+        attribution: Option<&Attribution>,
+        now: OffsetDateTime,
+    ) -> bool {
         if self.older_than.is_some() || self.newer_than.is_some() {
             let Some(at) = attribution
-                .as_ref()
                 .map(|a| a.first_failed_at)
                 .or_else(|| m.sent_at())
             else {
@@ -140,48 +159,54 @@ impl Filter {
                 return false;
             }
         }
-        for (name, value) in &self.attributes {
-            if m.attributes
-                .get(name)
-                .and_then(|v| v.string_value.as_deref())
-                != Some(value.as_str())
-            {
-                return false;
-            }
-        }
-        if let Some(re) = &self.body_match {
-            if !re.is_match(&m.body) {
-                return false;
-            }
-        }
         if let Some(since) = self.since {
-            // When it was dead-lettered: the worker's time, else when SQS took it in.
             let at = attribution
-                .as_ref()
                 .map(|a| a.last_failed_at)
                 .or_else(|| m.sent_at());
             if at.is_none_or(|at| at < since.start(now)) {
                 return false;
             }
         }
-        if !self.versions.is_empty() {
-            let version = attribution.as_ref().and_then(|a| a.version.as_deref());
-            let revision = version.and_then(|v| v.split_once('+')).map(|(_, r)| r);
-            if !self
-                .versions
-                .iter()
-                .any(|v| Some(v.as_str()) == version || Some(v.as_str()) == revision)
-            {
-                return false;
-            }
+        true
+    }
+
+    /// `--correlation-id`, `--attribute`, `--body-matches`, `--redrive`.
+    fn matches_message(&self, m: &DlqMessage) -> bool {
+        if !self.correlation_ids.is_empty()
+            && !m
+                .correlation_id()
+                .is_some_and(|id| self.correlation_ids.contains(&id))
+        {
+            return false;
         }
-        if !self.redrives.is_empty() {
-            let Some(id) = m.redrive().and_then(|r| r.id) else {
-                return false;
-            };
-            if !self.redrives.contains(&id) {
-                return false;
-            }
+        let attribute_differs = |(name, value): (&String, &String)| {
+            m.attributes
+                .get(name)
+                .and_then(|v| v.string_value.as_deref())
+                != Some(value.as_str())
+        };
+        if self
+            .attributes
+            .iter()
+            .map(|(n, v)| (n, v))
+            .any(attribute_differs)
+        {
+            return false;
+        }
+        if self
+            .body_match
+            .as_ref()
+            .is_some_and(|re| !re.is_match(&m.body))
+        {
+            return false;
+        }
+        if !self.redrives.is_empty()
+            && !m
+                .redrive()
+                .and_then(|r| r.id)
+                .is_some_and(|id| self.redrives.contains(&id))
+        {
+            return false;
         }
         true
     }
