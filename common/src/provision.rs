@@ -289,49 +289,14 @@ pub async fn provision_table(
         Err(e) => return Err(fail(crate::sdk_error_message(&e))),
     };
     if !exists {
-        let mut request = ddb
-            .create_table()
-            .table_name(&table.name)
-            .billing_mode(BillingMode::PayPerRequest)
-            .sse_specification(SseSpecification::builder().enabled(true).build())
-            .attribute_definitions(string_attribute(&table.partition_key))
-            .key_schema(key(&table.partition_key, KeyType::Hash));
-        if let Some(sort) = &table.sort_key {
-            request = request
-                .attribute_definitions(string_attribute(sort))
-                .key_schema(key(sort, KeyType::Range));
-        }
-        request
-            .send()
+        create_table(ddb, table)
             .await
             .map_err(|e| fail(crate::sdk_error_message(&e)))?;
     }
     if let Some(ttl) = &table.ttl_attribute {
-        // Setting TTL twice is refused by real DynamoDB; check first.
-        let enabled = ddb
-            .describe_time_to_live()
-            .table_name(&table.name)
-            .send()
+        enable_ttl(ddb, &table.name, ttl)
             .await
-            .ok()
-            .and_then(|o| {
-                o.time_to_live_description()
-                    .and_then(|d| d.attribute_name().map(str::to_owned))
-            });
-        if enabled.as_deref() != Some(ttl.as_str()) {
-            ddb.update_time_to_live()
-                .table_name(&table.name)
-                .time_to_live_specification(
-                    TimeToLiveSpecification::builder()
-                        .attribute_name(ttl)
-                        .enabled(true)
-                        .build()
-                        .expect("attribute and flag are set"),
-                )
-                .send()
-                .await
-                .map_err(|e| fail(crate::sdk_error_message(&e)))?;
-        }
+            .map_err(|e| fail(crate::sdk_error_message(&e)))?;
     }
     Ok(Provisioned {
         kind: "table",
@@ -342,6 +307,68 @@ pub async fn provision_table(
             Action::Created
         },
     })
+}
+
+/// Creates a table on demand, encrypted, with the config's keys (string attributes).
+async fn create_table(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &TableConfig,
+) -> Result<
+    (),
+    aws_sdk_dynamodb::error::SdkError<aws_sdk_dynamodb::operation::create_table::CreateTableError>,
+> {
+    let mut request = ddb
+        .create_table()
+        .table_name(&table.name)
+        .billing_mode(BillingMode::PayPerRequest)
+        .sse_specification(SseSpecification::builder().enabled(true).build())
+        .attribute_definitions(string_attribute(&table.partition_key))
+        .key_schema(key(&table.partition_key, KeyType::Hash));
+    if let Some(sort) = &table.sort_key {
+        request = request
+            .attribute_definitions(string_attribute(sort))
+            .key_schema(key(sort, KeyType::Range));
+    }
+    request.send().await.map(|_| ())
+}
+
+/// Turns TTL on for `attribute`, unless it is on already (real DynamoDB refuses setting it
+/// twice).
+async fn enable_ttl(
+    ddb: &aws_sdk_dynamodb::Client,
+    table: &str,
+    attribute: &str,
+) -> Result<
+    (),
+    aws_sdk_dynamodb::error::SdkError<
+        aws_sdk_dynamodb::operation::update_time_to_live::UpdateTimeToLiveError,
+    >,
+> {
+    let enabled = ddb
+        .describe_time_to_live()
+        .table_name(table)
+        .send()
+        .await
+        .ok()
+        .and_then(|o| {
+            o.time_to_live_description()
+                .and_then(|d| d.attribute_name().map(str::to_owned))
+        });
+    if enabled.as_deref() == Some(attribute) {
+        return Ok(());
+    }
+    ddb.update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .attribute_name(attribute)
+                .enabled(true)
+                .build()
+                .expect("attribute and flag are set"),
+        )
+        .send()
+        .await
+        .map(|_| ())
 }
 
 fn string_attribute(name: &str) -> AttributeDefinition {
