@@ -255,22 +255,7 @@ async fn stream_export(
     let (file, filter, max, delete) = (opts.file.as_path(), &opts.filter, opts.max, opts.delete);
     let tmp = temporary(file);
     let io = |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", tmp.display()));
-    let handle = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                CliError::Usage(format!(
-                    "{} exists: an earlier export was interrupted and it may hold the only copy of messages it deleted; move it away (or import it) first",
-                    tmp.display()
-                ))
-            } else {
-                io("cannot create", e)
-            }
-        })?;
-    sync_dir(file)?;
-    let mut w = BufWriter::new(handle);
+    let mut w = BufWriter::new(create_temporary(file, &tmp)?);
     let result = async {
         let mut written: Vec<String> = Vec::new();
         let now = OffsetDateTime::now_utc();
@@ -309,10 +294,7 @@ async fn stream_export(
                 checkpoint(&mut w, &tmp, reader, &mut written, report).await?;
             }
         }
-        w.flush().map_err(|e| io("cannot write", e))?;
-        w.get_ref().sync_all().map_err(|e| io("cannot sync", e))?;
-        std::fs::rename(&tmp, file).map_err(|e| io("cannot rename", e))?;
-        sync_dir(file)?;
+        finish_file(&mut w, &tmp, file)?;
         if delete {
             let ids: Vec<&str> = written.iter().map(String::as_str).collect();
             let failed = reader.delete_ids(&ids).await?;
@@ -330,6 +312,37 @@ async fn stream_export(
         ))),
         other => other,
     }
+}
+
+/// Creates `tmp`, the file an export writes before it is complete, never over an existing one
+/// (an interrupted export's may hold the only copy of messages it deleted).
+fn create_temporary(file: &Path, tmp: &Path) -> Result<File> {
+    let handle = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                CliError::Usage(format!(
+                    "{} exists: an earlier export was interrupted and it may hold the only copy of messages it deleted; move it away (or import it) first",
+                    tmp.display()
+                ))
+            } else {
+                CliError::Io(format!("cannot create {}: {e}", tmp.display()))
+            }
+        })?;
+    sync_dir(file)?;
+    Ok(handle)
+}
+
+/// Flushes and syncs `tmp`, renames it to `file` and syncs the directory: the export is
+/// complete and durable.
+fn finish_file(w: &mut BufWriter<File>, tmp: &Path, file: &Path) -> Result<()> {
+    let io = |what: &str, e: std::io::Error| CliError::Io(format!("{what} {}: {e}", tmp.display()));
+    w.flush().map_err(|e| io("cannot write", e))?;
+    w.get_ref().sync_all().map_err(|e| io("cannot sync", e))?;
+    std::fs::rename(tmp, file).map_err(|e| io("cannot rename", e))?;
+    sync_dir(file)
 }
 
 /// Syncs the file, deletes the messages written since the last checkpoint, and forgets them.
