@@ -81,6 +81,31 @@ pub struct Bound {
     pub fleet_percent_of_bound: f64,
 }
 
+impl Bound {
+    /// The bounds each backend sets on the fleet, given what it spent per message, and how
+    /// close its steady rate came to the lower.
+    fn set_bounds(&mut self, spend: &Spend, steady_messages_per_sec: f64) {
+        let sqs_per_msg = spend.sqs_requests_per_message.max(0.001);
+        let ddb_per_msg =
+            (spend.dynamodb_writes_per_message + spend.dynamodb_reads_per_message).max(0.001);
+        self.sqs_bound_messages_per_sec = round(self.sqs.requests_per_sec / sqs_per_msg);
+        self.dynamodb_simple_put_bound_messages_per_sec =
+            round(self.dynamodb.requests_per_sec / ddb_per_msg);
+        self.dynamodb_bound_messages_per_sec = match &self.dynamodb_workload {
+            Some(w) => round(w.units_per_sec),
+            None => self.dynamodb_simple_put_bound_messages_per_sec,
+        };
+        let (name, bound) =
+            if self.sqs_bound_messages_per_sec <= self.dynamodb_bound_messages_per_sec {
+                ("sqs", self.sqs_bound_messages_per_sec)
+            } else {
+                ("dynamodb", self.dynamodb_bound_messages_per_sec)
+            };
+        self.bounding_backend = name.into();
+        self.fleet_percent_of_bound = round(100.0 * steady_messages_per_sec / bound.max(0.001));
+    }
+}
+
 /// What the fleet spent, counted by the fleet itself.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Spend {
@@ -290,178 +315,15 @@ impl Report {
         busy.sort_by(f64::total_cmp);
         self.steady_messages_per_sec = round(busy.get(busy.len() / 2).copied().unwrap_or(0.0));
         if let Some(m) = end {
-            let processed = probe::sum(m, "fleet_messages_succeeded_total", &[]);
-            self.messages_per_sec = round(processed / elapsed.as_secs_f64().max(0.001));
-            let ops = |service: &str| -> BTreeMap<String, f64> {
-                m.iter()
-                    .filter(|(k, _)| {
-                        k.starts_with("fleet_aws_requests_total{")
-                            && k.contains(&format!("service=\"{service}\""))
-                    })
-                    .filter_map(|(k, v)| {
-                        Some((
-                            k.split("operation=\"")
-                                .nth(1)?
-                                .split('"')
-                                .next()?
-                                .to_owned(),
-                            *v,
-                        ))
-                    })
-                    .fold(BTreeMap::new(), |mut acc, (op, v)| {
-                        *acc.entry(op).or_insert(0.0) += v;
-                        acc
-                    })
-            };
-            let sqs = ops("sqs");
-            let ddb = ops("dynamodb");
-            let per = |n: f64| {
-                if processed > 0.0 {
-                    round(n / processed)
-                } else {
-                    0.0
-                }
-            };
-            let get = |map: &BTreeMap<String, f64>, op: &str| map.get(op).copied().unwrap_or(0.0);
-            let writes: f64 = DYNAMODB_WRITE_OPERATIONS
-                .iter()
-                .map(|op| get(&ddb, op))
-                .sum();
-            let reads: f64 = DYNAMODB_READ_OPERATIONS
-                .iter()
-                .map(|op| get(&ddb, op))
-                .sum();
-            let write_units = probe::sum(m, "fleet_ddb_write_units_total", &[]);
-            let mut by_stage = BTreeMap::new();
-            let mut units_by_stage = BTreeMap::new();
-            for stage in probe::label_values(m, "fleet_ddb_write_requests_total", "stage") {
-                let stage = stage.as_str();
-                let stage_writes = probe::sum(
-                    m,
-                    "fleet_ddb_write_requests_total",
-                    &[&format!("stage=\"{stage}\"")],
-                );
-                let queue = match stage {
-                    "ingestion" => "ingest",
-                    other => other,
-                };
-                let handled = probe::sum(
-                    m,
-                    "fleet_messages_succeeded_total",
-                    &[&format!("queue=\"fleet-{queue}")],
-                ) + probe::sum(
-                    m,
-                    "fleet_messages_dead_lettered_total",
-                    &[&format!("queue=\"fleet-{queue}")],
-                );
-                let stage_units = probe::sum(
-                    m,
-                    "fleet_ddb_write_units_total",
-                    &[&format!("stage=\"{stage}\"")],
-                );
-                let per_handled = |n: f64| {
-                    if handled > 0.0 {
-                        round(n / handled)
-                    } else {
-                        0.0
-                    }
-                };
-                by_stage.insert(stage.to_owned(), per_handled(stage_writes));
-                units_by_stage.insert(stage.to_owned(), per_handled(stage_units));
-            }
-            let mut spend = Spend {
-                processed_messages: processed,
-                sqs_requests_per_message: per(sqs.values().sum()),
-                receive_delete_requests_per_message: per(
-                    get(&sqs, "ReceiveMessage") + get(&sqs, "DeleteMessageBatch")
-                ),
-                dynamodb_writes_per_message: per(writes),
-                dynamodb_reads_per_message: per(reads),
-                dynamodb_writes_per_message_by_stage: by_stage,
-                dynamodb_write_units_per_message_by_stage: units_by_stage,
-                dynamodb_write_units_per_message: per(write_units),
-                sqs_requests: sqs.clone(),
-                dynamodb_requests: ddb.clone(),
-                ..Spend::default()
-            };
-            for queue in probe::label_values(m, "fleet_receives_total", "queue") {
-                let q = format!("queue=\"{queue}\"");
-                let all = probe::sum(m, "fleet_receives_total", &[&q]);
-                let empty = probe::sum(m, "fleet_receives_total", &[&q, "empty=\"true\""]);
-                let received = probe::sum(m, "fleet_messages_received_total", &[&q]);
-                spend.receives_by_queue.insert(
-                    queue.to_owned(),
-                    (
-                        all,
-                        empty,
-                        if all > empty {
-                            round(received / (all - empty))
-                        } else {
-                            0.0
-                        },
-                    ),
-                );
-            }
+            let (mut spend, totals) = spend_of(m);
+            self.messages_per_sec =
+                round(spend.processed_messages / elapsed.as_secs_f64().max(0.001));
             if let Some(a) = after_orders {
-                let p = probe::sum(a, "fleet_messages_succeeded_total", &[]);
-                let rd = probe::sum(
-                    a,
-                    "fleet_aws_requests_total",
-                    &["operation=\"ReceiveMessage\""],
-                ) + probe::sum(
-                    a,
-                    "fleet_aws_requests_total",
-                    &["operation=\"DeleteMessageBatch\""],
-                );
-                spend.receive_delete_requests_per_message_order_phase =
-                    if p > 0.0 { round(rd / p) } else { 0.0 };
-                let at = |frac: f64| {
-                    series
-                        .iter()
-                        .find(|s| s.processed_total >= frac * p && s.receive_delete_total > 0.0)
-                };
-                if let (Some(a), Some(b)) = (at(0.1), at(0.9)) {
-                    let dp = b.processed_total - a.processed_total;
-                    if dp > 0.0 {
-                        spend.receive_delete_requests_per_message_steady =
-                            round((b.receive_delete_total - a.receive_delete_total) / dp);
-                    }
-                }
+                order_phase_spend(a, &series, &mut spend);
             }
-            // Cost of a million orders: units per order × price. Write units are the workers'
-            // own count (one per single-item write under 1 KB, two per item of a transaction);
-            // reads are one unit per request.
-            let per_order = |n: f64| n / self.orders.max(1) as f64;
-            let sqs_cost = per_order(sqs.values().sum()) * SQS_PER_MILLION_REQUESTS;
-            let write_cost = per_order(write_units) * DDB_PER_MILLION_WRITE_UNITS;
-            let read_cost = per_order(reads) * DDB_PER_MILLION_READ_UNITS;
-            self.cost_per_million_orders = Some(serde_json::json!({
-                "sqs_usd": round(sqs_cost), "dynamodb_writes_usd": round(write_cost), "dynamodb_reads_usd": round(read_cost),
-                "total_usd": round(sqs_cost + write_cost + read_cost),
-                "prices": {"sqs_per_million_requests": SQS_PER_MILLION_REQUESTS, "dynamodb_per_million_wru": DDB_PER_MILLION_WRITE_UNITS, "dynamodb_per_million_rru": DDB_PER_MILLION_READ_UNITS},
-                "note": "SQS standard and DynamoDB on-demand list prices (us-east-1); write units as the workers count them (one per single-item write under 1 KB, two per transaction item), one read unit per read request; compute (Fargate) not included",
-            }));
+            self.cost_per_million_orders = Some(cost_per_million_orders(&totals, self.orders));
             if let Some(b) = &mut self.ceiling {
-                let sqs_per_msg = spend.sqs_requests_per_message.max(0.001);
-                let ddb_per_msg = (spend.dynamodb_writes_per_message
-                    + spend.dynamodb_reads_per_message)
-                    .max(0.001);
-                b.sqs_bound_messages_per_sec = round(b.sqs.requests_per_sec / sqs_per_msg);
-                b.dynamodb_simple_put_bound_messages_per_sec =
-                    round(b.dynamodb.requests_per_sec / ddb_per_msg);
-                b.dynamodb_bound_messages_per_sec = match &b.dynamodb_workload {
-                    Some(w) => round(w.units_per_sec),
-                    None => b.dynamodb_simple_put_bound_messages_per_sec,
-                };
-                let (name, bound) =
-                    if b.sqs_bound_messages_per_sec <= b.dynamodb_bound_messages_per_sec {
-                        ("sqs", b.sqs_bound_messages_per_sec)
-                    } else {
-                        ("dynamodb", b.dynamodb_bound_messages_per_sec)
-                    };
-                b.bounding_backend = name.into();
-                b.fleet_percent_of_bound =
-                    round(100.0 * self.steady_messages_per_sec / bound.max(0.001));
+                b.set_bounds(&spend, self.steady_messages_per_sec);
             }
             self.spend = Some(spend);
         }
@@ -471,35 +333,7 @@ impl Report {
                 .as_ref()
                 .map_or(0.0, |s| s.processed_messages)
                 .max(1.0);
-            let rss: Vec<f64> = series
-                .iter()
-                .map(|s| s.rss_mib)
-                .filter(|r| *r > 0.0)
-                .collect();
-            let third = (rss.len() / 3).max(1);
-            let mean = |xs: &[f64]| {
-                if xs.is_empty() {
-                    0.0
-                } else {
-                    xs.iter().sum::<f64>() / xs.len() as f64
-                }
-            };
-            let first = mean(&rss[..third.min(rss.len())]);
-            let last = mean(&rss[rss.len().saturating_sub(third)..]);
-            let slope = rss_slope_after_warmup(&series);
-            self.worker = Some(serde_json::json!({
-                "cpu_secs": round(p.cpu_secs),
-                "cpu_ms_per_1000_messages": round(p.cpu_secs * 1000.0 / processed * 1000.0),
-                "peak_rss_mib": round(p.peak_rss_mib),
-                "rss_mib_first_third_mean": round(first),
-                "rss_mib_last_third_mean": round(last),
-                "rss_growth_mib": round(last - first),
-                "rss_kib_per_1000_messages_after_warmup": slope.map(round),
-                // A verdict needs enough messages past warm-up to see a slope in.
-                "memory_flat": slope
-                    .filter(|_| processed >= MIN_MESSAGES_FOR_MEMORY_VERDICT)
-                    .map(|k| k.abs() <= FLAT_KIB_PER_1000_MESSAGES),
-            }));
+            self.worker = Some(worker_figures(&p, processed, &series));
         }
         self.series = series;
     }
@@ -647,6 +481,208 @@ pub fn rss_slope_after_warmup(series: &[Sample]) -> Option<f64> {
     }
     let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
     Some(sxy / sxx * 1000.0 * 1024.0)
+}
+
+/// Request totals of a run, for its cost.
+struct Totals {
+    sqs_requests: f64,
+    write_units: f64,
+    reads: f64,
+}
+
+/// Requests of `service` by operation, from the workers' counters.
+fn aws_requests(m: &Metrics, service: &str) -> BTreeMap<String, f64> {
+    m.iter()
+        .filter(|(k, _)| {
+            k.starts_with("fleet_aws_requests_total{")
+                && k.contains(&format!("service=\"{service}\""))
+        })
+        .filter_map(|(k, v)| {
+            Some((
+                k.split("operation=\"")
+                    .nth(1)?
+                    .split('"')
+                    .next()?
+                    .to_owned(),
+                *v,
+            ))
+        })
+        .fold(BTreeMap::new(), |mut acc, (op, v)| {
+            *acc.entry(op).or_insert(0.0) += v;
+            acc
+        })
+}
+
+/// What the run spent per message, from the workers' counters at its end.
+fn spend_of(m: &Metrics) -> (Spend, Totals) {
+    let processed = probe::sum(m, "fleet_messages_succeeded_total", &[]);
+    let sqs = aws_requests(m, "sqs");
+    let ddb = aws_requests(m, "dynamodb");
+    let per = |n: f64| {
+        if processed > 0.0 {
+            round(n / processed)
+        } else {
+            0.0
+        }
+    };
+    let get = |map: &BTreeMap<String, f64>, op: &str| map.get(op).copied().unwrap_or(0.0);
+    let writes: f64 = DYNAMODB_WRITE_OPERATIONS
+        .iter()
+        .map(|op| get(&ddb, op))
+        .sum();
+    let reads: f64 = DYNAMODB_READ_OPERATIONS
+        .iter()
+        .map(|op| get(&ddb, op))
+        .sum();
+    let write_units = probe::sum(m, "fleet_ddb_write_units_total", &[]);
+    let (by_stage, units_by_stage) = writes_by_stage(m);
+    let spend = Spend {
+        processed_messages: processed,
+        sqs_requests_per_message: per(sqs.values().sum()),
+        receive_delete_requests_per_message: per(
+            get(&sqs, "ReceiveMessage") + get(&sqs, "DeleteMessageBatch")
+        ),
+        dynamodb_writes_per_message: per(writes),
+        dynamodb_reads_per_message: per(reads),
+        dynamodb_writes_per_message_by_stage: by_stage,
+        dynamodb_write_units_per_message_by_stage: units_by_stage,
+        dynamodb_write_units_per_message: per(write_units),
+        receives_by_queue: receives_by_queue(m),
+        sqs_requests: sqs.clone(),
+        dynamodb_requests: ddb,
+        ..Spend::default()
+    };
+    let totals = Totals {
+        sqs_requests: sqs.values().sum(),
+        write_units,
+        reads,
+    };
+    (spend, totals)
+}
+
+/// DynamoDB write requests and write units per message handled, by stage.
+fn writes_by_stage(m: &Metrics) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
+    let mut by_stage = BTreeMap::new();
+    let mut units_by_stage = BTreeMap::new();
+    for stage in probe::label_values(m, "fleet_ddb_write_requests_total", "stage") {
+        let stage = stage.as_str();
+        let label = format!("stage=\"{stage}\"");
+        let stage_writes = probe::sum(m, "fleet_ddb_write_requests_total", &[&label]);
+        let queue = match stage {
+            "ingestion" => "ingest",
+            other => other,
+        };
+        let queue = format!("queue=\"fleet-{queue}");
+        let handled = probe::sum(m, "fleet_messages_succeeded_total", &[&queue])
+            + probe::sum(m, "fleet_messages_dead_lettered_total", &[&queue]);
+        let stage_units = probe::sum(m, "fleet_ddb_write_units_total", &[&label]);
+        let per_handled = |n: f64| {
+            if handled > 0.0 {
+                round(n / handled)
+            } else {
+                0.0
+            }
+        };
+        by_stage.insert(stage.to_owned(), per_handled(stage_writes));
+        units_by_stage.insert(stage.to_owned(), per_handled(stage_units));
+    }
+    (by_stage, units_by_stage)
+}
+
+/// Receives by queue: (all, empty, messages per non-empty receive).
+fn receives_by_queue(m: &Metrics) -> BTreeMap<String, (f64, f64, f64)> {
+    let mut out = BTreeMap::new();
+    for queue in probe::label_values(m, "fleet_receives_total", "queue") {
+        let q = format!("queue=\"{queue}\"");
+        let all = probe::sum(m, "fleet_receives_total", &[&q]);
+        let empty = probe::sum(m, "fleet_receives_total", &[&q, "empty=\"true\""]);
+        let received = probe::sum(m, "fleet_messages_received_total", &[&q]);
+        let per_receive = if all > empty {
+            round(received / (all - empty))
+        } else {
+            0.0
+        };
+        out.insert(queue.to_owned(), (all, empty, per_receive));
+    }
+    out
+}
+
+/// Receive and delete requests per message during the order phase (`a`: the counters when it
+/// ended), and at steady state (between 10 % and 90 % of its messages).
+fn order_phase_spend(a: &Metrics, series: &[Sample], spend: &mut Spend) {
+    let p = probe::sum(a, "fleet_messages_succeeded_total", &[]);
+    let rd = probe::sum(
+        a,
+        "fleet_aws_requests_total",
+        &["operation=\"ReceiveMessage\""],
+    ) + probe::sum(
+        a,
+        "fleet_aws_requests_total",
+        &["operation=\"DeleteMessageBatch\""],
+    );
+    spend.receive_delete_requests_per_message_order_phase =
+        if p > 0.0 { round(rd / p) } else { 0.0 };
+    let at = |frac: f64| {
+        series
+            .iter()
+            .find(|s| s.processed_total >= frac * p && s.receive_delete_total > 0.0)
+    };
+    if let (Some(a), Some(b)) = (at(0.1), at(0.9)) {
+        let dp = b.processed_total - a.processed_total;
+        if dp > 0.0 {
+            spend.receive_delete_requests_per_message_steady =
+                round((b.receive_delete_total - a.receive_delete_total) / dp);
+        }
+    }
+}
+
+/// Cost of a million orders: units per order × price. Write units are the workers' own count
+/// (one per single-item write under 1 KB, two per item of a transaction); reads are one unit
+/// per request.
+fn cost_per_million_orders(totals: &Totals, orders: usize) -> serde_json::Value {
+    let per_order = |n: f64| n / orders.max(1) as f64;
+    let sqs_cost = per_order(totals.sqs_requests) * SQS_PER_MILLION_REQUESTS;
+    let write_cost = per_order(totals.write_units) * DDB_PER_MILLION_WRITE_UNITS;
+    let read_cost = per_order(totals.reads) * DDB_PER_MILLION_READ_UNITS;
+    serde_json::json!({
+        "sqs_usd": round(sqs_cost), "dynamodb_writes_usd": round(write_cost), "dynamodb_reads_usd": round(read_cost),
+        "total_usd": round(sqs_cost + write_cost + read_cost),
+        "prices": {"sqs_per_million_requests": SQS_PER_MILLION_REQUESTS, "dynamodb_per_million_wru": DDB_PER_MILLION_WRITE_UNITS, "dynamodb_per_million_rru": DDB_PER_MILLION_READ_UNITS},
+        "note": "SQS standard and DynamoDB on-demand list prices (us-east-1); write units as the workers count them (one per single-item write under 1 KB, two per transaction item), one read unit per read request; compute (Fargate) not included",
+    })
+}
+
+/// The worker process's CPU and memory figures, with the memory verdict.
+fn worker_figures(p: &ProcessSample, processed: f64, series: &[Sample]) -> serde_json::Value {
+    let rss: Vec<f64> = series
+        .iter()
+        .map(|s| s.rss_mib)
+        .filter(|r| *r > 0.0)
+        .collect();
+    let third = (rss.len() / 3).max(1);
+    let mean = |xs: &[f64]| {
+        if xs.is_empty() {
+            0.0
+        } else {
+            xs.iter().sum::<f64>() / xs.len() as f64
+        }
+    };
+    let first = mean(&rss[..third.min(rss.len())]);
+    let last = mean(&rss[rss.len().saturating_sub(third)..]);
+    let slope = rss_slope_after_warmup(series);
+    serde_json::json!({
+        "cpu_secs": round(p.cpu_secs),
+        "cpu_ms_per_1000_messages": round(p.cpu_secs * 1000.0 / processed * 1000.0),
+        "peak_rss_mib": round(p.peak_rss_mib),
+        "rss_mib_first_third_mean": round(first),
+        "rss_mib_last_third_mean": round(last),
+        "rss_growth_mib": round(last - first),
+        "rss_kib_per_1000_messages_after_warmup": slope.map(round),
+        // A verdict needs enough messages past warm-up to see a slope in.
+        "memory_flat": slope
+            .filter(|_| processed >= MIN_MESSAGES_FOR_MEMORY_VERDICT)
+            .map(|k| k.abs() <= FLAT_KIB_PER_1000_MESSAGES),
+    })
 }
 
 #[cfg(test)]
