@@ -185,90 +185,156 @@ pub async fn run_chaos(
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&opts.report_dir)
         .with_context(|| format!("creating {}", opts.report_dir.display()))?;
-    let local = opts
-        .config
-        .aws
-        .sqs_endpoint_url
-        .as_deref()
-        .is_some_and(is_loopback_url);
-    let tag = format!("lt{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    // Locally every run gets its own queues and tables; on AWS the deployed ones are used.
-    let config = if local {
-        opts.config.clone().with_suffix(&tag)
-    } else {
-        opts.config.clone()
-    };
-    let harness = Clients::from_config(&config.aws).await;
-    if local {
-        fleet_common::provision::provision(&harness.sqs, &harness.dynamodb, &config)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("{e}; are the emulators running (scripts/local-aws up)?")
-            })?;
-    }
-    let tables = Tables::from_config(&config)?;
-    let mut catalog = CatalogFile::load(&opts.catalog)?;
-    if let Some(flash) = &opts.flash {
-        anyhow::ensure!(
-            local || flash.shards <= 1,
-            "--stock-shards splits stock in the catalog the harness seeds, on the local emulators only: on AWS set stock_shards in the catalog and seed it (worker seed-catalog)"
-        );
-        flash.shard(&mut catalog);
-    }
-    if local {
-        workers::catalog::seed(&harness.dynamodb, &tables.catalog, &catalog).await?;
-    }
-    let topology = Topology::resolve(&harness.sqs, &config).await?;
-    let scenario = Scenario::generate_with(
-        opts.orders,
-        opts.mix,
-        opts.flash.map(|f| f.sale),
-        &catalog,
-        opts.seed,
-        &tag,
-    );
-    let mut report = Report::new(&tag, local, &opts, &scenario);
-
+    let setup = Setup::prepare(&opts).await?;
+    let mut report = Report::new(&setup.tag, setup.local, &opts, &setup.scenario);
     if opts.ceiling_secs > 0 {
-        eprintln!("measuring backend ceilings ({} s each)…", opts.ceiling_secs);
-        let loops = config
-            .workers
-            .values()
-            .map(|w| w.max_in_flight.get())
-            .max()
-            .unwrap_or(16)
-            .min(32);
-        anyhow::ensure!(
-            local,
-            "backend ceilings are measured on the local emulators only: pass --ceiling-secs 0 on AWS"
-        );
-        let sqs = ceiling::sqs(&harness.sqs, &tag, loops / 4 + 1, opts.ceiling_secs).await?;
-        // A scratch table of its own: the fleet's tables hold only the fleet's records.
-        let scratch = fleet_common::config::TableConfig {
-            name: format!("{tag}-ceiling-puts"),
-            partition_key: "pk".into(),
-            sort_key: None,
-            ttl_attribute: Some("expires_at".into()),
-        };
-        fleet_common::provision::provision_table(&harness.dynamodb, &scratch)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let ddb = ceiling::dynamodb(
-            &harness.dynamodb,
-            &scratch.name,
-            scratch.ttl_attribute.as_deref(),
-            loops,
-            opts.ceiling_secs,
-        )
-        .await?;
-        let workload = if local {
-            Some(workload_ceiling(&opts, &harness, &catalog, &tag, loops).await?)
-        } else {
-            None
-        };
+        let (sqs, ddb, workload) = measure_ceilings(&opts, &setup).await?;
         report.set_ceilings(sqs, ddb, workload);
     }
+    let load = run_load(&opts, &setup, &mut report).await?;
+    audit(&opts, &setup, &load, &mut report).await?;
+    report.set_load(
+        load.elapsed,
+        load.order_phase,
+        load.samples,
+        load.metrics_after_orders.as_ref(),
+        load.final_metrics.as_ref(),
+        load.process,
+    );
+    report.write(&opts.report_dir)?;
+    Ok(report)
+}
 
+/// What a run works on: its config (its own queues and tables locally), clients, tables,
+/// catalog, queues and scenario.
+struct Setup {
+    tag: String,
+    local: bool,
+    config: FleetConfig,
+    harness: Clients,
+    tables: Tables,
+    catalog: CatalogFile,
+    topology: Topology,
+    scenario: Scenario,
+}
+
+impl Setup {
+    /// Locally: provisions the run's own queues and tables and seeds the catalog (sharded for
+    /// a flash sale); on AWS the deployed ones are used.
+    async fn prepare(opts: &Options) -> anyhow::Result<Self> {
+        let local = opts
+            .config
+            .aws
+            .sqs_endpoint_url
+            .as_deref()
+            .is_some_and(is_loopback_url);
+        let tag = format!("lt{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let config = if local {
+            opts.config.clone().with_suffix(&tag)
+        } else {
+            opts.config.clone()
+        };
+        let harness = Clients::from_config(&config.aws).await;
+        if local {
+            fleet_common::provision::provision(&harness.sqs, &harness.dynamodb, &config)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("{e}; are the emulators running (scripts/local-aws up)?")
+                })?;
+        }
+        let tables = Tables::from_config(&config)?;
+        let mut catalog = CatalogFile::load(&opts.catalog)?;
+        if let Some(flash) = &opts.flash {
+            anyhow::ensure!(
+                local || flash.shards <= 1,
+                "--stock-shards splits stock in the catalog the harness seeds, on the local emulators only: on AWS set stock_shards in the catalog and seed it (worker seed-catalog)"
+            );
+            flash.shard(&mut catalog);
+        }
+        if local {
+            workers::catalog::seed(&harness.dynamodb, &tables.catalog, &catalog).await?;
+        }
+        let topology = Topology::resolve(&harness.sqs, &config).await?;
+        let scenario = Scenario::generate_with(
+            opts.orders,
+            opts.mix,
+            opts.flash.map(|f| f.sale),
+            &catalog,
+            opts.seed,
+            &tag,
+        );
+        Ok(Self {
+            tag,
+            local,
+            config,
+            harness,
+            tables,
+            catalog,
+            topology,
+            scenario,
+        })
+    }
+}
+
+/// The backends' ceilings: a raw SQS loop, raw conditional puts on a scratch table, and the
+/// fleet's own DynamoDB work chained in memory (local emulators only).
+async fn measure_ceilings(
+    opts: &Options,
+    setup: &Setup,
+) -> anyhow::Result<(ceiling::Ceiling, ceiling::Ceiling, Option<ceiling::Ceiling>)> {
+    eprintln!("measuring backend ceilings ({} s each)…", opts.ceiling_secs);
+    anyhow::ensure!(
+        setup.local,
+        "backend ceilings are measured on the local emulators only: pass --ceiling-secs 0 on AWS"
+    );
+    let harness = &setup.harness;
+    let loops = setup
+        .config
+        .workers
+        .values()
+        .map(|w| w.max_in_flight.get())
+        .max()
+        .unwrap_or(16)
+        .min(32);
+    let sqs = ceiling::sqs(&harness.sqs, &setup.tag, loops / 4 + 1, opts.ceiling_secs).await?;
+    // A scratch table of its own: the fleet's tables hold only the fleet's records.
+    let scratch = fleet_common::config::TableConfig {
+        name: format!("{}-ceiling-puts", setup.tag),
+        partition_key: "pk".into(),
+        sort_key: None,
+        ttl_attribute: Some("expires_at".into()),
+    };
+    fleet_common::provision::provision_table(&harness.dynamodb, &scratch)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ddb = ceiling::dynamodb(
+        &harness.dynamodb,
+        &scratch.name,
+        scratch.ttl_attribute.as_deref(),
+        loops,
+        opts.ceiling_secs,
+    )
+    .await?;
+    let workload = workload_ceiling(opts, harness, &setup.catalog, &setup.tag, loops).await?;
+    Ok((sqs, ddb, Some(workload)))
+}
+
+/// What the load phases measured.
+struct Load {
+    elapsed: Duration,
+    order_phase: Duration,
+    samples: Vec<Sample>,
+    metrics_after_orders: Option<probe::Metrics>,
+    final_metrics: Option<probe::Metrics>,
+    process: Option<probe::ProcessSample>,
+    /// When SQS accepted each order's submission.
+    sent: BTreeMap<String, OffsetDateTime>,
+}
+
+/// The order phase (the fleet started before it, or after it for a backlog), drained; then the
+/// carrier events, drained; the fleet stopped.
+async fn run_load(opts: &Options, setup: &Setup, report: &mut Report) -> anyhow::Result<Load> {
+    let (harness, topology, scenario) = (&setup.harness, &setup.topology, &setup.scenario);
     let ingest = topology
         .pair("ingest")
         .context("the config has no ingest queue")?
@@ -276,9 +342,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .url
         .clone();
     let sent_at: Arc<Mutex<BTreeMap<String, OffsetDateTime>>> = Arc::default();
+    let log = report_path(opts, "worker.log");
     let mut fleet = None;
     if opts.start_fleet && !opts.backlog {
-        fleet = Some(FleetProcess::start(&opts, &config, &report_path(&opts, "worker.log")).await?);
+        fleet = Some(FleetProcess::start(opts, &setup.config, &log).await?);
     }
     let started = Instant::now();
     let sampler = Sampler::start(
@@ -296,9 +363,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     )
     .await?;
     if opts.start_fleet && opts.backlog {
-        report.backlog_before_start =
-            fleet_harness::queues::queued(&harness.sqs, &topology).await?;
-        let f = FleetProcess::start(&opts, &config, &report_path(&opts, "worker.log")).await?;
+        report.backlog_before_start = fleet_harness::queues::queued(&harness.sqs, topology).await?;
+        let f = FleetProcess::start(opts, &setup.config, &log).await?;
         sampler.attach(f.pid, f.metrics_addr);
         fleet = Some(f);
     }
@@ -308,8 +374,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     } else {
         started
     };
-    drain(&harness.sqs, &topology, opts.drain_timeout).await?;
-    let phase1 = load_started.elapsed();
+    drain(&harness.sqs, topology, opts.drain_timeout).await?;
+    let order_phase = load_started.elapsed();
     let metrics_after_orders = match &fleet {
         Some(f) => Some(f.scrape().await?),
         None => None,
@@ -324,7 +390,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             "carrier events",
         )
         .await?;
-        drain(&harness.sqs, &topology, opts.drain_timeout).await?;
+        drain(&harness.sqs, topology, opts.drain_timeout).await?;
     }
     let elapsed = started.elapsed();
     let samples = sampler.stop().await;
@@ -336,28 +402,46 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     if let Some(f) = fleet.take() {
         f.stop().await?;
     }
+    let sent = sent_at.lock().expect("sent lock").clone();
+    Ok(Load {
+        elapsed,
+        order_phase,
+        samples,
+        metrics_after_orders,
+        final_metrics,
+        process,
+        sent,
+    })
+}
 
+/// Audits every order and the DLQs against the scenario, and a flash sale's stock.
+async fn audit(
+    opts: &Options,
+    setup: &Setup,
+    load: &Load,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let (harness, scenario) = (&setup.harness, &setup.scenario);
     eprintln!("auditing every order…");
     let (audit, orders) = scenario::audit_with_orders(
         &harness.dynamodb,
-        &tables,
-        &scenario,
-        &catalog,
+        &setup.tables,
+        scenario,
+        &setup.catalog,
         opts.carrier_events,
     )
     .await?;
-    let dead = fleet_harness::queues::dead_letters(&harness.sqs, &topology).await?;
+    let dead = fleet_harness::queues::dead_letters(&harness.sqs, &setup.topology).await?;
     let mut expected_dead = scenario.expected_dead_letters.clone();
     if !opts.carrier_events {
         // Carrier events for orders that do not exist are the only expected delivery dead letters.
         expected_dead.remove(&("delivery".to_owned(), "unknown_order".to_owned()));
     }
     let unexpected = fleet_harness::queues::dead_letter_mismatches(&dead, &expected_dead);
-    let sent = sent_at.lock().expect("sent lock").clone();
-    report.set_latency(orders.values(), &sent);
+    report.set_latency(orders.values(), &load.sent);
     report.set_audit(&audit, unexpected);
     if let Some(run) = &opts.flash {
-        let before = catalog.by_sku();
+        let before = setup.catalog.by_sku();
         let before = scenario
             .hot_skus
             .iter()
@@ -367,25 +451,16 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
             flash::FlashReport::measure(
                 run,
                 &harness.dynamodb,
-                &tables,
+                &setup.tables,
                 &before,
                 &orders,
-                phase1.as_secs_f64(),
-                final_metrics.as_ref(),
+                load.order_phase.as_secs_f64(),
+                load.final_metrics.as_ref(),
             )
             .await?,
         );
     }
-    report.set_load(
-        elapsed,
-        phase1,
-        samples,
-        metrics_after_orders.as_ref(),
-        final_metrics.as_ref(),
-        process,
-    );
-    report.write(&opts.report_dir)?;
-    Ok(report)
+    Ok(())
 }
 
 fn report_path(opts: &Options, file: &str) -> PathBuf {
