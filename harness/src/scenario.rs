@@ -616,188 +616,232 @@ pub fn record_differences(
     names: &BTreeMap<&str, &CatalogEntry>,
     with_delivery: bool,
 ) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut check = |field: &str, ok: bool, got: String, expected: String| {
-        if !ok {
-            out.push(format!("{field} is {got}, expected {expected}"));
-        }
-    };
-    check(
+    let mut d = Differences::default();
+    d.check(
         "status",
         order.status == want.status,
         order.status.clone(),
         want.status.to_owned(),
     );
-    check(
+    d.check(
         "event_id",
         unsent(&order.event_id) == want.event_id,
         order.event_id.clone(),
         want.event_id.clone(),
     );
-    check(
+    d.check(
         "correlation_id",
         !order.correlation_id.is_empty(),
         "empty".into(),
         "set".into(),
     );
-    check(
+    d.check(
         "source",
         order.source.as_deref().is_some_and(|s| !s.is_empty()),
         format!("{:?}", order.source),
         "the edge's stamp".into(),
     );
     let Some(sub) = &want.submitted else {
-        check("submission", false, "unknown".into(), "known".into());
-        return out;
+        d.check("submission", false, "unknown".into(), "known".into());
+        return d.0;
     };
-    check(
-        "pk",
-        order.pk == store::order_key(&sub.order_id),
-        order.pk.clone(),
-        store::order_key(&sub.order_id),
-    );
-    check(
-        "user_id",
-        order.user_id == sub.user_id,
-        "another user".into(),
-        "the submitted one".into(),
-    );
-    check(
-        "email",
-        order.email == sub.email,
-        "another e-mail".into(),
-        "the submitted one".into(),
-    );
-    check(
-        "delivery_address",
-        order.delivery_address == sub.delivery_address,
-        "another address".into(),
-        "the submitted one".into(),
-    );
-    check(
-        "payment_reference",
-        order.payment_reference == sub.payment_reference,
-        "another reference".into(),
-        "the submitted one".into(),
-    );
-    check(
-        "payload_hash",
-        order.payload_hash == fleet_common::contract::fingerprint(sub),
-        order.payload_hash.clone(),
-        "the submission's fingerprint".into(),
-    );
-    let mut reasons = order.rejection_reasons.clone();
-    reasons.sort();
-    let mut want_reasons = want.reasons.clone();
-    want_reasons.sort();
-    check(
-        "rejection_reasons",
-        reasons == want_reasons,
-        format!("{reasons:?}"),
-        format!("{want_reasons:?}"),
-    );
-    let lines = expected_lines(want, sub, names);
-    check(
-        "lines",
-        order.lines == lines,
-        format!("{:?}", order.lines),
-        format!("{lines:?}"),
-    );
-    let delivery = match (want.status, with_delivery) {
-        ("packed", true) => want
-            .carrier
-            .iter()
-            .map(|(_, s)| *s)
-            .max_by_key(|s| s.rank())
-            .or(Some(DeliveryStatus::AwaitingCarrier)),
-        ("packed", false) => Some(DeliveryStatus::AwaitingCarrier),
-        _ => None,
-    };
-    check(
-        "delivery_status",
-        order.delivery_status.as_deref() == delivery.map(DeliveryStatus::as_str),
-        format!("{:?}", order.delivery_status),
-        format!("{:?}", delivery.map(DeliveryStatus::as_str)),
-    );
-    check(
-        "delivery_rank",
-        order.delivery_rank == delivery.map(DeliveryStatus::rank),
-        format!("{:?}", order.delivery_rank),
-        format!("{:?}", delivery.map(DeliveryStatus::rank)),
-    );
+    d.submission(order, want, sub, names);
     let carrier: &[(String, DeliveryStatus)] = if with_delivery && want.status == "packed" {
         &want.carrier
     } else {
         &[]
     };
-    let events: BTreeMap<&str, &str> = order
-        .delivery_events
-        .iter()
-        .map(|(k, v)| (unsent(k), v.split('#').next().unwrap_or_default()))
-        .collect();
-    let packed_id = order_packed_id(sub);
-    let mut want_events: BTreeMap<&str, &str> = carrier
-        .iter()
-        .map(|(k, s)| (k.as_str(), s.as_str()))
-        .collect();
-    if want.status == "packed" {
-        // The warehouse's hand-off is a delivery event of its own.
-        want_events.insert(&packed_id, DeliveryStatus::AwaitingCarrier.as_str());
-    }
-    check(
-        "delivery_events",
-        events == want_events,
-        format!("{events:?}"),
-        format!("{want_events:?}"),
-    );
-    let history: BTreeSet<EntryKey> = order
-        .history
-        .iter()
-        .map(|h| {
-            (
-                h.stage.clone(),
-                h.event.clone(),
-                unsent(&h.event_id).to_owned(),
-                if h.stage == "delivery" {
-                    None
-                } else {
-                    h.note.clone()
-                },
-            )
-        })
-        .collect();
-    let want_history = expected_history(want, sub, carrier);
-    check(
-        "history",
-        history == want_history.iter().cloned().collect(),
-        format!("{history:?}"),
-        format!("{want_history:?}"),
-    );
-    // The stages' entries come in pipeline order: orders, warehouse, then delivery.
-    let stages: Vec<&str> = order.history.iter().map(|h| h.stage.as_str()).collect();
-    let mut sorted = stages.clone();
-    sorted.sort_by_key(|s| {
-        ["orders", "warehouse", "delivery"]
-            .iter()
-            .position(|x| x == s)
-    });
-    check(
-        "history order",
-        stages == sorted,
-        format!("{stages:?}"),
-        "orders, warehouse, delivery".into(),
-    );
+    d.delivery(order, want, sub, carrier, with_delivery);
+    d.history(order, want, sub, carrier);
     let version = 1
         + u32::from(want.status != "rejected")
         + u32::from(want.status == "packed")
         + carrier.len() as u32;
-    check(
+    d.check(
         "version",
         order.version == version,
         order.version.to_string(),
         version.to_string(),
     );
-    out
+    d.0
+}
+
+/// The differences `record_differences` found, one line each.
+#[derive(Default)]
+struct Differences(Vec<String>);
+
+impl Differences {
+    fn check(&mut self, field: &str, ok: bool, got: String, expected: String) {
+        if !ok {
+            self.0
+                .push(format!("{field} is {got}, expected {expected}"));
+        }
+    }
+
+    /// What the order says of its submission: key, customer, payload, rejections, lines.
+    fn submission(
+        &mut self,
+        order: &OrderRecord,
+        want: &Expected,
+        sub: &OrderSubmitted,
+        names: &BTreeMap<&str, &CatalogEntry>,
+    ) {
+        self.check(
+            "pk",
+            order.pk == store::order_key(&sub.order_id),
+            order.pk.clone(),
+            store::order_key(&sub.order_id),
+        );
+        let same = "the submitted one";
+        self.check(
+            "user_id",
+            order.user_id == sub.user_id,
+            "another user".into(),
+            same.into(),
+        );
+        self.check(
+            "email",
+            order.email == sub.email,
+            "another e-mail".into(),
+            same.into(),
+        );
+        self.check(
+            "delivery_address",
+            order.delivery_address == sub.delivery_address,
+            "another address".into(),
+            same.into(),
+        );
+        self.check(
+            "payment_reference",
+            order.payment_reference == sub.payment_reference,
+            "another reference".into(),
+            same.into(),
+        );
+        self.check(
+            "payload_hash",
+            order.payload_hash == fleet_common::contract::fingerprint(sub),
+            order.payload_hash.clone(),
+            "the submission's fingerprint".into(),
+        );
+        let mut reasons = order.rejection_reasons.clone();
+        reasons.sort();
+        let mut want_reasons = want.reasons.clone();
+        want_reasons.sort();
+        self.check(
+            "rejection_reasons",
+            reasons == want_reasons,
+            format!("{reasons:?}"),
+            format!("{want_reasons:?}"),
+        );
+        let lines = expected_lines(want, sub, names);
+        self.check(
+            "lines",
+            order.lines == lines,
+            format!("{:?}", order.lines),
+            format!("{lines:?}"),
+        );
+    }
+
+    /// The delivery state: its status and rank, and the events applied (the warehouse's
+    /// hand-off among them).
+    fn delivery(
+        &mut self,
+        order: &OrderRecord,
+        want: &Expected,
+        sub: &OrderSubmitted,
+        carrier: &[(String, DeliveryStatus)],
+        with_delivery: bool,
+    ) {
+        let delivery = match (want.status, with_delivery) {
+            ("packed", true) => want
+                .carrier
+                .iter()
+                .map(|(_, s)| *s)
+                .max_by_key(|s| s.rank())
+                .or(Some(DeliveryStatus::AwaitingCarrier)),
+            ("packed", false) => Some(DeliveryStatus::AwaitingCarrier),
+            _ => None,
+        };
+        self.check(
+            "delivery_status",
+            order.delivery_status.as_deref() == delivery.map(DeliveryStatus::as_str),
+            format!("{:?}", order.delivery_status),
+            format!("{:?}", delivery.map(DeliveryStatus::as_str)),
+        );
+        self.check(
+            "delivery_rank",
+            order.delivery_rank == delivery.map(DeliveryStatus::rank),
+            format!("{:?}", order.delivery_rank),
+            format!("{:?}", delivery.map(DeliveryStatus::rank)),
+        );
+        let events: BTreeMap<&str, &str> = order
+            .delivery_events
+            .iter()
+            .map(|(k, v)| (unsent(k), v.split('#').next().unwrap_or_default()))
+            .collect();
+        let packed_id = order_packed_id(sub);
+        let mut want_events: BTreeMap<&str, &str> = carrier
+            .iter()
+            .map(|(k, s)| (k.as_str(), s.as_str()))
+            .collect();
+        if want.status == "packed" {
+            // The warehouse's hand-off is a delivery event of its own.
+            want_events.insert(&packed_id, DeliveryStatus::AwaitingCarrier.as_str());
+        }
+        self.check(
+            "delivery_events",
+            events == want_events,
+            format!("{events:?}"),
+            format!("{want_events:?}"),
+        );
+    }
+
+    /// The history: every entry expected, once, and the stages in pipeline order.
+    fn history(
+        &mut self,
+        order: &OrderRecord,
+        want: &Expected,
+        sub: &OrderSubmitted,
+        carrier: &[(String, DeliveryStatus)],
+    ) {
+        let history: BTreeSet<EntryKey> = order
+            .history
+            .iter()
+            .map(|h| {
+                (
+                    h.stage.clone(),
+                    h.event.clone(),
+                    unsent(&h.event_id).to_owned(),
+                    if h.stage == "delivery" {
+                        None
+                    } else {
+                        h.note.clone()
+                    },
+                )
+            })
+            .collect();
+        let want_history = expected_history(want, sub, carrier);
+        self.check(
+            "history",
+            history == want_history.iter().cloned().collect(),
+            format!("{history:?}"),
+            format!("{want_history:?}"),
+        );
+        // The stages' entries come in pipeline order: orders, warehouse, then delivery.
+        let stages: Vec<&str> = order.history.iter().map(|h| h.stage.as_str()).collect();
+        let mut sorted = stages.clone();
+        sorted.sort_by_key(|s| {
+            ["orders", "warehouse", "delivery"]
+                .iter()
+                .position(|x| x == s)
+        });
+        self.check(
+            "history order",
+            stages == sorted,
+            format!("{stages:?}"),
+            "orders, warehouse, delivery".into(),
+        );
+    }
 }
 
 /// An event id as its producer sent it: the edge prefixes every upstream event id with its
