@@ -366,17 +366,35 @@ pub fn redrive_deduplication_id(original: &str, count: u32) -> String {
     }
 }
 
-/// The message as it goes back: attribution removed, redrive recorded (with the run's id), FIFO
-/// ids carried.
+/// What a redrive run stamps on each message it sends.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamp<'a> {
+    /// The DLQ it moves from.
+    pub from_queue: &'a str,
+    /// The run's id.
+    pub run: &'a str,
+    /// The destination is a FIFO queue.
+    pub fifo: bool,
+    /// When.
+    pub now: OffsetDateTime,
+    /// The SenderIds that redrive into the edge (`ingestion.redrivers`).
+    pub redrivers: &'a [String],
+}
+
+/// The message as it goes back: attribution removed, redrive recorded (with the run's id and
+/// the first sender), FIFO ids carried.
 pub fn redriven_entry(
     m: &DlqMessage,
     id: usize,
-    from_queue: &str,
-    run: &str,
-    fifo: bool,
-    now: OffsetDateTime,
-    redrivers: &[String],
+    stamp: &Stamp<'_>,
 ) -> std::result::Result<SendMessageBatchRequestEntry, String> {
+    let Stamp {
+        from_queue,
+        run,
+        fifo,
+        now,
+        redrivers,
+    } = *stamp;
     let previous = m.redrive();
     let record = RedriveRecord {
         id: Some(run.to_owned()),
@@ -449,13 +467,18 @@ async fn send(
     run: &str,
     messages: &[&DlqMessage],
 ) -> Result<HashMap<String, String>> {
-    let now = OffsetDateTime::now_utc();
+    let stamp = Stamp {
+        from_queue: from,
+        run,
+        fifo: queue.fifo(),
+        now: OffsetDateTime::now_utc(),
+        redrivers: ctx.redrivers(),
+    };
     let mut entries = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        let entry =
-            redriven_entry(m, i, from, run, queue.fifo(), now, ctx.redrivers()).map_err(|e| {
-                CliError::Usage(format!("message {} cannot be sent: {e}", m.message_id))
-            })?;
+        let entry = redriven_entry(m, i, &stamp).map_err(|e| {
+            CliError::Usage(format!("message {} cannot be sent: {e}", m.message_id))
+        })?;
         entries.push(entry);
     }
     let out = ctx
@@ -485,6 +508,17 @@ mod tests {
     use crate::record::tests::{attribution, message};
     use fleet_common::failure::FailureClass;
 
+    /// A run's stamp for a test: `run-1`, at the epoch, no redrivers.
+    fn stamp(from_queue: &'static str, fifo: bool) -> Stamp<'static> {
+        Stamp {
+            from_queue,
+            run: "run-1",
+            fifo,
+            now: OffsetDateTime::UNIX_EPOCH,
+            redrivers: &[],
+        }
+    }
+
     #[test]
     fn a_redriven_message_loses_its_attribution_and_records_the_redrive() {
         let a = attribution(
@@ -495,16 +529,7 @@ mod tests {
         let mut m = message("m1", "{\"x\":1}", Some(&a));
         m.attributes
             .insert("correlation-id".into(), AttributeValue::string("corr-9"));
-        let entry = redriven_entry(
-            &m,
-            3,
-            "fleet-orders-dlq",
-            "run-1",
-            false,
-            OffsetDateTime::UNIX_EPOCH,
-            &[],
-        )
-        .unwrap();
+        let entry = redriven_entry(&m, 3, &stamp("fleet-orders-dlq", false)).unwrap();
         assert_eq!(entry.id(), "3");
         assert_eq!(entry.message_body(), "{\"x\":1}");
         let attrs = entry.message_attributes().unwrap();
@@ -581,11 +606,11 @@ mod tests {
         let entry = redriven_entry(
             &moved,
             0,
-            "q-dlq",
-            "run-2",
-            false,
-            OffsetDateTime::UNIX_EPOCH,
-            &redrivers,
+            &Stamp {
+                run: "run-2",
+                redrivers: &redrivers,
+                ..stamp("q-dlq", false)
+            },
         )
         .unwrap();
         let carried: RedriveRecord = serde_json::from_str(
@@ -604,16 +629,7 @@ mod tests {
             .insert("MessageGroupId".into(), "order-7".into());
         m.system_attributes
             .insert("MessageDeduplicationId".into(), "evt-7".into());
-        let first = redriven_entry(
-            &m,
-            0,
-            "q-dlq.fifo",
-            "run-1",
-            true,
-            OffsetDateTime::UNIX_EPOCH,
-            &[],
-        )
-        .unwrap();
+        let first = redriven_entry(&m, 0, &stamp("q-dlq.fifo", true)).unwrap();
         assert_eq!(first.message_group_id(), Some("order-7"));
         assert_eq!(first.message_deduplication_id(), Some("evt-7.r1"));
         // Redriven once already: the record says so.
@@ -625,28 +641,10 @@ mod tests {
                     .unwrap(),
             ),
         );
-        let second = redriven_entry(
-            &m,
-            0,
-            "q-dlq.fifo",
-            "run-1",
-            true,
-            OffsetDateTime::UNIX_EPOCH,
-            &[],
-        )
-        .unwrap();
+        let second = redriven_entry(&m, 0, &stamp("q-dlq.fifo", true)).unwrap();
         assert_eq!(second.message_deduplication_id(), Some("evt-7.r2"));
         // A standard queue (fair queues): the group travels, no deduplication id.
-        let standard = redriven_entry(
-            &m,
-            0,
-            "q-dlq",
-            "run-1",
-            false,
-            OffsetDateTime::UNIX_EPOCH,
-            &[],
-        )
-        .unwrap();
+        let standard = redriven_entry(&m, 0, &stamp("q-dlq", false)).unwrap();
         assert_eq!(standard.message_group_id(), Some("order-7"));
         assert_eq!(standard.message_deduplication_id(), None);
         let long = redrive_deduplication_id(&"x".repeat(128), 1);
@@ -738,32 +736,14 @@ mod tests {
         let header = "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1";
         m.system_attributes
             .insert("AWSTraceHeader".into(), header.into());
-        let entry = redriven_entry(
-            &m,
-            0,
-            "q-dlq",
-            "run-1",
-            false,
-            OffsetDateTime::UNIX_EPOCH,
-            &[],
-        )
-        .unwrap();
+        let entry = redriven_entry(&m, 0, &stamp("q-dlq", false)).unwrap();
         let system = entry.message_system_attributes().unwrap();
         let carried =
             &system[&aws_sdk_sqs::types::MessageSystemAttributeNameForSends::AwsTraceHeader];
         assert_eq!(carried.string_value(), Some(header));
         assert_eq!(carried.data_type(), "String");
         // Without a header, nothing is set (SQS refuses an empty system attribute).
-        let plain = redriven_entry(
-            &message("m2", "{}", None),
-            0,
-            "q-dlq",
-            "run-1",
-            false,
-            OffsetDateTime::UNIX_EPOCH,
-            &[],
-        )
-        .unwrap();
+        let plain = redriven_entry(&message("m2", "{}", None), 0, &stamp("q-dlq", false)).unwrap();
         assert!(plain.message_system_attributes().is_none());
     }
 
