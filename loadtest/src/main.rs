@@ -164,6 +164,36 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let (simulate, chaos) = (cli.simulate_scaling, cli.chaos);
+    let inputs = scaling_inputs(&cli);
+    let (faults, kill_every) = (cli.faults.clone(), cli.kill_every);
+    let opts = options(cli, config);
+    let dir = opts.report_dir.clone();
+    if simulate {
+        return simulate_scaling(&inputs, &dir);
+    }
+    if chaos {
+        return chaos_run(&opts, faults, kill_every, &dir).await;
+    }
+    match loadtest::run(opts).await {
+        Ok(report) => {
+            print!("{}", report.summary());
+            println!("  report: {}/report.json (+ summary.txt, throughput.svg, backlog.svg, latency.svg, memory.svg)", dir.display());
+            if report.verdict == "PASS" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The run's options from the command line and the config.
+fn options(cli: Cli, config: FleetConfig) -> Options {
     let pace = match (cli.rate, cli.producers) {
         (Some(r), _) => Pace::Open(r),
         (None, p) => Pace::Closed(p.unwrap_or(8)),
@@ -192,7 +222,7 @@ async fn main() -> ExitCode {
         }
     }
     fleet_overrides.extend(cli.fleet_overrides);
-    let opts = Options {
+    Options {
         config,
         config_path: cli.config,
         orders,
@@ -218,68 +248,65 @@ async fn main() -> ExitCode {
             item_limit: (cli.item_limit > 0.0).then_some(cli.item_limit),
             shards: cli.stock_shards,
         }),
-    };
-    let dir = opts.report_dir.clone();
-    if cli.simulate_scaling {
-        let inputs = loadtest::scale::Inputs {
-            per_task_rate: cli.per_task_rate,
-            base_rate: cli.base_rate,
-            write_units_per_message: cli.write_units_per_message,
-            table_write_units: 40_000.0,
-            hot_share: cli.sim_hot_share / 100.0,
-            stock_shards: cli.sim_stock_shards,
-            transaction_secs: 0.02,
-            target_age_secs: cli.target_age_secs,
-        };
-        return match loadtest::scale::report(&inputs, &dir) {
-            Ok(_) => {
-                print!(
-                    "{}",
-                    std::fs::read_to_string(dir.join("scaling.md")).unwrap_or_default()
-                );
-                eprintln!("  report: {}/scaling.md (+ scaling.json, scaling-tasks.svg, scaling-backlog.svg, scaling-oldest.svg)", dir.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("loadtest: {e:#}");
-                ExitCode::from(2)
-            }
-        };
     }
-    if cli.chaos {
-        return match loadtest::run_chaos(&opts, cli.faults, cli.kill_every).await {
-            Ok(report) => {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
-                eprintln!("  report: {}/chaos.json", dir.display());
-                if report.passed(report.orders) {
-                    ExitCode::SUCCESS
-                } else {
-                    eprintln!(
-                        "loadtest: the chaos run's audit failed: {:?}",
-                        report.audit.offenders
-                    );
-                    ExitCode::FAILURE
-                }
-            }
-            Err(e) => {
-                eprintln!("loadtest: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+}
+
+/// `--simulate-scaling`'s inputs.
+fn scaling_inputs(cli: &Cli) -> loadtest::scale::Inputs {
+    loadtest::scale::Inputs {
+        per_task_rate: cli.per_task_rate,
+        base_rate: cli.base_rate,
+        write_units_per_message: cli.write_units_per_message,
+        table_write_units: 40_000.0,
+        hot_share: cli.sim_hot_share / 100.0,
+        stock_shards: cli.sim_stock_shards,
+        transaction_secs: 0.02,
+        target_age_secs: cli.target_age_secs,
     }
-    match loadtest::run(opts).await {
+}
+
+/// `--simulate-scaling`: the scaling report, printed.
+fn simulate_scaling(inputs: &loadtest::scale::Inputs, dir: &std::path::Path) -> ExitCode {
+    match loadtest::scale::report(inputs, dir) {
+        Ok(_) => {
+            print!(
+                "{}",
+                std::fs::read_to_string(dir.join("scaling.md")).unwrap_or_default()
+            );
+            eprintln!("  report: {}/scaling.md (+ scaling.json, scaling-tasks.svg, scaling-backlog.svg, scaling-oldest.svg)", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `--chaos`: the chaos run, its report printed; fails when its audit does.
+async fn chaos_run(
+    opts: &Options,
+    faults: String,
+    kill_every: std::time::Duration,
+    dir: &std::path::Path,
+) -> ExitCode {
+    match loadtest::run_chaos(opts, faults, kill_every).await {
         Ok(report) => {
-            print!("{}", report.summary());
-            println!("  report: {}/report.json (+ summary.txt, throughput.svg, backlog.svg, latency.svg, memory.svg)", dir.display());
-            if report.verdict == "PASS" {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            eprintln!("  report: {}/chaos.json", dir.display());
+            if report.passed(report.orders) {
                 ExitCode::SUCCESS
             } else {
+                eprintln!(
+                    "loadtest: the chaos run's audit failed: {:?}",
+                    report.audit.offenders
+                );
                 ExitCode::FAILURE
             }
         }
         Err(e) => {
             eprintln!("loadtest: {e:#}");
-            ExitCode::from(2)
+            ExitCode::FAILURE
         }
     }
 }
