@@ -141,141 +141,31 @@ impl Scenario {
         seed: u64,
         tag: &str,
     ) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed);
-        let in_stock: Vec<&CatalogEntry> = catalog
-            .products
-            .iter()
-            .filter(|p| p.stock >= 1_000)
-            .collect();
-        let out_of_stock: Vec<&CatalogEntry> =
-            catalog.products.iter().filter(|p| p.stock == 0).collect();
         let mut s = Scenario::default();
         if let Some(f) = flash {
             s.hot_skus = f.hot_skus(catalog);
         }
-        let weights = [
-            mix.valid,
-            mix.duplicate,
-            mix.malformed,
-            mix.unknown_sku,
-            mix.wrong_price,
-            mix.out_of_stock,
-        ];
-        let total: u32 = weights.iter().sum::<u32>().max(1);
-        for i in 0..orders {
-            let order_id = format!("{tag}-o{i:05}");
-            let event_id = format!("{tag}-e{i:05}");
-            let mut pick = rng.random_range(0..total);
-            let kind = weights.iter().position(|w| {
-                if pick < *w {
-                    true
-                } else {
-                    pick -= w;
-                    false
-                }
-            });
-            let line_count = rng.random_range(1..=3);
-            let mut products: Vec<&CatalogEntry> = in_stock
-                .choose_multiple(&mut rng, line_count)
-                .copied()
-                .collect();
-            if let Some(f) = flash {
-                // The hot product takes the first line (unless the order has it already).
-                if rng.random_bool(f.share.clamp(0.0, 1.0)) {
-                    let hot = &s.hot_skus[rng.random_range(0..s.hot_skus.len())];
-                    if !products.iter().any(|p| &p.sku == hot) {
-                        products[0] = in_stock
-                            .iter()
-                            .find(|p| &p.sku == hot)
-                            .expect("hot products are in stock");
-                    }
-                }
-            }
-            let mut lines: Vec<OrderLine> = products
+        let mut g = Generator {
+            rng: StdRng::seed_from_u64(seed),
+            in_stock: catalog
+                .products
                 .iter()
-                .map(|p| line(p, rng.random_range(1..=4)))
-                .collect();
-            let mut expected = Expected {
-                status: "packed",
-                lines: lines.iter().map(|l| (l.sku.clone(), None)).collect(),
-                reasons: vec![],
-                delivery: None,
-                submitted: None,
-                event_id: event_id.clone(),
-                carrier: vec![],
-            };
-            match kind {
-                Some(0) | Some(1) => {}
-                Some(2) => {
-                    let (body, reason) = malformed(&mut rng, &order_id, &event_id);
-                    s.submissions.push(Input {
-                        body,
-                        order_id: None,
-                    });
-                    *s.expected_dead_letters
-                        .entry(("ingest".into(), reason.into()))
-                        .or_default() += 1;
-                    continue;
-                }
-                Some(3) => {
-                    lines[0].sku = format!("NOPE-{i:05}");
-                    expected = rejected(&event_id, vec![format!("unknown_sku:{}", lines[0].sku)]);
-                }
-                Some(4) => {
-                    lines[0].unit_price.amount_minor += 1;
-                    expected =
-                        rejected(&event_id, vec![format!("price_mismatch:{}", lines[0].sku)]);
-                }
-                _ => {
-                    let oos = out_of_stock
-                        .choose(&mut rng)
-                        .expect("the catalog has out-of-stock products");
-                    let alone = rng.random_bool(0.3);
-                    if alone {
-                        lines.clear();
-                        expected.lines.clear();
-                    }
-                    lines.push(line(oos, 1));
-                    // Lines are packed one by one, so a substitute is taken even when the
-                    // order has it on another line already.
-                    if let Some(sub) = &oos.substitute {
-                        expected.lines.push((sub.clone(), Some(oos.sku.clone())));
-                    }
-                    if expected.lines.is_empty() {
-                        expected.status = "unpackable";
-                    }
-                }
-            }
-            let (body, submitted) = submission(
-                &order_id,
-                &event_id,
-                &format!("u-{}", i % 97),
-                lines,
-                &mut rng,
-            );
-            expected.submitted = Some(submitted);
-            s.submissions.push(Input {
-                body: body.clone(),
-                order_id: Some(order_id.clone()),
-            });
-            if kind == Some(1) {
-                s.submissions.push(Input {
-                    body,
-                    order_id: Some(order_id.clone()),
-                });
-            }
-            if expected.status == "packed" {
-                expected.delivery = Some("delivered");
-                let mut events = carrier_events(&order_id);
-                expected.carrier = carrier_statuses(&order_id);
-                // Some carriers repeat themselves.
-                if rng.random_bool(0.2) {
-                    let again = events[rng.random_range(0..events.len())].clone();
-                    events.push(again);
-                }
-                s.carrier_events.extend(events);
-            }
-            s.expected.insert(order_id, expected);
+                .filter(|p| p.stock >= 1_000)
+                .collect(),
+            out_of_stock: catalog.products.iter().filter(|p| p.stock == 0).collect(),
+            weights: [
+                mix.valid,
+                mix.duplicate,
+                mix.malformed,
+                mix.unknown_sku,
+                mix.wrong_price,
+                mix.out_of_stock,
+            ],
+            flash,
+            tag,
+        };
+        for i in 0..orders {
+            g.order(&mut s, i);
         }
         // Events for orders nobody placed.
         for j in 0..(orders / 100).max(1) {
@@ -293,9 +183,159 @@ impl Scenario {
                 .entry(("delivery".into(), "unknown_order".into()))
                 .or_default() += 1;
         }
-        s.submissions.shuffle(&mut rng);
-        s.carrier_events.shuffle(&mut rng);
+        s.submissions.shuffle(&mut g.rng);
+        s.carrier_events.shuffle(&mut g.rng);
         s
+    }
+}
+
+/// What a scenario is drawn from: the seeded generator, the products, the mix's weights.
+struct Generator<'a> {
+    rng: StdRng,
+    in_stock: Vec<&'a CatalogEntry>,
+    out_of_stock: Vec<&'a CatalogEntry>,
+    /// valid, duplicate, malformed, unknown_sku, wrong_price, out_of_stock.
+    weights: [u32; 6],
+    flash: Option<Flash>,
+    tag: &'a str,
+}
+
+impl<'a> Generator<'a> {
+    /// The kind of order `i` (an index into `weights`).
+    fn kind(&mut self) -> Option<usize> {
+        let total: u32 = self.weights.iter().sum::<u32>().max(1);
+        let mut pick = self.rng.random_range(0..total);
+        self.weights.iter().position(|w| {
+            if pick < *w {
+                true
+            } else {
+                pick -= w;
+                false
+            }
+        })
+    }
+
+    /// One to three products in stock; in a flash sale the hot product takes the first line
+    /// of its share of orders (unless the order has it already).
+    fn products(&mut self, hot_skus: &[String]) -> Vec<&'a CatalogEntry> {
+        let line_count = self.rng.random_range(1..=3);
+        let mut products: Vec<&CatalogEntry> = self
+            .in_stock
+            .choose_multiple(&mut self.rng, line_count)
+            .copied()
+            .collect();
+        if let Some(f) = self.flash {
+            if self.rng.random_bool(f.share.clamp(0.0, 1.0)) {
+                let hot = &hot_skus[self.rng.random_range(0..hot_skus.len())];
+                if !products.iter().any(|p| &p.sku == hot) {
+                    products[0] = self
+                        .in_stock
+                        .iter()
+                        .find(|p| &p.sku == hot)
+                        .expect("hot products are in stock");
+                }
+            }
+        }
+        products
+    }
+
+    /// Order `i`: its submission (twice for a duplicate), what it should end as, and its
+    /// carrier events when it should be packed (some repeated, as carriers do).
+    fn order(&mut self, s: &mut Scenario, i: usize) {
+        let tag = self.tag;
+        let order_id = format!("{tag}-o{i:05}");
+        let event_id = format!("{tag}-e{i:05}");
+        let kind = self.kind();
+        let products = self.products(&s.hot_skus);
+        let mut lines: Vec<OrderLine> = products
+            .iter()
+            .map(|p| line(p, self.rng.random_range(1..=4)))
+            .collect();
+        let mut expected = Expected {
+            status: "packed",
+            lines: lines.iter().map(|l| (l.sku.clone(), None)).collect(),
+            reasons: vec![],
+            delivery: None,
+            submitted: None,
+            event_id: event_id.clone(),
+            carrier: vec![],
+        };
+        match kind {
+            Some(0) | Some(1) => {}
+            Some(2) => {
+                let (body, reason) = malformed(&mut self.rng, &order_id, &event_id);
+                s.submissions.push(Input {
+                    body,
+                    order_id: None,
+                });
+                *s.expected_dead_letters
+                    .entry(("ingest".into(), reason.into()))
+                    .or_default() += 1;
+                return;
+            }
+            Some(3) => {
+                lines[0].sku = format!("NOPE-{i:05}");
+                expected = rejected(&event_id, vec![format!("unknown_sku:{}", lines[0].sku)]);
+            }
+            Some(4) => {
+                lines[0].unit_price.amount_minor += 1;
+                expected = rejected(&event_id, vec![format!("price_mismatch:{}", lines[0].sku)]);
+            }
+            _ => self.out_of_stock_line(&mut lines, &mut expected),
+        }
+        let (body, submitted) = submission(
+            &order_id,
+            &event_id,
+            &format!("u-{}", i % 97),
+            lines,
+            &mut self.rng,
+        );
+        expected.submitted = Some(submitted);
+        s.submissions.push(Input {
+            body: body.clone(),
+            order_id: Some(order_id.clone()),
+        });
+        if kind == Some(1) {
+            s.submissions.push(Input {
+                body,
+                order_id: Some(order_id.clone()),
+            });
+        }
+        if expected.status == "packed" {
+            expected.delivery = Some("delivered");
+            let mut events = carrier_events(&order_id);
+            expected.carrier = carrier_statuses(&order_id);
+            // Some carriers repeat themselves.
+            if self.rng.random_bool(0.2) {
+                let again = events[self.rng.random_range(0..events.len())].clone();
+                events.push(again);
+            }
+            s.carrier_events.extend(events);
+        }
+        s.expected.insert(order_id, expected);
+    }
+
+    /// An out-of-stock line, alone in its order three times in ten: substituted when the
+    /// product has a substitute, else removed (the order unpackable when nothing is left).
+    fn out_of_stock_line(&mut self, lines: &mut Vec<OrderLine>, expected: &mut Expected) {
+        let oos = self
+            .out_of_stock
+            .choose(&mut self.rng)
+            .expect("the catalog has out-of-stock products");
+        let alone = self.rng.random_bool(0.3);
+        if alone {
+            lines.clear();
+            expected.lines.clear();
+        }
+        lines.push(line(oos, 1));
+        // Lines are packed one by one, so a substitute is taken even when the order has it on
+        // another line already.
+        if let Some(sub) = &oos.substitute {
+            expected.lines.push((sub.clone(), Some(oos.sku.clone())));
+        }
+        if expected.lines.is_empty() {
+            expected.status = "unpackable";
+        }
     }
 }
 
