@@ -169,124 +169,95 @@ pub struct Outcome {
 /// below 90 % of it scale in (after the scale-in cooldown); a new task polls `task_start_secs`
 /// later. Left out: metric delay beyond the minute, receive batching, retries and failures.
 pub fn simulate(policy: &Policy, capacity: &Capacity, traffic: &Traffic) -> Outcome {
-    let mut tasks = policy.min_tasks.max(1);
-    let mut desired = tasks;
-    let mut starting: VecDeque<(u32, u32)> = VecDeque::new(); // (ready at, count)
-    let mut backlog: VecDeque<(u32, f64)> = VecDeque::new(); // (arrived at, count)
-    let (mut above, mut below) = (0u32, 0u32);
-    let (mut minute_oldest, mut minute_depth, mut oldest_over, mut depth_over) =
-        (0.0_f64, 0.0_f64, 0u32, 0u32);
-    let (mut last_out, mut last_in) = (None::<u32>, None::<u32>);
-    let mut out = Outcome {
-        series: Vec::with_capacity(traffic.secs() as usize),
-        peak_tasks: tasks,
-        peak_backlog: 0.0,
-        peak_oldest_secs: 0.0,
-        oldest_alarm_at: None,
-        depth_alarm_at: None,
-        bound_secs: Vec::new(),
-        first_bound: None,
-        task_hours: 0.0,
+    let tasks = policy.min_tasks.max(1);
+    let mut sim = Sim {
+        policy,
+        capacity,
+        tasks,
+        desired: tasks,
+        starting: VecDeque::new(),
+        backlog: VecDeque::new(),
+        above: 0,
+        below: 0,
+        minute_oldest: 0.0,
+        minute_depth: 0.0,
+        oldest_over: 0,
+        depth_over: 0,
+        last_out: None,
+        last_in: None,
+        bound_secs: Default::default(),
+        out: Outcome {
+            series: Vec::with_capacity(traffic.secs() as usize),
+            peak_tasks: tasks,
+            peak_backlog: 0.0,
+            peak_oldest_secs: 0.0,
+            oldest_alarm_at: None,
+            depth_alarm_at: None,
+            bound_secs: Vec::new(),
+            first_bound: None,
+            task_hours: 0.0,
+        },
     };
-    let mut bound_secs: std::collections::BTreeMap<&'static str, u32> = Default::default();
     for t in 0..traffic.secs() {
-        while starting.front().is_some_and(|(at, _)| *at <= t) {
-            tasks += starting.pop_front().map_or(0, |(_, n)| n);
+        sim.second(t, traffic.rate(t));
+    }
+    let mut out = sim.out;
+    out.bound_secs = sim.bound_secs.into_iter().collect();
+    out
+}
+
+/// The simulation's state from one second to the next.
+struct Sim<'a> {
+    policy: &'a Policy,
+    capacity: &'a Capacity,
+    tasks: u32,
+    desired: u32,
+    /// Tasks starting: (ready at, count).
+    starting: VecDeque<(u32, u32)>,
+    /// The backlog by arrival second: (arrived at, count).
+    backlog: VecDeque<(u32, f64)>,
+    /// Datapoints in a row above and below the scaling target.
+    above: u32,
+    below: u32,
+    /// This minute's maxima, and minutes in a row over the alarms' thresholds.
+    minute_oldest: f64,
+    minute_depth: f64,
+    oldest_over: u32,
+    depth_over: u32,
+    last_out: Option<u32>,
+    last_in: Option<u32>,
+    bound_secs: std::collections::BTreeMap<&'static str, u32>,
+    out: Outcome,
+}
+
+impl Sim<'_> {
+    /// Second `t` with `arrivals`: tasks that are ready join, the backlog is served as far as
+    /// the binding limit allows, the alarms and the scaling policy read their minute.
+    fn second(&mut self, t: u32, arrivals: f64) {
+        while self.starting.front().is_some_and(|(at, _)| *at <= t) {
+            self.tasks += self.starting.pop_front().map_or(0, |(_, n)| n);
         }
-        let arrivals = traffic.rate(t);
-        backlog.push_back((t, arrivals));
-        let waiting: f64 = backlog.iter().map(|(_, n)| n).sum();
-        let in_flight_rate = f64::from(capacity.sqs_in_flight) / capacity.message_secs.max(1e-3);
-        let limits = [
-            ("tasks", f64::from(tasks) * capacity.per_task_rate),
-            ("dynamodb", capacity.dynamodb_rate),
-            ("sqs_in_flight", in_flight_rate),
-        ];
-        let (limit, rate) =
-            limits.iter().copied().fold(
-                ("arrivals", f64::INFINITY),
-                |a, b| if b.1 < a.1 { b } else { a },
-            );
-        let served = waiting.min(rate);
-        // Short of tasks: at the cap, or because scaling has not caught up yet.
-        let limit = match limit {
-            "tasks" if tasks >= policy.max_tasks => "task_cap",
-            "tasks" => "scaling",
-            other => other,
-        };
-        let bound = if served < waiting { limit } else { "arrivals" };
+        self.backlog.push_back((t, arrivals));
+        let (served, bound) = self.serve();
         if bound != "arrivals" {
-            *bound_secs.entry(bound).or_default() += 1;
-            out.first_bound.get_or_insert(bound);
+            *self.bound_secs.entry(bound).or_default() += 1;
+            self.out.first_bound.get_or_insert(bound);
         }
-        let mut left = served;
-        while left > 0.0 {
-            let Some(front) = backlog.front_mut() else {
-                break;
-            };
-            if front.1 <= left {
-                left -= front.1;
-                backlog.pop_front();
-            } else {
-                front.1 -= left;
-                left = 0.0;
-            }
-        }
-        let visible: f64 = backlog.iter().map(|(_, n)| n).sum();
-        let oldest = backlog
+        let visible: f64 = self.backlog.iter().map(|(_, n)| n).sum();
+        let oldest = self
+            .backlog
             .iter()
             .find(|(_, n)| *n > 1e-9)
             .map_or(0.0, |(at, _)| f64::from(t - at));
-        // The alarms read the minute's maximum, and fire after 3 (oldest message) and 5
-        // (depth) minutes over their threshold in a row, as the template's do.
-        minute_oldest = minute_oldest.max(oldest);
-        minute_depth = minute_depth.max(visible);
         if t % 60 == 59 {
-            oldest_over = if minute_oldest > policy.oldest_alarm_secs {
-                oldest_over + 1
-            } else {
-                0
-            };
-            depth_over = if minute_depth > policy.depth_alarm {
-                depth_over + 1
-            } else {
-                0
-            };
-            if oldest_over >= 3 {
-                out.oldest_alarm_at.get_or_insert(t);
-            }
-            if depth_over >= 5 {
-                out.depth_alarm_at.get_or_insert(t);
-            }
-            (minute_oldest, minute_depth) = (0.0, 0.0);
+            self.alarms(t, oldest, visible);
+            self.scale(t, arrivals, visible);
+        } else {
+            self.minute_oldest = self.minute_oldest.max(oldest);
+            self.minute_depth = self.minute_depth.max(visible);
         }
-        // Target tracking, one datapoint a minute.
-        if t % 60 == 59 {
-            let (metric, target) = match policy.arrivals_per_task {
-                Some(target) => (arrivals / f64::from(tasks.max(1)), target),
-                None => (visible / f64::from(tasks.max(1)), policy.backlog_per_task),
-            };
-            above = if metric > target { above + 1 } else { 0 };
-            below = if metric < 0.9 * target { below + 1 } else { 0 };
-            let want = ((f64::from(tasks.max(1)) * metric / target).ceil() as u32)
-                .clamp(policy.min_tasks.max(1), policy.max_tasks);
-            let cooled = |last: Option<u32>, secs: u32| last.is_none_or(|l| t - l >= secs);
-            if above >= 3 && want > desired && cooled(last_out, policy.scale_out_cooldown_secs) {
-                starting.push_back((t + policy.task_start_secs, want - desired));
-                desired = want;
-                last_out = Some(t);
-            } else if below >= 15
-                && want < desired
-                && cooled(last_in, policy.scale_in_cooldown_secs)
-                && starting.is_empty()
-            {
-                tasks = tasks
-                    .saturating_sub(desired - want)
-                    .max(policy.min_tasks.max(1));
-                desired = tasks;
-                last_in = Some(t);
-            }
-        }
+        let tasks = self.tasks;
+        let out = &mut self.out;
         out.peak_tasks = out.peak_tasks.max(tasks);
         out.peak_backlog = out.peak_backlog.max(visible);
         out.peak_oldest_secs = out.peak_oldest_secs.max(oldest);
@@ -301,8 +272,110 @@ pub fn simulate(policy: &Policy, capacity: &Capacity, traffic: &Traffic) -> Outc
             bound,
         });
     }
-    out.bound_secs = bound_secs.into_iter().collect();
-    out
+
+    /// Serves the backlog, oldest first, at the lowest of the tasks', DynamoDB's and the
+    /// in-flight limit's rates: what was served, and what bound it (`arrivals` when nothing).
+    fn serve(&mut self) -> (f64, &'static str) {
+        let capacity = self.capacity;
+        let waiting: f64 = self.backlog.iter().map(|(_, n)| n).sum();
+        let in_flight_rate = f64::from(capacity.sqs_in_flight) / capacity.message_secs.max(1e-3);
+        let limits = [
+            ("tasks", f64::from(self.tasks) * capacity.per_task_rate),
+            ("dynamodb", capacity.dynamodb_rate),
+            ("sqs_in_flight", in_flight_rate),
+        ];
+        let (limit, rate) =
+            limits.iter().copied().fold(
+                ("arrivals", f64::INFINITY),
+                |a, b| if b.1 < a.1 { b } else { a },
+            );
+        let served = waiting.min(rate);
+        // Short of tasks: at the cap, or because scaling has not caught up yet.
+        let limit = match limit {
+            "tasks" if self.tasks >= self.policy.max_tasks => "task_cap",
+            "tasks" => "scaling",
+            other => other,
+        };
+        let bound = if served < waiting { limit } else { "arrivals" };
+        let mut left = served;
+        while left > 0.0 {
+            let Some(front) = self.backlog.front_mut() else {
+                break;
+            };
+            if front.1 <= left {
+                left -= front.1;
+                self.backlog.pop_front();
+            } else {
+                front.1 -= left;
+                left = 0.0;
+            }
+        }
+        (served, bound)
+    }
+
+    /// The alarms read the minute's maximum, and fire after 3 (oldest message) and 5 (depth)
+    /// minutes over their threshold in a row, as the template's do.
+    fn alarms(&mut self, t: u32, oldest: f64, visible: f64) {
+        let minute_oldest = self.minute_oldest.max(oldest);
+        let minute_depth = self.minute_depth.max(visible);
+        self.oldest_over = if minute_oldest > self.policy.oldest_alarm_secs {
+            self.oldest_over + 1
+        } else {
+            0
+        };
+        self.depth_over = if minute_depth > self.policy.depth_alarm {
+            self.depth_over + 1
+        } else {
+            0
+        };
+        if self.oldest_over >= 3 {
+            self.out.oldest_alarm_at.get_or_insert(t);
+        }
+        if self.depth_over >= 5 {
+            self.out.depth_alarm_at.get_or_insert(t);
+        }
+        (self.minute_oldest, self.minute_depth) = (0.0, 0.0);
+    }
+
+    /// Target tracking, one datapoint a minute: three above the target scale out (after the
+    /// cooldown; the tasks start later), fifteen below 90 % of it scale in.
+    fn scale(&mut self, t: u32, arrivals: f64, visible: f64) {
+        let policy = self.policy;
+        let tasks = self.tasks.max(1);
+        let (metric, target) = match policy.arrivals_per_task {
+            Some(target) => (arrivals / f64::from(tasks), target),
+            None => (visible / f64::from(tasks), policy.backlog_per_task),
+        };
+        self.above = if metric > target { self.above + 1 } else { 0 };
+        self.below = if metric < 0.9 * target {
+            self.below + 1
+        } else {
+            0
+        };
+        let want = ((f64::from(tasks) * metric / target).ceil() as u32)
+            .clamp(policy.min_tasks.max(1), policy.max_tasks);
+        let cooled = |last: Option<u32>, secs: u32| last.is_none_or(|l| t - l >= secs);
+        if self.above >= 3
+            && want > self.desired
+            && cooled(self.last_out, policy.scale_out_cooldown_secs)
+        {
+            self.starting
+                .push_back((t + policy.task_start_secs, want - self.desired));
+            self.desired = want;
+            self.last_out = Some(t);
+        } else if self.below >= 15
+            && want < self.desired
+            && cooled(self.last_in, policy.scale_in_cooldown_secs)
+            && self.starting.is_empty()
+        {
+            self.tasks = self
+                .tasks
+                .saturating_sub(self.desired - want)
+                .max(policy.min_tasks.max(1));
+            self.desired = self.tasks;
+            self.last_in = Some(t);
+        }
+    }
 }
 
 /// The smallest task cap (and, with it, the backlog target) of `targets` that keeps the oldest
