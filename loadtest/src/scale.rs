@@ -517,117 +517,12 @@ pub fn report(inputs: &Inputs, dir: &std::path::Path) -> anyhow::Result<Vec<Scen
         sqs_in_flight: 120_000,
         message_secs: 1.0,
     };
-    let mut scenarios = Vec::new();
-    let (mut tasks, mut backlog, mut oldest) = (Vec::new(), Vec::new(), Vec::new());
-    let mut md = format!(
-        "# Autoscaling, simulated\n\nInputs: {} msg/s per task, today {} msg/s to the role, {} write units per message, DynamoDB allows {:.0} msg/s (hot share {:.0} %, {} stock shards), target age {} s. Template defaults: {} to {} tasks, {} visible messages per task, cooldowns {} s out / {} s in, tasks poll {} s after they are asked for.\n\n| peak | policy | peak tasks | peak backlog | oldest message | oldest alarm | depth alarm | binds first | this role's cost an hour at peak |\n|---|---|---|---|---|---|---|---|---|\n",
-        inputs.per_task_rate, inputs.base_rate, inputs.write_units_per_message, capacity.dynamodb_rate,
-        inputs.hot_share * 100.0, inputs.stock_shards, inputs.target_age_secs,
-        policy.min_tasks, policy.max_tasks, policy.backlog_per_task, policy.scale_out_cooldown_secs,
-        policy.scale_in_cooldown_secs, policy.task_start_secs
-    );
-    let row = |md: &mut String, multiple: f64, name: &str, s: &Summary| {
-        let at = |a: Option<u32>| {
-            a.map_or("no".to_owned(), |t| {
-                format!("at {:.1} min", f64::from(t) / 60.0)
-            })
-        };
-        md.push_str(&format!(
-            "| {multiple}× | {name} | {} | {:.0} | {:.0} s | {} | {} | {} | ${:.2} |\n",
-            s.peak_tasks,
-            s.peak_backlog,
-            s.peak_oldest_secs,
-            at(s.oldest_alarm_at),
-            at(s.depth_alarm_at),
-            s.first_bound.unwrap_or("nothing"),
-            s.peak_cost_per_hour
-        ));
-    };
-    for multiple in [10.0, 100.0] {
-        let traffic = Traffic {
-            base_rate: inputs.base_rate,
-            multiple,
-            before_secs: 300,
-            ramp_secs: 300,
-            hold_secs: 1_200,
-            after_secs: 1_800,
-        };
-        let peak = inputs.base_rate * multiple;
-        let o = simulate(&policy, &capacity, &traffic);
-        let defaults = summary(&o, inputs, peak);
-        row(&mut md, multiple, "template defaults", &defaults);
-        let label = |what: &str| format!("{multiple}× {what}");
-        let points = |o: &Outcome, f: fn(&Second) -> f64| {
-            o.series
-                .iter()
-                .step_by(10)
-                .map(|s| (f64::from(s.t) / 60.0, f(s)))
-                .collect::<Vec<_>>()
-        };
-        tasks.push((label("defaults"), points(&o, |s| f64::from(s.tasks))));
-        backlog.push((label("defaults"), points(&o, |s| s.backlog)));
-        oldest.push((label("defaults"), points(&o, |s| s.oldest_secs)));
-        let targets = [policy.backlog_per_task, 300.0, 150.0, 50.0];
-        let recommended = smallest_policy(
-            &policy,
-            &capacity,
-            &traffic,
-            &targets,
-            200,
-            inputs.target_age_secs,
-        )
-        .map(|p| {
-            let o = simulate(&p, &capacity, &traffic);
-            let s = summary(&o, inputs, peak);
-            row(
-                &mut md,
-                multiple,
-                &match p.arrivals_per_task {
-                    Some(a) => format!(
-                        "max {} tasks, target {a:.0} msg/s sent per task",
-                        p.max_tasks
-                    ),
-                    None => format!(
-                        "max {} tasks, target {} visible per task",
-                        p.max_tasks, p.backlog_per_task
-                    ),
-                },
-                &s,
-            );
-            if multiple >= 10.0 {
-                tasks.push((label("recommended"), points(&o, |s| f64::from(s.tasks))));
-                oldest.push((label("recommended"), points(&o, |s| s.oldest_secs)));
-            }
-            (p, s)
-        });
-        if recommended.is_none() {
-            // Scaling reacts in about four minutes (three one-minute datapoints, then the task
-            // starts): a ramp faster than that is met only by tasks started before the sale.
-            let need = (peak / (0.7 * inputs.per_task_rate)).ceil() as u32;
-            let pre = Policy {
-                min_tasks: need,
-                max_tasks: need.max(policy.max_tasks),
-                ..policy
-            };
-            let o = simulate(&pre, &capacity, &traffic);
-            if o.peak_oldest_secs < inputs.target_age_secs {
-                let s = summary(&o, inputs, peak);
-                row(
-                    &mut md,
-                    multiple,
-                    &format!("no cap reacts in time: pre-scaled to {need} tasks before the sale"),
-                    &s,
-                );
-            } else {
-                md.push_str(&format!("| {multiple}× | neither a task cap up to 200 nor {need} tasks started before the sale keep the oldest message under {} s: {} binds | | | | | | | |\n", inputs.target_age_secs, o.first_bound.unwrap_or("?")));
-            }
-        }
-        scenarios.push(Scenario {
-            multiple,
-            defaults,
-            recommended,
-        });
-    }
+    let mut md = header(inputs, &policy, &capacity);
+    let mut charts = Charts::default();
+    let scenarios: Vec<Scenario> = [10.0, 100.0]
+        .into_iter()
+        .map(|multiple| peak(inputs, &policy, &capacity, multiple, &mut md, &mut charts))
+        .collect();
     std::fs::write(dir.join("scaling.md"), md)?;
     std::fs::write(
         dir.join("scaling.json"),
@@ -635,17 +530,176 @@ pub fn report(inputs: &Inputs, dir: &std::path::Path) -> anyhow::Result<Vec<Scen
     )?;
     std::fs::write(
         dir.join("scaling-tasks.svg"),
-        crate::svg::lines("Tasks of the role", "minutes", "tasks", &tasks),
+        crate::svg::lines("Tasks of the role", "minutes", "tasks", &charts.tasks),
     )?;
     std::fs::write(
         dir.join("scaling-backlog.svg"),
-        crate::svg::lines("Visible messages", "minutes", "messages", &backlog),
+        crate::svg::lines("Visible messages", "minutes", "messages", &charts.backlog),
     )?;
     std::fs::write(
         dir.join("scaling-oldest.svg"),
-        crate::svg::lines("Age of the oldest message", "minutes", "seconds", &oldest),
+        crate::svg::lines(
+            "Age of the oldest message",
+            "minutes",
+            "seconds",
+            &charts.oldest,
+        ),
     )?;
     Ok(scenarios)
+}
+
+/// The charts' series: (label, points of (minutes, value)).
+#[derive(Default)]
+struct Charts {
+    tasks: Vec<(String, Vec<(f64, f64)>)>,
+    backlog: Vec<(String, Vec<(f64, f64)>)>,
+    oldest: Vec<(String, Vec<(f64, f64)>)>,
+}
+
+/// The report's inputs and the table's header.
+fn header(inputs: &Inputs, policy: &Policy, capacity: &Capacity) -> String {
+    format!(
+        "# Autoscaling, simulated\n\nInputs: {} msg/s per task, today {} msg/s to the role, {} write units per message, DynamoDB allows {:.0} msg/s (hot share {:.0} %, {} stock shards), target age {} s. Template defaults: {} to {} tasks, {} visible messages per task, cooldowns {} s out / {} s in, tasks poll {} s after they are asked for.\n\n| peak | policy | peak tasks | peak backlog | oldest message | oldest alarm | depth alarm | binds first | this role's cost an hour at peak |\n|---|---|---|---|---|---|---|---|---|\n",
+        inputs.per_task_rate, inputs.base_rate, inputs.write_units_per_message, capacity.dynamodb_rate,
+        inputs.hot_share * 100.0, inputs.stock_shards, inputs.target_age_secs,
+        policy.min_tasks, policy.max_tasks, policy.backlog_per_task, policy.scale_out_cooldown_secs,
+        policy.scale_in_cooldown_secs, policy.task_start_secs
+    )
+}
+
+/// A table row: one policy at one peak.
+fn row(md: &mut String, multiple: f64, name: &str, s: &Summary) {
+    let at = |a: Option<u32>| {
+        a.map_or("no".to_owned(), |t| {
+            format!("at {:.1} min", f64::from(t) / 60.0)
+        })
+    };
+    md.push_str(&format!(
+        "| {multiple}× | {name} | {} | {:.0} | {:.0} s | {} | {} | {} | ${:.2} |\n",
+        s.peak_tasks,
+        s.peak_backlog,
+        s.peak_oldest_secs,
+        at(s.oldest_alarm_at),
+        at(s.depth_alarm_at),
+        s.first_bound.unwrap_or("nothing"),
+        s.peak_cost_per_hour
+    ));
+}
+
+/// Every tenth second of a run, in minutes.
+fn points(o: &Outcome, f: fn(&Second) -> f64) -> Vec<(f64, f64)> {
+    o.series
+        .iter()
+        .step_by(10)
+        .map(|s| (f64::from(s.t) / 60.0, f(s)))
+        .collect()
+}
+
+/// One peak (`multiple` × today's rate): the template's defaults, then the smallest task cap
+/// that keeps the oldest message under the target, else tasks started before the sale.
+fn peak(
+    inputs: &Inputs,
+    policy: &Policy,
+    capacity: &Capacity,
+    multiple: f64,
+    md: &mut String,
+    charts: &mut Charts,
+) -> Scenario {
+    let traffic = Traffic {
+        base_rate: inputs.base_rate,
+        multiple,
+        before_secs: 300,
+        ramp_secs: 300,
+        hold_secs: 1_200,
+        after_secs: 1_800,
+    };
+    let peak = inputs.base_rate * multiple;
+    let o = simulate(policy, capacity, &traffic);
+    let defaults = summary(&o, inputs, peak);
+    row(md, multiple, "template defaults", &defaults);
+    let label = |what: &str| format!("{multiple}× {what}");
+    charts
+        .tasks
+        .push((label("defaults"), points(&o, |s| f64::from(s.tasks))));
+    charts
+        .backlog
+        .push((label("defaults"), points(&o, |s| s.backlog)));
+    charts
+        .oldest
+        .push((label("defaults"), points(&o, |s| s.oldest_secs)));
+    let targets = [policy.backlog_per_task, 300.0, 150.0, 50.0];
+    let recommended = smallest_policy(
+        policy,
+        capacity,
+        &traffic,
+        &targets,
+        200,
+        inputs.target_age_secs,
+    )
+    .map(|p| {
+        let o = simulate(&p, capacity, &traffic);
+        let s = summary(&o, inputs, peak);
+        let name = match p.arrivals_per_task {
+            Some(a) => format!(
+                "max {} tasks, target {a:.0} msg/s sent per task",
+                p.max_tasks
+            ),
+            None => format!(
+                "max {} tasks, target {} visible per task",
+                p.max_tasks, p.backlog_per_task
+            ),
+        };
+        row(md, multiple, &name, &s);
+        if multiple >= 10.0 {
+            charts
+                .tasks
+                .push((label("recommended"), points(&o, |s| f64::from(s.tasks))));
+            charts
+                .oldest
+                .push((label("recommended"), points(&o, |s| s.oldest_secs)));
+        }
+        (p, s)
+    });
+    if recommended.is_none() {
+        pre_scaled(inputs, policy, capacity, &traffic, md);
+    }
+    Scenario {
+        multiple,
+        defaults,
+        recommended,
+    }
+}
+
+/// Scaling reacts in about four minutes (three one-minute datapoints, then the task starts): a
+/// ramp faster than that is met only by tasks started before the sale. Their row, or why even
+/// that does not do.
+fn pre_scaled(
+    inputs: &Inputs,
+    policy: &Policy,
+    capacity: &Capacity,
+    traffic: &Traffic,
+    md: &mut String,
+) {
+    let multiple = traffic.multiple;
+    let peak = inputs.base_rate * multiple;
+    let need = (peak / (0.7 * inputs.per_task_rate)).ceil() as u32;
+    let pre = Policy {
+        min_tasks: need,
+        max_tasks: need.max(policy.max_tasks),
+        ..*policy
+    };
+    let o = simulate(&pre, capacity, traffic);
+    if o.peak_oldest_secs < inputs.target_age_secs {
+        let s = summary(&o, inputs, peak);
+        row(
+            md,
+            multiple,
+            &format!("no cap reacts in time: pre-scaled to {need} tasks before the sale"),
+            &s,
+        );
+    } else {
+        md.push_str(&format!("| {multiple}× | neither a task cap up to 200 nor {need} tasks started before the sale keep the oldest message under {} s: {} binds | | | | | | | |\n", inputs.target_age_secs, o.first_bound.unwrap_or("?")));
+    }
 }
 
 #[cfg(test)]
