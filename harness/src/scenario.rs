@@ -530,6 +530,39 @@ impl Audit {
             self.offenders.push(text);
         }
     }
+
+    /// Stock: what left each shelf equals what the packed orders hold of it, so no stock was
+    /// taken twice (or taken for an order that does not show it). `stock`: each product's now,
+    /// summed over its shards.
+    fn check_stock(
+        &mut self,
+        orders: &BTreeMap<String, OrderRecord>,
+        products: &BTreeMap<String, Product>,
+        stock: &BTreeMap<String, u64>,
+        catalog: &CatalogFile,
+    ) {
+        let mut shipped: BTreeMap<&str, u64> = BTreeMap::new();
+        for order in orders.values().filter(|o| o.status == "packed") {
+            for line in &order.lines {
+                *shipped.entry(line.sku.as_str()).or_default() += u64::from(line.quantity);
+            }
+        }
+        for entry in &catalog.products {
+            if !products.contains_key(&entry.sku) {
+                continue;
+            }
+            let now = stock.get(&entry.sku).copied().unwrap_or(0);
+            let moved = entry.stock.saturating_sub(now);
+            let held = shipped.get(entry.sku.as_str()).copied().unwrap_or(0);
+            if moved != held {
+                self.duplicate_effects += 1;
+                self.offend(format!(
+                    "{}: stock moved {moved} but packed orders hold {held}",
+                    entry.sku
+                ));
+            }
+        }
+    }
 }
 
 /// Reads every order and product, and checks them against the scenario.
@@ -616,29 +649,7 @@ pub async fn audit_with_orders(
         .keys()
         .filter(|id| !scenario.expected.contains_key(*id))
         .count() as u64;
-    // Stock: what left each shelf equals what the packed orders hold of it, so no stock was
-    // taken twice (or taken for an order that does not show it).
-    let mut shipped: BTreeMap<&str, u64> = BTreeMap::new();
-    for order in orders.values().filter(|o| o.status == "packed") {
-        for line in &order.lines {
-            *shipped.entry(line.sku.as_str()).or_default() += u64::from(line.quantity);
-        }
-    }
-    for entry in &catalog.products {
-        if !products.contains_key(&entry.sku) {
-            continue;
-        }
-        let now = stock.get(&entry.sku).copied().unwrap_or(0);
-        let moved = entry.stock.saturating_sub(now);
-        let held = shipped.get(entry.sku.as_str()).copied().unwrap_or(0);
-        if moved != held {
-            a.duplicate_effects += 1;
-            a.offend(format!(
-                "{}: stock moved {moved} but packed orders hold {held}",
-                entry.sku
-            ));
-        }
-    }
+    a.check_stock(&orders, &products, &stock, catalog);
     Ok((a, orders))
 }
 
