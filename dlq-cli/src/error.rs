@@ -99,6 +99,19 @@ impl CliError {
                 message: e.message().unwrap_or_default().to_owned(),
             };
         }
+        if is_missing_queue(e) {
+            return Self::Aws {
+                doing,
+                detail: "the queue does not exist (check the name or URL, the region and the endpoint; `dlq list` shows the queues it can see)".to_owned(),
+            };
+        }
+        // A service error in a line: its code and message, not the SDK's dump of the response.
+        let detail = match e {
+            SdkError::ServiceError(_) if !code.is_empty() => {
+                format!("{}: {}", code, e.message().unwrap_or("no message"))
+            }
+            _ => detail,
+        };
         Self::Aws { doing, detail }
     }
 }

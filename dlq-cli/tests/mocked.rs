@@ -375,3 +375,58 @@ async fn the_oldest_age_comes_from_cloudwatchs_latest_maximum() {
         .unwrap();
     assert_eq!(age, Some(180.0));
 }
+
+#[tokio::test]
+async fn a_service_error_reads_as_one_line_and_a_missing_queue_says_what_to_check() {
+    use aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError;
+    let missing = mock!(aws_sdk_sqs::Client::send_message_batch).then_error(|| {
+        SendMessageBatchError::QueueDoesNotExist(
+            aws_sdk_sqs::types::error::QueueDoesNotExist::builder()
+                .message("The specified queue does not exist.")
+                .meta(
+                    aws_sdk_sqs::error::ErrorMetadata::builder()
+                        .code("AWS.SimpleQueueService.NonExistentQueue")
+                        .message("The specified queue does not exist.")
+                        .build(),
+                )
+                .build(),
+        )
+    });
+    let sqs = mock_client!(aws_sdk_sqs, RuleMode::MatchAny, [&missing]);
+    let e = sqs
+        .send_message_batch()
+        .queue_url("https://sqs.eu-west-1.amazonaws.com/1/nope")
+        .send()
+        .await
+        .unwrap_err();
+    let text = dlq_cli::error::CliError::aws("sending to `nope`", &e).to_string();
+    assert!(text.contains("the queue does not exist"), "{text}");
+    assert!(text.contains("dlq list"), "{text}");
+    assert!(!text.contains("ServiceError") && text.len() < 300, "{text}");
+    let limited = mock!(aws_sdk_sqs::Client::send_message_batch).then_error(|| {
+        SendMessageBatchError::TooManyEntriesInBatchRequest(
+            aws_sdk_sqs::types::error::TooManyEntriesInBatchRequest::builder()
+                .message("Too many entries.")
+                .meta(
+                    aws_sdk_sqs::error::ErrorMetadata::builder()
+                        .code("AWS.SimpleQueueService.TooManyEntriesInBatchRequest")
+                        .message("Too many entries.")
+                        .build(),
+                )
+                .build(),
+        )
+    });
+    let sqs = mock_client!(aws_sdk_sqs, RuleMode::MatchAny, [&limited]);
+    let e = sqs
+        .send_message_batch()
+        .queue_url("https://sqs.eu-west-1.amazonaws.com/1/q")
+        .send()
+        .await
+        .unwrap_err();
+    let text = dlq_cli::error::CliError::aws("sending to `q`", &e).to_string();
+    assert!(text.contains("Too many entries."), "{text}");
+    assert!(
+        !text.contains("raw: Response") && text.len() < 300,
+        "{text}"
+    );
+}
