@@ -308,6 +308,34 @@ impl DlqMessage {
         OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok()
     }
 
+    /// The message as one entry of a SendMessageBatch: its body, its attributes (within SQS's 10,
+    /// the fleet's own kept first), its trace header, the tenant's group (on standard queues
+    /// too: fair queues) and, on a FIFO queue, `deduplication_id`.
+    ///
+    /// # Errors
+    /// An attribute that cannot be rebuilt, or an entry SQS's builder refuses.
+    pub fn batch_entry(
+        &self,
+        id: usize,
+        fifo: bool,
+        deduplication_id: String,
+    ) -> Result<aws_sdk_sqs::types::SendMessageBatchRequestEntry, String> {
+        let mut attributes = self.sdk_attributes()?;
+        attribution::fit_attributes(&mut attributes);
+        aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
+            .id(id.to_string())
+            .message_body(&self.body)
+            .set_message_attributes(Some(attributes))
+            .set_message_system_attributes(self.sdk_system_attributes())
+            .set_message_group_id(fleet_common::runtime::carried_group_id(
+                fifo,
+                self.group_id(),
+            ))
+            .set_message_deduplication_id(fifo.then_some(deduplication_id))
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
     /// The message attributes in SDK form, for sending.
     ///
     /// # Errors

@@ -11,8 +11,6 @@ use std::num::NonZeroU32;
 use std::path::Path;
 use std::time::Duration;
 
-use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
-use fleet_common::runtime::carried_group_id;
 use governor::{Quota, RateLimiter};
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -460,11 +458,10 @@ pub async fn import(
             .iter()
             .enumerate()
             .map(|(i, m)| {
-                import_entry(
-                    &m.for_import(to.is_dlq(), &to.name, now, ctx.redrivers()),
-                    i,
-                    to,
-                )
+                let m = m.for_import(to.is_dlq(), &to.name, now, ctx.redrivers());
+                let deduplication_id = m.deduplication_id().unwrap_or(&m.message_id).to_owned();
+                m.batch_entry(i, to.fifo(), deduplication_id)
+                    .map_err(CliError::Usage)
             })
             .collect::<Result<Vec<_>>>()?;
         let out = ctx
@@ -502,24 +499,6 @@ pub async fn import(
     } else {
         Exit::Ok
     })
-}
-
-/// One message of an import as it is sent to `to` (already made ready by `for_import`): body,
-/// attributes (within SQS's 10, the fleet's own kept first), trace header, group and FIFO ids.
-fn import_entry(m: &DlqMessage, id: usize, to: &Queue) -> Result<SendMessageBatchRequestEntry> {
-    let mut attributes = m.sdk_attributes().map_err(CliError::Usage)?;
-    fleet_common::attribution::fit_attributes(&mut attributes);
-    let mut e = SendMessageBatchRequestEntry::builder()
-        .id(id.to_string())
-        .message_body(&m.body)
-        .set_message_attributes(Some(attributes))
-        .set_message_system_attributes(m.sdk_system_attributes())
-        // The tenant's group travels, on standard queues too (fair queues).
-        .set_message_group_id(carried_group_id(to.fifo(), m.group_id()));
-    if to.fifo() {
-        e = e.message_deduplication_id(m.deduplication_id().unwrap_or(&m.message_id));
-    }
-    e.build().map_err(|e| CliError::Usage(e.to_string()))
 }
 
 /// Whether `dlq purge` may empty this queue. A DLQ (the fleet names them `<queue>-dlq`) holds

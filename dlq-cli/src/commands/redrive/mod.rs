@@ -21,7 +21,6 @@ use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
 use fleet_common::attribution::{self, RedriveRecord};
 use fleet_common::redrive_ledger::{Entry, Ledger, RunOutcomes};
-use fleet_common::runtime::carried_group_id;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -417,21 +416,8 @@ pub fn redriven_entry(
         attribution::REDRIVE.to_owned(),
         AttributeValue::string(serde_json::to_string(&record).expect("record serializes")),
     );
-    let mut attributes = carried.sdk_attributes()?;
-    attribution::fit_attributes(&mut attributes);
-    let mut entry = SendMessageBatchRequestEntry::builder()
-        .id(id.to_string())
-        .message_body(&m.body)
-        .set_message_attributes(Some(attributes))
-        // The trace continues (on AWS the header costs no attribute).
-        .set_message_system_attributes(m.sdk_system_attributes())
-        // The tenant's group travels, on standard queues too (fair queues).
-        .set_message_group_id(carried_group_id(fifo, m.group_id()));
-    if fifo {
-        let original = m.deduplication_id().unwrap_or(&m.message_id);
-        entry = entry.message_deduplication_id(redrive_deduplication_id(original, record.count));
-    }
-    entry.build().map_err(|e| e.to_string())
+    let original = m.deduplication_id().unwrap_or(&m.message_id);
+    carried.batch_entry(id, fifo, redrive_deduplication_id(original, record.count))
 }
 
 /// `part` as a percentage of `whole` (0 when `whole` is 0).
