@@ -309,7 +309,7 @@ impl DlqMessage {
     }
 
     /// The message as one entry of a SendMessageBatch: its body, its attributes (within SQS's 10,
-    /// the fleet's own kept first), its trace header, the tenant's group (on standard queues
+    /// the fleet's own kept first, a group cap's counters dropped), its trace header, the tenant's group (on standard queues
     /// too: fair queues) and, on a FIFO queue, `deduplication_id`.
     ///
     /// # Errors
@@ -321,6 +321,10 @@ impl DlqMessage {
         deduplication_id: String,
     ) -> Result<aws_sdk_sqs::types::SendMessageBatchRequestEntry, String> {
         let mut attributes = self.sdk_attributes()?;
+        // A group cap's counters belong to the queue that deferred the message: it starts
+        // afresh wherever it goes.
+        attributes.remove(fleet_common::runtime::DEFERRALS);
+        attributes.remove(fleet_common::runtime::ATTEMPTS);
         attribution::fit_attributes(&mut attributes);
         aws_sdk_sqs::types::SendMessageBatchRequestEntry::builder()
             .id(id.to_string())
@@ -500,6 +504,33 @@ pub(crate) mod tests {
             replayed.redrive().unwrap().previous_reason.as_deref(),
             Some("downstream_unavailable")
         );
+    }
+
+    #[test]
+    fn a_batch_entry_carries_the_message_but_not_a_group_caps_counters() {
+        let mut m = message("m-1", r#"{"x":1}"#, None);
+        m.system_attributes
+            .insert("MessageGroupId".into(), "tenant-7".into());
+        for name in [
+            fleet_common::runtime::DEFERRALS,
+            fleet_common::runtime::ATTEMPTS,
+        ] {
+            m.attributes
+                .insert(name.into(), AttributeValue::string("3"));
+        }
+        m.attributes
+            .insert("correlation-id".into(), AttributeValue::string("corr-1"));
+        let standard = m.batch_entry(4, false, "d-1".into()).unwrap();
+        assert_eq!(standard.id(), "4");
+        assert_eq!(standard.message_body(), r#"{"x":1}"#);
+        assert_eq!(standard.message_group_id(), Some("tenant-7"));
+        assert_eq!(standard.message_deduplication_id(), None);
+        let attributes = standard.message_attributes().unwrap();
+        assert_eq!(attributes["correlation-id"].string_value(), Some("corr-1"));
+        assert!(!attributes.contains_key(fleet_common::runtime::DEFERRALS));
+        assert!(!attributes.contains_key(fleet_common::runtime::ATTEMPTS));
+        let fifo = m.batch_entry(0, true, "d-1".into()).unwrap();
+        assert_eq!(fifo.message_deduplication_id(), Some("d-1"));
     }
 
     #[test]

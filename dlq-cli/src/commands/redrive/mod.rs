@@ -409,9 +409,6 @@ pub fn redriven_entry(
     };
     let mut carried = m.clone();
     carried.attributes.remove(attribution::ATTRIBUTION);
-    // A group cap's counters belong to the queue it was deferred on: it starts afresh.
-    carried.attributes.remove(fleet_common::runtime::DEFERRALS);
-    carried.attributes.remove(fleet_common::runtime::ATTEMPTS);
     carried.attributes.insert(
         attribution::REDRIVE.to_owned(),
         AttributeValue::string(serde_json::to_string(&record).expect("record serializes")),
