@@ -8,6 +8,7 @@
 
 use std::sync::LazyLock;
 
+use crate::failure::Reason;
 use schemars::{JsonSchema, Schema};
 use serde::{Deserialize, Serialize};
 
@@ -244,6 +245,52 @@ impl DeliveryStatus {
     }
 }
 
+/// Where an order stands in the fleet's orders table: the orders stage accepts or rejects it, the
+/// warehouse packs it or finds it cannot. Carrier progress is a [`DeliveryStatus`] beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    /// Products and prices check out; waiting for the warehouse.
+    Accepted,
+    /// Refused by the orders stage (unknown products, wrong prices); final.
+    Rejected,
+    /// Packed (lines perhaps substituted or removed); carrier events apply from here.
+    Packed,
+    /// Nothing on it could be packed; final.
+    Unpackable,
+}
+
+impl OrderStatus {
+    /// The snake_case name, as stored and logged.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Rejected => "rejected",
+            Self::Packed => "packed",
+            Self::Unpackable => "unpackable",
+        }
+    }
+
+    /// Every status, in the order an order may reach them.
+    pub const ALL: [OrderStatus; 4] = [
+        Self::Accepted,
+        Self::Rejected,
+        Self::Packed,
+        Self::Unpackable,
+    ];
+
+    /// The status named `name`, if it is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `delivery.status_reported`: a carrier reports where a shipment is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -366,7 +413,7 @@ static VALIDATORS: LazyLock<Vec<(&'static str, jsonschema::Validator)>> = LazyLo
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContractViolation {
     /// `unknown_type`, `unsupported_schema_version` or `schema_violation`.
-    pub reason: &'static str,
+    pub reason: Reason,
     /// `field: rule` items, at most 20.
     pub fields: Vec<String>,
 }
@@ -394,7 +441,7 @@ pub fn validate(
         .find(|(k, _)| *k == kind && accepted.contains(k))
     else {
         return Err(ContractViolation {
-            reason: "unknown_type",
+            reason: Reason::UNKNOWN_TYPE,
             fields: vec![format!("type: not one of {}", accepted.join(", "))],
         });
     };
@@ -404,7 +451,7 @@ pub fn validate(
         != Some(u64::from(SCHEMA_VERSION))
     {
         return Err(ContractViolation {
-            reason: "unsupported_schema_version",
+            reason: Reason::UNSUPPORTED_SCHEMA_VERSION,
             fields: vec![format!("schema_version: must be {SCHEMA_VERSION}")],
         });
     }
@@ -442,7 +489,7 @@ pub fn validate(
         Ok(kind)
     } else {
         Err(ContractViolation {
-            reason: "schema_violation",
+            reason: Reason::SCHEMA_VIOLATION,
             fields,
         })
     }
@@ -469,6 +516,16 @@ fn property_names(message: &str) -> String {
 mod tests {
     use super::*;
     use std::path::PathBuf;
+
+    #[test]
+    fn an_order_status_is_stored_under_the_name_it_is_logged_and_parsed_by() {
+        for status in OrderStatus::ALL {
+            let stored = serde_json::to_value(status).unwrap();
+            assert_eq!(stored, serde_json::json!(status.as_str()));
+            assert_eq!(OrderStatus::parse(status.as_str()), Some(status));
+        }
+        assert_eq!(OrderStatus::parse("shipped"), None);
+    }
 
     fn schemas_dir() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas")
@@ -553,7 +610,7 @@ mod tests {
         v["payload"]["delivery_address"]["country"] = serde_json::json!("jane@example.com");
         v["payload"]["card_number"] = serde_json::json!("4111111111111111");
         let err = validate(&v, &EXTERNAL_TYPES).unwrap_err();
-        assert_eq!(err.reason, "schema_violation");
+        assert_eq!(err.reason, Reason::SCHEMA_VIOLATION);
         let text = err.to_string();
         assert!(text.contains("payload.lines.0.quantity: minimum"), "{text}");
         assert!(
@@ -576,18 +633,18 @@ mod tests {
         v["type"] = serde_json::json!("order.accepted");
         assert_eq!(
             validate(&v, &EXTERNAL_TYPES).unwrap_err().reason,
-            "unknown_type"
+            Reason::UNKNOWN_TYPE
         );
         v["type"] = serde_json::json!("refund.requested");
         assert_eq!(
             validate(&v, &EXTERNAL_TYPES).unwrap_err().reason,
-            "unknown_type"
+            Reason::UNKNOWN_TYPE
         );
         let mut v = sample_order();
         v["schema_version"] = serde_json::json!(2);
         assert_eq!(
             validate(&v, &EXTERNAL_TYPES).unwrap_err().reason,
-            "unsupported_schema_version"
+            Reason::UNSUPPORTED_SCHEMA_VERSION
         );
     }
 

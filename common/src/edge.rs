@@ -321,16 +321,16 @@ pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, Ha
     check_size(limits, message)?;
     check_unique_keys(&message.body).map_err(|e| {
         if e.contains("duplicate key") {
-            HandlerError::permanent(Reason("duplicate_key"), e)
+            HandlerError::permanent(Reason::DUPLICATE_KEY, e)
         } else {
-            HandlerError::permanent(Reason("malformed_json"), e)
+            HandlerError::permanent(Reason::MALFORMED_JSON, e)
         }
     })?;
     let value: serde_json::Value = serde_json::from_str(&message.body)
-        .map_err(|e| HandlerError::permanent(Reason("malformed_json"), describe_json_error(&e)))?;
+        .map_err(|e| HandlerError::permanent(Reason::MALFORMED_JSON, describe_json_error(&e)))?;
     check_payment_data(message, &value)?;
     let kind = contract::validate(&value, &EXTERNAL_TYPES)
-        .map_err(|v| HandlerError::permanent(Reason(v.reason), v.fields.join("; ")))?;
+        .map_err(|v| HandlerError::permanent(v.reason, v.fields.join("; ")))?;
     let kind = ROUTED_TYPES
         .into_iter()
         .find(|k| *k == kind)
@@ -365,7 +365,7 @@ fn check_size(limits: &IngestionConfig, message: &Message) -> Result<(), Handler
         .sum();
     if message.body.len() + attribute_bytes > limits.max_body_bytes {
         return Err(HandlerError::permanent(
-            Reason("body_too_large"),
+            Reason::BODY_TOO_LARGE,
             format!(
                 "{} bytes of body and {attribute_bytes} of attributes, limit {}",
                 message.body.len(),
@@ -387,7 +387,7 @@ fn check_size(limits: &IngestionConfig, message: &Message) -> Result<(), Handler
 fn check_payment_data(message: &Message, body: &serde_json::Value) -> Result<(), HandlerError> {
     let refused = |where_: String| {
         Err(HandlerError::permanent(
-            Reason("payment_data"),
+            Reason::PAYMENT_DATA,
             format!("a card number {where_}"),
         ))
     };
@@ -423,9 +423,8 @@ fn stamp<P: serde::de::DeserializeOwned + serde::Serialize>(
     sender: &str,
     received_at: String,
 ) -> Result<(String, String, SourceMetadata), HandlerError> {
-    let mut envelope: Envelope<P> = serde_json::from_value(value).map_err(|e| {
-        HandlerError::permanent(Reason("schema_violation"), describe_json_error(&e))
-    })?;
+    let mut envelope: Envelope<P> = serde_json::from_value(value)
+        .map_err(|e| HandlerError::permanent(Reason::SCHEMA_VIOLATION, describe_json_error(&e)))?;
     // The upstream's correlation id, else one derived from the event id: every copy of an
     // event (a redelivery, a redrive, an upstream retry) carries the same one.
     let correlation_id = envelope
@@ -460,7 +459,7 @@ fn sender<'a>(
     message: &Message,
     kind: &str,
 ) -> Result<&'a str, HandlerError> {
-    let not_allowed = |why: String| HandlerError::permanent(Reason("sender_not_allowed"), why);
+    let not_allowed = |why: String| HandlerError::permanent(Reason::SENDER_NOT_ALLOWED, why);
     if message.sender_id.is_none() {
         return Err(not_allowed("the message has no SenderId".to_owned()));
     }

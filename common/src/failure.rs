@@ -49,6 +49,83 @@ impl Reason {
     pub const ACCESS_DENIED: Reason = Reason("access_denied");
     /// A table the handler writes does not exist (a deployment fault).
     pub const TABLE_NOT_FOUND: Reason = Reason("table_not_found");
+    /// A stored record does not read as its type (transient: a newer writer may be mid-deploy).
+    pub const CORRUPT_RECORD: Reason = Reason("corrupt_record");
+
+    // Refused at the edge (ingestion): an upstream's message the fleet will not take in.
+    /// The body is larger than the edge accepts.
+    pub const BODY_TOO_LARGE: Reason = Reason("body_too_large");
+    /// The body is not JSON.
+    pub const MALFORMED_JSON: Reason = Reason("malformed_json");
+    /// A JSON object names the same key twice.
+    pub const DUPLICATE_KEY: Reason = Reason("duplicate_key");
+    /// The body looks like card data (a PAN); it is stored only redacted.
+    pub const PAYMENT_DATA: Reason = Reason("payment_data");
+    /// The JSON does not match its event type's schema.
+    pub const SCHEMA_VIOLATION: Reason = Reason("schema_violation");
+    /// The sender is not on the edge's allow-list for the event type.
+    pub const SENDER_NOT_ALLOWED: Reason = Reason("sender_not_allowed");
+    /// The event type is not one the stage handles.
+    pub const UNKNOWN_TYPE: Reason = Reason("unknown_type");
+    /// The body's `schema_version` is not the one this fleet speaks.
+    pub const UNSUPPORTED_SCHEMA_VERSION: Reason = Reason("unsupported_schema_version");
+
+    // Refused by a stage: the order is not in a state the event applies to.
+    /// No such order: permanent for the warehouse; retried first by delivery, since a carrier
+    /// event may arrive before the order.
+    pub const UNKNOWN_ORDER: Reason = Reason("unknown_order");
+    /// The warehouse was asked to pack an order that was rejected.
+    pub const ORDER_NOT_PACKABLE: Reason = Reason("order_not_packable");
+    /// An order has more lines than one packing transaction can hold.
+    pub const ORDER_TOO_LARGE: Reason = Reason("order_too_large");
+    /// Stock kept changing under every packing attempt (retried with the queue's backoff).
+    pub const PACKING_UNSETTLED: Reason = Reason("packing_unsettled");
+    /// A carrier event for an order the warehouse has not packed yet (retried).
+    pub const ORDER_NOT_PACKED: Reason = Reason("order_not_packed");
+    /// A carrier event for an order that will never ship (rejected or unpackable).
+    pub const ORDER_NOT_SHIPPED: Reason = Reason("order_not_shipped");
+    /// An order already holds as many carrier events as its item may.
+    pub const TOO_MANY_EVENTS: Reason = Reason("too_many_events");
+    /// Other writers kept changing the order under every attempt (retried).
+    pub const CONTENDED_ORDER: Reason = Reason("contended_order");
+
+    /// Every reason code the fleet writes in an attribution.
+    pub const ALL: [Reason; 29] = [
+        Self::MALFORMED_BODY,
+        Self::IDEMPOTENCY_CONFLICT,
+        Self::DOWNSTREAM_UNAVAILABLE,
+        Self::HANDLER_PANIC,
+        Self::FORWARD_FAILED,
+        Self::THROTTLED,
+        Self::DOWNSTREAM_TIMEOUT,
+        Self::HANDLER_DEADLINE_EXCEEDED,
+        Self::INVALID_REQUEST,
+        Self::ITEM_TOO_LARGE,
+        Self::ACCESS_DENIED,
+        Self::TABLE_NOT_FOUND,
+        Self::CORRUPT_RECORD,
+        Self::BODY_TOO_LARGE,
+        Self::MALFORMED_JSON,
+        Self::DUPLICATE_KEY,
+        Self::PAYMENT_DATA,
+        Self::SCHEMA_VIOLATION,
+        Self::SENDER_NOT_ALLOWED,
+        Self::UNKNOWN_TYPE,
+        Self::UNSUPPORTED_SCHEMA_VERSION,
+        Self::UNKNOWN_ORDER,
+        Self::ORDER_NOT_PACKABLE,
+        Self::ORDER_TOO_LARGE,
+        Self::PACKING_UNSETTLED,
+        Self::ORDER_NOT_PACKED,
+        Self::ORDER_NOT_SHIPPED,
+        Self::TOO_MANY_EVENTS,
+        Self::CONTENDED_ORDER,
+    ];
+
+    /// The code as written in attributions and metrics.
+    pub const fn as_str(self) -> &'static str {
+        self.0
+    }
 }
 
 /// What went wrong in a handler, and so what the runtime does with the message.
@@ -161,6 +238,28 @@ pub fn retry_delay(attempt: u32, min: Duration, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_code_is_listed_once_in_snake_case() {
+        let mut seen = std::collections::BTreeSet::new();
+        for reason in Reason::ALL {
+            let code = reason.as_str();
+            assert!(seen.insert(code), "{code} listed twice");
+            assert!(
+                !code.is_empty()
+                    && code
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "{code} is not snake_case"
+            );
+        }
+        // Every code declared above is in the list.
+        let declared = include_str!("failure.rs")
+            .lines()
+            .filter(|l| l.trim_start().starts_with("pub const") && l.contains(": Reason = "))
+            .count();
+        assert_eq!(declared, Reason::ALL.len());
+    }
 
     #[test]
     fn delays_grow_and_stay_bounded() {

@@ -424,50 +424,79 @@ impl HttpConnector for FaultyConnector {
                 }),
             };
         };
-        let (service, plan, inner) = (self.service, self.plan.clone(), self.inner.clone());
+        let call = Call {
+            service: self.service,
+            operation,
+            body,
+            plan: self.plan.clone(),
+            inner: self.inner.clone(),
+        };
         HttpConnectorFuture::new(async move {
             // The request's items stay under way until it ends, whatever fault it meets.
             let _held = held;
-            match rule.fault {
-                Fault::Throttle => {
-                    plan.count(service, &operation, rule.fault, 1);
-                    Ok(throttled(service, &operation, body.as_ref()))
-                }
-                Fault::ServerError => {
-                    plan.count(service, &operation, rule.fault, 1);
-                    Ok(server_error(service))
-                }
-                Fault::Reset => {
-                    plan.count(service, &operation, rule.fault, 1);
-                    Err(ConnectorError::io(
-                        "connection reset by peer (injected)".into(),
-                    ))
-                }
-                Fault::LostResponse => {
-                    plan.count(service, &operation, rule.fault, 1);
-                    let _ = inner.call(request).await;
-                    Err(ConnectorError::io(
-                        "connection closed before the response (injected)".into(),
-                    ))
-                }
-                Fault::Slow(delay) => {
-                    plan.count(service, &operation, rule.fault, 1);
-                    tokio::time::sleep(delay).await;
-                    inner.call(request).await
-                }
-                Fault::Hang => {
-                    plan.count(service, &operation, rule.fault, 1);
-                    futures::future::pending().await
-                }
-                Fault::FailEntries => {
-                    fail_entries(request, body, rule.rate, &inner, |n| {
-                        plan.count(service, &operation, rule.fault, n);
-                    })
-                    .await
-                }
-                Fault::ItemLimit(_) | Fault::Conflict => inner.call(request).await,
-            }
+            call.inject(&rule, request).await
         })
+    }
+}
+
+/// A request the plan picked a fault for.
+struct Call {
+    service: &'static str,
+    operation: String,
+    body: Option<serde_json::Value>,
+    plan: FaultPlan,
+    inner: SharedHttpConnector,
+}
+
+impl Call {
+    /// Answers `request` as `rule`'s fault does, counting the fault.
+    async fn inject(
+        self,
+        rule: &FaultRule,
+        request: HttpRequest,
+    ) -> Result<HttpResponse, ConnectorError> {
+        let Call {
+            service,
+            operation,
+            body,
+            plan,
+            inner,
+        } = self;
+        let count = |n| plan.count(service, &operation, rule.fault, n);
+        match rule.fault {
+            Fault::Throttle => {
+                count(1);
+                Ok(throttled(service, &operation, body.as_ref()))
+            }
+            Fault::ServerError => {
+                count(1);
+                Ok(server_error(service))
+            }
+            Fault::Reset => {
+                count(1);
+                Err(ConnectorError::io(
+                    "connection reset by peer (injected)".into(),
+                ))
+            }
+            Fault::LostResponse => {
+                count(1);
+                let _ = inner.call(request).await;
+                Err(ConnectorError::io(
+                    "connection closed before the response (injected)".into(),
+                ))
+            }
+            Fault::Slow(delay) => {
+                count(1);
+                tokio::time::sleep(delay).await;
+                inner.call(request).await
+            }
+            Fault::Hang => {
+                count(1);
+                futures::future::pending().await
+            }
+            Fault::FailEntries => fail_entries(request, body, rule.rate, &inner, count).await,
+            Fault::ItemLimit(_) | Fault::Conflict => inner.call(request).await,
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use fleet_common::aws::Clients;
 use fleet_common::config::FleetConfig;
 use fleet_common::health::Health;
+use fleet_common::role::Role;
 use fleet_common::topology::Topology;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -86,9 +87,8 @@ pub async fn run(config: FleetConfig, options: &Options) -> anyhow::Result<Summa
     let shutdown = CancellationToken::new();
     let fleet_task = {
         let (config, fleet, shutdown) = (config.clone(), fleet.clone(), shutdown.clone());
-        let roles = workers::fleet::expand_roles("all");
         tokio::spawn(async move {
-            workers::fleet::run(&config, &fleet, &roles, Health::default(), shutdown).await
+            workers::fleet::run(&config, &fleet, &Role::ALL, Health::default(), shutdown).await
         })
     };
     let ingest = topology

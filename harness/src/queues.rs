@@ -9,6 +9,7 @@ use aws_sdk_sqs::types::{
     MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
 };
 use fleet_common::attribution::{Attribution, ATTRIBUTION};
+use fleet_common::failure::Reason;
 use fleet_common::topology::Topology;
 
 use crate::scenario::Input;
@@ -190,7 +191,7 @@ pub async fn dead_letters(
                 let event_id = event_id.filter(|_| {
                     attribution
                         .as_ref()
-                        .is_none_or(|a| a.reason != "payment_data")
+                        .is_none_or(|a| a.reason != Reason::PAYMENT_DATA.as_str())
                 });
                 let input = event_id.map_or_else(
                     || {

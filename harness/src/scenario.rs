@@ -6,9 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use fleet_common::contract::{
-    Address, DeliveryStatus, Money, OrderLine, OrderSubmitted, DELIVERY_STATUS_REPORTED,
-    ORDER_SUBMITTED,
+    Address, DeliveryStatus, Money, OrderLine, OrderStatus, OrderSubmitted,
+    DELIVERY_STATUS_REPORTED, ORDER_SUBMITTED,
 };
+use fleet_common::failure::Reason;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -95,7 +96,7 @@ pub struct Input {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected {
     /// `packed`, `unpackable` or `rejected`.
-    pub status: &'static str,
+    pub status: OrderStatus,
     /// For packed orders: (sku, substituted_for) per line, in order.
     pub lines: Vec<(String, Option<String>)>,
     /// For rejected orders: the reason codes, each `code:sku`.
@@ -180,7 +181,7 @@ impl Scenario {
                 order_id: None,
             });
             *s.expected_dead_letters
-                .entry(("delivery".into(), "unknown_order".into()))
+                .entry(("delivery".into(), Reason::UNKNOWN_ORDER.as_str().into()))
                 .or_default() += 1;
         }
         s.submissions.shuffle(&mut g.rng);
@@ -252,7 +253,7 @@ impl<'a> Generator<'a> {
             .map(|p| line(p, self.rng.random_range(1..=4)))
             .collect();
         let mut expected = Expected {
-            status: "packed",
+            status: OrderStatus::Packed,
             lines: lines.iter().map(|l| (l.sku.clone(), None)).collect(),
             reasons: vec![],
             delivery: None,
@@ -301,7 +302,7 @@ impl<'a> Generator<'a> {
                 order_id: Some(order_id.clone()),
             });
         }
-        if expected.status == "packed" {
+        if expected.status == OrderStatus::Packed {
             expected.delivery = Some("delivered");
             let mut events = carrier_events(&order_id);
             expected.carrier = carrier_statuses(&order_id);
@@ -334,14 +335,14 @@ impl<'a> Generator<'a> {
             expected.lines.push((sub.clone(), Some(oos.sku.clone())));
         }
         if expected.lines.is_empty() {
-            expected.status = "unpackable";
+            expected.status = OrderStatus::Unpackable;
         }
     }
 }
 
 fn rejected(event_id: &str, reasons: Vec<String>) -> Expected {
     Expected {
-        status: "rejected",
+        status: OrderStatus::Rejected,
         lines: vec![],
         reasons,
         delivery: None,
@@ -445,17 +446,17 @@ fn malformed(rng: &mut impl Rng, order_id: &str, event_id: &str) -> (String, &'s
     match rng.random_range(0..5) {
         0 => (
             "{\"type\": \"order.submitted\", \"payload\": ".to_owned(),
-            "malformed_json",
+            Reason::MALFORMED_JSON.as_str(),
         ),
         1 => {
             let mut v = valid;
             v["payload"]["card_number"] = serde_json::json!("4111 1111 1111 1111");
-            (v.to_string(), "payment_data")
+            (v.to_string(), Reason::PAYMENT_DATA.as_str())
         }
         2 => {
             let mut v = valid;
             v["payload"]["lines"][0]["unit_price"]["amount_minor"] = serde_json::json!(12.99);
-            (v.to_string(), "schema_violation")
+            (v.to_string(), Reason::SCHEMA_VIOLATION.as_str())
         }
         3 => {
             let mut v = valid;
@@ -463,7 +464,7 @@ fn malformed(rng: &mut impl Rng, order_id: &str, event_id: &str) -> (String, &'s
                 .as_object_mut()
                 .expect("object")
                 .remove("payment_reference");
-            (v.to_string(), "schema_violation")
+            (v.to_string(), Reason::SCHEMA_VIOLATION.as_str())
         }
         _ => {
             let mut v = valid;
@@ -542,7 +543,7 @@ impl Audit {
         catalog: &CatalogFile,
     ) {
         let mut shipped: BTreeMap<&str, u64> = BTreeMap::new();
-        for order in orders.values().filter(|o| o.status == "packed") {
+        for order in orders.values().filter(|o| o.status == OrderStatus::Packed) {
             for line in &order.lines {
                 *shipped.entry(line.sku.as_str()).or_default() += u64::from(line.quantity);
             }
@@ -627,7 +628,7 @@ pub async fn audit_with_orders(
         let differences = record_differences(order, want, &names, with_delivery);
         if differences.is_empty() {
             a.orders_completed += 1;
-            if want.status == "rejected" {
+            if want.status == OrderStatus::Rejected {
                 a.orders_rejected += 1;
             }
         } else {
@@ -671,8 +672,8 @@ pub fn record_differences(
     d.check(
         "status",
         order.status == want.status,
-        order.status.clone(),
-        want.status.to_owned(),
+        order.status.to_string(),
+        want.status.to_string(),
     );
     d.check(
         "event_id",
@@ -697,16 +698,17 @@ pub fn record_differences(
         return d.0;
     };
     d.submission(order, want, sub, names);
-    let carrier: &[(String, DeliveryStatus)] = if with_delivery && want.status == "packed" {
-        &want.carrier
-    } else {
-        &[]
-    };
+    let carrier: &[(String, DeliveryStatus)] =
+        if with_delivery && want.status == OrderStatus::Packed {
+            &want.carrier
+        } else {
+            &[]
+        };
     d.delivery(order, want, sub, carrier, with_delivery);
     d.history(order, want, sub, carrier);
     let version = 1
-        + u32::from(want.status != "rejected")
-        + u32::from(want.status == "packed")
+        + u32::from(want.status != OrderStatus::Rejected)
+        + u32::from(want.status == OrderStatus::Packed)
         + carrier.len() as u32;
     d.check(
         "version",
@@ -804,13 +806,13 @@ impl Differences {
         with_delivery: bool,
     ) {
         let delivery = match (want.status, with_delivery) {
-            ("packed", true) => want
+            (OrderStatus::Packed, true) => want
                 .carrier
                 .iter()
                 .map(|(_, s)| *s)
                 .max_by_key(|s| s.rank())
                 .or(Some(DeliveryStatus::AwaitingCarrier)),
-            ("packed", false) => Some(DeliveryStatus::AwaitingCarrier),
+            (OrderStatus::Packed, false) => Some(DeliveryStatus::AwaitingCarrier),
             _ => None,
         };
         self.check(
@@ -835,7 +837,7 @@ impl Differences {
             .iter()
             .map(|(k, s)| (k.as_str(), s.as_str()))
             .collect();
-        if want.status == "packed" {
+        if want.status == OrderStatus::Packed {
             // The warehouse's hand-off is a delivery event of its own.
             want_events.insert(&packed_id, DeliveryStatus::AwaitingCarrier.as_str());
         }
@@ -925,7 +927,7 @@ fn expected_lines(
 ) -> Vec<store::RecordLine> {
     let named = |sku: &str| names.get(sku).map(|p| p.name.clone()).unwrap_or_default();
     let shards = |sku: &str| names.get(sku).and_then(|p| workers::catalog::shards(p));
-    if want.status == "rejected" {
+    if want.status == OrderStatus::Rejected {
         return sub
             .lines
             .iter()
@@ -966,10 +968,15 @@ fn expected_history(
     let entry = |stage: &str, event: &str, event_id: String, note: Option<String>| {
         (stage.to_owned(), event.to_owned(), event_id, note)
     };
-    let rejected = want.status == "rejected";
+    let rejected = want.status == OrderStatus::Rejected;
     let mut out = vec![entry(
         "orders",
-        if rejected { "rejected" } else { "accepted" },
+        if rejected {
+            OrderStatus::Rejected
+        } else {
+            OrderStatus::Accepted
+        }
+        .as_str(),
         want.event_id.clone(),
         rejected.then(|| want.reasons.join(",")),
     )];
@@ -1006,11 +1013,11 @@ fn expected_history(
     }
     out.push(entry(
         "warehouse",
-        want.status,
+        want.status.as_str(),
         accepted,
         Some(format!("{} of {} lines", want.lines.len(), sub.lines.len())),
     ));
-    if want.status == "packed" {
+    if want.status == OrderStatus::Packed {
         out.push(entry(
             "delivery",
             DeliveryStatus::AwaitingCarrier.as_str(),
@@ -1066,7 +1073,7 @@ mod tests {
         let a = Scenario::generate(500, Mix::default(), &catalog(), 7, "t");
         let b = Scenario::generate(500, Mix::default(), &catalog(), 7, "t");
         assert_eq!(a.expected, b.expected);
-        let statuses: BTreeSet<&str> = a.expected.values().map(|e| e.status).collect();
+        let statuses: BTreeSet<&str> = a.expected.values().map(|e| e.status.as_str()).collect();
         assert_eq!(
             statuses,
             BTreeSet::from(["packed", "rejected", "unpackable"])

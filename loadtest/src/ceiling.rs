@@ -79,68 +79,17 @@ pub async fn sqs(
         .unwrap_or_default()
         .to_owned();
     let fill = (secs * 5_000).clamp(20_000, 100_000);
-    futures::stream::iter(0..fill / 10)
-        .map(|b| {
-            let (sqs, url) = (sqs.clone(), url.clone());
-            async move {
-                let batch: Vec<Input> = (0..10)
-                    .map(|i| Input {
-                        body: format!("ceiling {b}/{i}"),
-                        order_id: None,
-                    })
-                    .collect();
-                fleet_harness::queues::send_batch(&sqs, &url, &batch).await
-            }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<()>>()
-        .await?;
+    fill_queue(sqs, &url, fill, 16, |_| {}).await?;
     let drain = Arc::new(Drain::new(fill));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let tasks: Vec<_> = (0..loops)
         .map(|_| {
-            let (sqs, url, drain) = (sqs.clone(), url.clone(), drain.clone());
-            tokio::spawn(async move {
-                while Instant::now() < deadline && !drain.done() {
-                    let Ok(out) = sqs
-                        .receive_message()
-                        .queue_url(&url)
-                        .max_number_of_messages(10)
-                        .wait_time_seconds(1)
-                        .send()
-                        .await
-                    else {
-                        continue;
-                    };
-                    let entries: Vec<_> = out
-                        .messages()
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(i, m)| {
-                            DeleteMessageBatchRequestEntry::builder()
-                                .id(i.to_string())
-                                .receipt_handle(m.receipt_handle()?)
-                                .build()
-                                .ok()
-                        })
-                        .collect();
-                    if entries.is_empty() {
-                        continue;
-                    }
-                    let n = entries.len() as u64;
-                    if sqs
-                        .delete_message_batch()
-                        .queue_url(&url)
-                        .set_entries(Some(entries))
-                        .send()
-                        .await
-                        .is_ok()
-                    {
-                        // One receive and one delete for these n messages.
-                        drain.deleted(n, 2);
-                    }
-                }
-            })
+            tokio::spawn(receive_delete(
+                sqs.clone(),
+                url.clone(),
+                drain.clone(),
+                deadline,
+            ))
         })
         .collect();
     for t in tasks {
@@ -148,6 +97,91 @@ pub async fn sqs(
     }
     let _ = sqs.delete_queue().queue_url(&url).send().await;
     Ok(drain.ceiling())
+}
+
+/// Sends `n` messages of `body_bytes` each to `url`, 16 batches of ten at a time, calling
+/// `on_sent` with each batch's count.
+pub(crate) async fn fill_queue(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    n: u64,
+    body_bytes: usize,
+    on_sent: impl Fn(u64),
+) -> anyhow::Result<()> {
+    let batches = n.div_ceil(10);
+    let mut sends = futures::stream::iter(0..batches)
+        .map(|b| async move {
+            let batch: Vec<Input> = (0..10.min(n - b * 10))
+                .map(|i| {
+                    let tag = format!("message {b}/{i} ");
+                    let pad = body_bytes.saturating_sub(tag.len());
+                    Input {
+                        body: tag + &"x".repeat(pad),
+                        order_id: None,
+                    }
+                })
+                .collect();
+            fleet_harness::queues::send_batch(sqs, url, &batch)
+                .await
+                .map(|()| batch.len() as u64)
+        })
+        .buffer_unordered(16);
+    while let Some(sent) = sends.try_next().await? {
+        on_sent(sent);
+    }
+    Ok(())
+}
+
+/// The bare SDK loop: receive ten, delete them in one batch, until `deadline` or the drain is
+/// done.
+async fn receive_delete(
+    sqs: aws_sdk_sqs::Client,
+    url: String,
+    drain: Arc<Drain>,
+    deadline: Instant,
+) {
+    while Instant::now() < deadline && !drain.done() {
+        if let Some(n) = receive_delete_once(&sqs, &url).await {
+            // One receive and one delete for these n messages.
+            drain.deleted(n, 2);
+        }
+    }
+}
+
+/// One round of the bare SDK loop: receive up to ten (a long poll of 1 s) and delete them in
+/// one batch call; the number deleted, `None` when nothing came or a call failed.
+pub(crate) async fn receive_delete_once(sqs: &aws_sdk_sqs::Client, url: &str) -> Option<u64> {
+    let out = sqs
+        .receive_message()
+        .queue_url(url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .send()
+        .await
+        .ok()?;
+    let entries: Vec<_> = out
+        .messages()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| {
+            DeleteMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .receipt_handle(m.receipt_handle()?)
+                .build()
+                .ok()
+        })
+        .collect();
+    if entries.is_empty() {
+        return None;
+    }
+    let n = entries.len() as u64;
+    sqs.delete_message_batch()
+        .queue_url(url)
+        .set_entries(Some(entries))
+        .send()
+        .await
+        .ok()
+        .map(|_| n)
 }
 
 /// The timed middle of a queue's drain: messages 10%–90% of `total`.

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleet_common::aws::Clients;
+use fleet_common::failure::Reason;
+use fleet_common::role::Role;
 use fleet_common::topology::Topology;
 use fleet_harness::queues::{dead_letter_mismatches, dead_letters, send_all, wait_idle};
 use fleet_harness::scenario::{Audit, Scenario};
@@ -21,9 +23,6 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use workers::catalog::CatalogFile;
 use workers::store::Tables;
-
-/// The roles, each its own process.
-pub const ROLES: [&str; 4] = workers::fleet::ROLES;
 
 /// The default plan: throttling bursts on every DynamoDB call (transactions included), lost
 /// responses after a write landed, hung calls cut by the deadline, slow calls; SQS forwards and
@@ -43,15 +42,15 @@ pub const DEFAULT_FAULTS: &str = "dynamodb:*:throttle:0.6:burst=2s/9s; \
 /// `unknown_order` or `order_not_packed`; they are redriven too (the ghosts among them come
 /// back with the same reason, once more).
 pub const TRANSIENT_REASONS: [&str; 10] = [
-    "unknown_order",
-    "order_not_packed",
-    "downstream_unavailable",
-    "downstream_timeout",
-    "forward_failed",
-    "throttled",
-    "handler_deadline_exceeded",
-    "handler_panic",
-    "contended_order",
+    Reason::UNKNOWN_ORDER.as_str(),
+    Reason::ORDER_NOT_PACKED.as_str(),
+    Reason::DOWNSTREAM_UNAVAILABLE.as_str(),
+    Reason::DOWNSTREAM_TIMEOUT.as_str(),
+    Reason::FORWARD_FAILED.as_str(),
+    Reason::THROTTLED.as_str(),
+    Reason::HANDLER_DEADLINE_EXCEEDED.as_str(),
+    Reason::HANDLER_PANIC.as_str(),
+    Reason::CONTENDED_ORDER.as_str(),
     "none",
 ];
 
@@ -191,7 +190,7 @@ struct Fleet {
 impl Fleet {
     fn start(setup: &Setup<'_>, faults: Option<&str>) -> anyhow::Result<Arc<Self>> {
         let mut workers = BTreeMap::new();
-        for role in ROLES {
+        for role in Role::names() {
             workers.insert(role, spawn(setup, role, faults)?);
         }
         Ok(Arc::new(Self {
@@ -203,7 +202,7 @@ impl Fleet {
 
     /// SIGKILLs a random role and starts it again.
     async fn kill_one(&self, setup: &Setup<'_>, faults: &str) -> anyhow::Result<()> {
-        let role = ROLES[rand::rng().random_range(0..ROLES.len())];
+        let role = Role::ALL[rand::rng().random_range(0..Role::ALL.len())].as_str();
         let mut workers = self.workers.lock().await;
         if let Some(mut old) = workers.remove(role) {
             let _ = old.child.start_kill();
@@ -260,30 +259,7 @@ pub async fn run(
         .url
         .clone();
 
-    let fleet = Fleet::start(setup, Some(&plan.faults))?;
-    let stop_killing = CancellationToken::new();
-    let killing = async {
-        loop {
-            tokio::select! {
-                () = stop_killing.cancelled() => return Ok::<(), anyhow::Error>(()),
-                () = tokio::time::sleep(plan.kill_every) => {}
-            }
-            fleet.kill_one(setup, &plan.faults).await?;
-        }
-    };
-    let load = async {
-        send_all(sqs, &ingest, &scenario.submissions).await?;
-        wait_idle(sqs, setup.topology, plan.phase_timeout).await?;
-        send_all(sqs, &ingest, &scenario.carrier_events).await?;
-        wait_idle(sqs, setup.topology, plan.phase_timeout).await?;
-        stop_killing.cancel();
-        Ok::<(), anyhow::Error>(())
-    };
-    let (killed, loaded) = tokio::join!(killing, load);
-    killed?;
-    loaded?;
-    let kills = *fleet.kills.lock().expect("kills lock");
-    let logs = fleet.stop().await?;
+    let (kills, logs) = under_faults(setup, plan, scenario, &ingest).await?;
     let chaos_secs = started.elapsed().as_secs();
 
     let before = dead_letters(sqs, setup.topology).await?;
@@ -325,6 +301,43 @@ pub async fn run(
         dead_letters: flat(&dead),
         audit,
     })
+}
+
+/// The faulty phase: the scenario's submissions, then its carrier events, each let settle, with
+/// the fleet under `plan`'s faults and a role killed every `kill_every`. Returns the kills and
+/// every worker's logs.
+async fn under_faults(
+    setup: &Setup<'_>,
+    plan: &Plan,
+    scenario: &Scenario,
+    ingest: &str,
+) -> anyhow::Result<(u64, String)> {
+    let sqs = &setup.clients.sqs;
+    let fleet = Fleet::start(setup, Some(&plan.faults))?;
+    let stop_killing = CancellationToken::new();
+    let killing = async {
+        loop {
+            tokio::select! {
+                () = stop_killing.cancelled() => return Ok::<(), anyhow::Error>(()),
+                () = tokio::time::sleep(plan.kill_every) => {}
+            }
+            fleet.kill_one(setup, &plan.faults).await?;
+        }
+    };
+    let load = async {
+        send_all(sqs, ingest, &scenario.submissions).await?;
+        wait_idle(sqs, setup.topology, plan.phase_timeout).await?;
+        send_all(sqs, ingest, &scenario.carrier_events).await?;
+        wait_idle(sqs, setup.topology, plan.phase_timeout).await?;
+        stop_killing.cancel();
+        Ok::<(), anyhow::Error>(())
+    };
+    let (killed, loaded) = tokio::join!(killing, load);
+    killed?;
+    loaded?;
+    let kills = *fleet.kills.lock().expect("kills lock");
+    let logs = fleet.stop().await?;
+    Ok((kills, logs))
 }
 
 /// `dlq redrive` of every transient dead letter of one DLQ; returns how many moved.

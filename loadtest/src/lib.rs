@@ -435,7 +435,12 @@ async fn audit(
     let mut expected_dead = scenario.expected_dead_letters.clone();
     if !opts.carrier_events {
         // Carrier events for orders that do not exist are the only expected delivery dead letters.
-        expected_dead.remove(&("delivery".to_owned(), "unknown_order".to_owned()));
+        expected_dead.remove(&(
+            "delivery".to_owned(),
+            fleet_common::failure::Reason::UNKNOWN_ORDER
+                .as_str()
+                .to_owned(),
+        ));
     }
     let unexpected = fleet_harness::queues::dead_letter_mismatches(&dead, &expected_dead);
     report.set_latency(orders.values(), &load.sent);

@@ -307,7 +307,7 @@ async fn a_filtered_redrive_of_a_thousand_moves_exactly_the_matching_at_the_rate
             workers::fleet::run(
                 &config,
                 &clients,
-                &workers::fleet::expand_roles("all"),
+                &fleet_common::role::Role::ALL,
                 Health::default(),
                 shutdown,
             )

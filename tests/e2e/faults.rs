@@ -136,7 +136,10 @@ async fn sustained_throttling_slows_the_fleet_and_dead_letters_nothing() {
         injected.values().sum::<u64>() > 60,
         "the throttling was real: {injected:?}"
     );
-    let orders = stats.iter().find(|s| s.role == "orders").unwrap();
+    let orders = stats
+        .iter()
+        .find(|s| s.role == fleet_common::role::Role::Orders)
+        .unwrap();
     let throttled = orders
         .stats
         .throttled

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use fleet_common::contract::OrderStatus;
 use fleet_common::health::Health;
 use fleet_e2e::{worker_binary, TestEnv};
 use fleet_harness::queues::{dead_letter_mismatches, dead_letters, send_all, wait_idle};
@@ -89,7 +90,7 @@ async fn five_hundred_mixed_orders_end_as_expected_and_a_second_feed_changes_not
             workers::fleet::run(
                 &config,
                 &clients,
-                &workers::fleet::expand_roles("all"),
+                &fleet_common::role::Role::ALL,
                 Health::default(),
                 shutdown,
             )
@@ -312,7 +313,7 @@ async fn the_in_memory_chain_does_the_work_the_fleet_does() {
     let packed = scenario
         .expected
         .values()
-        .filter(|e| e.status == "packed")
+        .filter(|e| e.status == OrderStatus::Packed)
         .count();
     // Every input is handled at the edge; accepted orders go on to the warehouse, packed ones
     // to delivery.
@@ -382,12 +383,12 @@ async fn a_sharded_hot_product_running_dry_never_oversells() {
     let mut packed_units = 0_i64;
     for o in &orders {
         assert!(
-            o.status == "packed" || o.status == "unpackable",
+            o.status == OrderStatus::Packed || o.status == OrderStatus::Unpackable,
             "{} is {}",
             o.order_id,
             o.status
         );
-        if o.status == "packed" {
+        if o.status == OrderStatus::Packed {
             packed_units += o
                 .lines
                 .iter()

@@ -294,7 +294,7 @@ impl TestEnv {
                 workers::fleet::run(
                     &config,
                     &clients,
-                    &workers::fleet::expand_roles("all"),
+                    &fleet_common::role::Role::ALL,
                     health,
                     shutdown,
                 )

@@ -9,10 +9,11 @@
 
 use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
 use fleet_common::contract::{
-    DeliveryStatus, DeliveryStatusReported, Envelope, OrderRef, DELIVERY_STATUS_REPORTED,
-    ORDER_PACKED,
+    DeliveryStatus, DeliveryStatusReported, Envelope, OrderRef, OrderStatus,
+    DELIVERY_STATUS_REPORTED, ORDER_PACKED,
 };
 use fleet_common::failure::{HandlerError, Reason};
+use fleet_common::role::Role;
 use fleet_common::runtime::{describe_json_error, Message, Outcome, TypedHandler};
 use tracing::info;
 
@@ -121,7 +122,7 @@ impl TypedHandler for Delivery {
             }
             _ => {
                 return Err(HandlerError::permanent(
-                    Reason("unknown_type"),
+                    Reason::UNKNOWN_TYPE,
                     "delivery takes order.packed and delivery.status_reported",
                 ))
             }
@@ -166,7 +167,7 @@ impl Delivery {
             Err(e) => match store::condition_failed_item(&e) {
                 Some(old) if old.is_empty() => {
                     return Err(HandlerError::permanent(
-                        Reason("unknown_order"),
+                        Reason::UNKNOWN_ORDER,
                         format!("order {order_id} does not exist"),
                     ))
                 }
@@ -205,18 +206,18 @@ impl Delivery {
                     .await?
                     .ok_or_else(|| not_yet_known(event.order_id))?,
             };
-            match order.status.as_str() {
-                "packed" => {}
+            match order.status {
+                OrderStatus::Packed => {}
                 // The warehouse may be behind: an early event waits, with the queue's backoff.
-                "accepted" => {
+                OrderStatus::Accepted => {
                     return Err(HandlerError::transient(
-                        Reason("order_not_packed"),
+                        Reason::ORDER_NOT_PACKED,
                         format!("order {} is not packed yet", event.order_id),
                     ))
                 }
-                other => {
+                other @ (OrderStatus::Rejected | OrderStatus::Unpackable) => {
                     return Err(HandlerError::permanent(
-                        Reason("order_not_shipped"),
+                        Reason::ORDER_NOT_SHIPPED,
                         format!("order {} is {other}, not packed", event.order_id),
                     ))
                 }
@@ -239,7 +240,7 @@ impl Delivery {
                 }
                 Transition::TooMany => {
                     return Err(HandlerError::permanent(
-                        Reason("too_many_events"),
+                        Reason::TOO_MANY_EVENTS,
                         format!(
                             "order {} holds {MAX_CARRIER_EVENTS} delivery events already",
                             event.order_id
@@ -254,7 +255,7 @@ impl Delivery {
             }
         }
         Err(HandlerError::transient(
-            Reason("contended_order"),
+            Reason::CONTENDED_ORDER,
             format!("order {} kept changing", event.order_id),
         ))
     }
@@ -331,7 +332,7 @@ struct Event<'a> {
 fn history(event_id: &str, event: &str, note: Option<String>) -> HistoryEntry {
     HistoryEntry {
         at: store::now_rfc3339(),
-        stage: "delivery".to_owned(),
+        stage: Role::Delivery.as_str().to_owned(),
         event: event.to_owned(),
         note,
         event_id: event_id.to_owned(),
@@ -343,54 +344,29 @@ fn history(event_id: &str, event: &str, note: Option<String>) -> HistoryEntry {
 /// `unknown_order`.
 fn not_yet_known(order_id: &str) -> HandlerError {
     HandlerError::transient(
-        Reason("unknown_order"),
+        Reason::UNKNOWN_ORDER,
         format!("order {order_id} does not exist"),
     )
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use fleet_common::contract::Address;
 
     /// A packed order `o` with no lines, at delivery `rank`, with `events` applied.
-    pub(crate) fn order(rank: Option<u8>, events: &[&str]) -> OrderRecord {
-        OrderRecord {
-            pk: "order#o".into(),
-            order_id: "o".into(),
-            user_id: "u".into(),
-            status: "packed".into(),
-            rejection_reasons: vec![],
-            lines: vec![],
-            delivery_address: Address {
-                name: "n".into(),
-                line1: "l".into(),
-                line2: None,
-                city: "c".into(),
-                postal_code: "p".into(),
-                country: "FR".into(),
-                phone: None,
-            },
-            email: None,
-            payment_reference: "p".into(),
-            correlation_id: "c".into(),
-            event_id: "e".into(),
-            payload_hash: "h".into(),
-            source: None,
-            history: vec![],
-            delivery_status: None,
-            delivery_rank: rank,
-            delivery_events: events
-                .iter()
-                .map(|e| {
-                    (
-                        (*e).to_owned(),
-                        event_record(DeliveryStatus::LabelCreated, "f"),
-                    )
-                })
-                .collect(),
-            version: 1,
-        }
+    fn order(rank: Option<u8>, events: &[&str]) -> OrderRecord {
+        let mut order = store::tests::packed_order();
+        order.delivery_rank = rank;
+        order.delivery_events = events
+            .iter()
+            .map(|e| {
+                (
+                    (*e).to_owned(),
+                    event_record(DeliveryStatus::LabelCreated, "f"),
+                )
+            })
+            .collect();
+        order
     }
 
     #[test]

@@ -13,19 +13,11 @@ use tokio_util::sync::CancellationToken;
 use crate::store::{Store, Tables};
 use crate::{delivery, ingestion, orders, warehouse};
 
-/// The worker roles, in flow order.
-pub const ROLES: [&str; 4] = [
-    Role::Ingestion.as_str(),
-    Role::Orders.as_str(),
-    Role::Warehouse.as_str(),
-    Role::Delivery.as_str(),
-];
-
 /// What one role did in a run.
 #[derive(Debug, Clone)]
 pub struct RoleStats {
     /// The role.
-    pub role: String,
+    pub role: Role,
     /// Its consumer's counters.
     pub stats: Arc<Stats>,
 }
@@ -38,13 +30,13 @@ pub struct RoleStats {
 pub async fn run(
     config: &FleetConfig,
     clients: &Clients,
-    roles: &[String],
+    roles: &[Role],
     health: Health,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<RoleStats>> {
     let mut keys: Vec<&str> = roles
         .iter()
-        .flat_map(|r| fleet_common::access::queues_of(r))
+        .flat_map(|r| fleet_common::access::queues_of(r.as_str()))
         .collect();
     keys.sort_unstable();
     keys.dedup();
@@ -54,49 +46,48 @@ pub async fn run(
         fleet_common::redrive_ledger::Ledger::from_config(clients.dynamodb.clone(), config)?;
     let mut tasks = Vec::new();
     let mut stats = Vec::new();
-    for role in roles {
-        let worker = config.worker(role)?.clone();
+    for &role in roles {
+        let worker = config.worker(role.as_str())?.clone();
         let store = Store::new(
             clients.dynamodb.clone(),
             tables.clone(),
-            stage_name(role)?,
+            role.as_str(),
             worker.downstream_rate_per_sec,
         );
         let settings = settings(config, role, worker, &topology, ledger.clone());
-        let (task, role_stats) = match role.as_str() {
-            "ingestion" => spawn(
+        let (task, role_stats) = match role {
+            Role::Ingestion => spawn(
                 clients,
                 ingestion::Ingestion::new(config.ingestion.clone()),
                 settings,
                 &health,
                 &shutdown,
             )?,
-            "orders" => spawn(
+            Role::Orders => spawn(
                 clients,
                 Json(orders::Orders::new(store)),
                 settings,
                 &health,
                 &shutdown,
             )?,
-            "warehouse" => spawn(
+            Role::Warehouse => spawn(
                 clients,
                 Json(warehouse::Warehouse::new(store)),
                 settings,
                 &health,
                 &shutdown,
             )?,
-            "delivery" => spawn(
+            Role::Delivery => spawn(
                 clients,
                 Json(delivery::Delivery::new(store)),
                 settings,
                 &health,
                 &shutdown,
             )?,
-            other => anyhow::bail!("unknown role `{other}`: use one of {}", ROLES.join(", ")),
         };
         tasks.push(task);
         stats.push(RoleStats {
-            role: role.clone(),
+            role,
             stats: role_stats,
         });
     }
@@ -109,17 +100,17 @@ pub async fn run(
 /// What a role's consumer needs besides its handler.
 fn settings(
     config: &FleetConfig,
-    role: &str,
+    role: Role,
     worker: fleet_common::config::WorkerConfig,
     topology: &Topology,
     ledger: Option<fleet_common::redrive_ledger::Ledger>,
 ) -> ConsumerSettings {
     ConsumerSettings {
-        role: role.to_owned(),
+        role: role.as_str().to_owned(),
         worker,
         topology: topology.clone(),
         max_message_bytes: config.aws.sqs_max_message_bytes,
-        untrusted_edge: role == "ingestion",
+        untrusted_edge: role == Role::Ingestion,
         // The emulator does not keep system attributes; real SQS carries X-Ray's header.
         aws_trace_header: !config
             .aws
@@ -129,14 +120,6 @@ fn settings(
         ledger,
         redrivers: config.ingestion.redrivers.clone(),
     }
-}
-
-fn stage_name(role: &str) -> anyhow::Result<&'static str> {
-    ROLES
-        .iter()
-        .find(|r| **r == role)
-        .copied()
-        .ok_or_else(|| anyhow::anyhow!("unknown role `{role}`: use one of {}", ROLES.join(", ")))
 }
 
 fn spawn<H: Handler>(
@@ -150,13 +133,4 @@ fn spawn<H: Handler>(
         .map_err(anyhow::Error::msg)?;
     let stats = consumer.stats();
     Ok((tokio::spawn(consumer.run(shutdown.clone())), stats))
-}
-
-/// Expands `all` into every role.
-pub fn expand_roles(role: &str) -> Vec<String> {
-    if role == "all" {
-        ROLES.iter().map(|r| (*r).to_owned()).collect()
-    } else {
-        vec![role.to_owned()]
-    }
 }

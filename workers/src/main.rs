@@ -45,6 +45,18 @@ impl Role {
             Self::All => "all",
         }
     }
+
+    /// The roles to run: one, or every role for `all`.
+    fn roles(self) -> Vec<fleet_common::role::Role> {
+        use fleet_common::role::Role as R;
+        match self {
+            Self::Ingestion => vec![R::Ingestion],
+            Self::Orders => vec![R::Orders],
+            Self::Warehouse => vec![R::Warehouse],
+            Self::Delivery => vec![R::Delivery],
+            Self::All => R::ALL.to_vec(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -195,8 +207,7 @@ async fn run_roles(config: FleetConfig, role: Role) -> anyhow::Result<()> {
     .await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     tokio::spawn(signals(shutdown.clone()));
-    let roles = workers::fleet::expand_roles(role.name());
-    workers::fleet::run(&config, &clients, &roles, health, shutdown).await?;
+    workers::fleet::run(&config, &clients, &role.roles(), health, shutdown).await?;
     Ok(())
 }
 

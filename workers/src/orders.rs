@@ -6,9 +6,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use aws_sdk_dynamodb::types::{KeysAndAttributes, ReturnValuesOnConditionCheckFailure};
 use fleet_common::contract::{
-    self, Envelope, OrderRef, OrderSubmitted, ORDER_ACCEPTED, SCHEMA_VERSION,
+    self, Envelope, OrderRef, OrderStatus, OrderSubmitted, ORDER_ACCEPTED, SCHEMA_VERSION,
 };
 use fleet_common::failure::{HandlerError, Reason};
+use fleet_common::role::Role;
 use fleet_common::runtime::{Message, Outcome, Outgoing, TypedHandler};
 use tracing::info;
 
@@ -64,16 +65,16 @@ impl TypedHandler for Orders {
             .await?;
         let reasons = check_order(order, &catalog);
         let status = if reasons.is_empty() {
-            "accepted"
+            OrderStatus::Accepted
         } else {
-            "rejected"
+            OrderStatus::Rejected
         };
         let correlation_id = envelope.correlation_id.clone().unwrap_or_default();
         let record = OrderRecord {
             pk: store::order_key(&order.order_id),
             order_id: order.order_id.clone(),
             user_id: order.user_id.clone(),
-            status: status.to_owned(),
+            status,
             rejection_reasons: reasons.clone(),
             lines: order
                 .lines
@@ -99,8 +100,8 @@ impl TypedHandler for Orders {
             source: envelope.metadata.as_ref().map(|m| m.source.clone()),
             history: vec![HistoryEntry {
                 at: store::now_rfc3339(),
-                stage: "orders".to_owned(),
-                event: status.to_owned(),
+                stage: Role::Orders.as_str().to_owned(),
+                event: status.as_str().to_owned(),
                 note: (!reasons.is_empty()).then(|| reasons.join(",")),
                 event_id: envelope.event_id.clone(),
             }],
@@ -110,8 +111,8 @@ impl TypedHandler for Orders {
             version: 1,
         };
         let status = self.create(&record).await?;
-        info!(order_id = %order.order_id, status, "order recorded");
-        if status != "accepted" {
+        info!(order_id = %order.order_id, %status, "order recorded");
+        if status != OrderStatus::Accepted {
             return Ok(Outcome::done());
         }
         let next = Envelope {
@@ -195,7 +196,7 @@ impl Orders {
 
     /// Creates the order if absent (one write). Returns the status the order has: its own, or,
     /// when the same event was already applied, the recorded one.
-    async fn create(&self, record: &OrderRecord) -> Result<String, HandlerError> {
+    async fn create(&self, record: &OrderRecord) -> Result<OrderStatus, HandlerError> {
         let item = store::to_item(record);
         let put = || {
             self.store
@@ -210,7 +211,7 @@ impl Orders {
                 .send()
         };
         match self.store.call(1, put).await {
-            Ok(_) => Ok(record.status.clone()),
+            Ok(_) => Ok(record.status),
             Err(e) => {
                 let Some(old) = store::condition_failed_item(&e) else {
                     return Err(store::failure("writing the order", &e));
@@ -235,12 +236,13 @@ impl Orders {
 }
 
 /// The status the orders stage gave an order (later stages move it on).
-fn first_status(order: &OrderRecord) -> String {
+fn first_status(order: &OrderRecord) -> OrderStatus {
     order
         .history
         .iter()
-        .find(|h| h.stage == "orders")
-        .map_or_else(|| order.status.clone(), |h| h.event.clone())
+        .find(|h| h.stage == Role::Orders.as_str())
+        .and_then(|h| OrderStatus::parse(&h.event))
+        .unwrap_or(order.status)
 }
 
 #[cfg(test)]

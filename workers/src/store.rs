@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
 use backon::{ExponentialBuilder, Retryable};
 use fleet_common::config::FleetConfig;
-use fleet_common::contract::{Address, Money};
+use fleet_common::contract::{Address, Money, OrderStatus};
 use fleet_common::failure::{HandlerError, Reason};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
@@ -266,7 +266,7 @@ pub fn to_item<T: Serialize>(value: &T) -> Item {
 /// When the item does not have the record's shape.
 pub fn from_item<T: for<'de> Deserialize<'de>>(item: Item) -> Result<T, HandlerError> {
     serde_dynamo::from_item(item)
-        .map_err(|e| HandlerError::transient(Reason("corrupt_record"), e.to_string()))
+        .map_err(|e| HandlerError::transient(Reason::CORRUPT_RECORD, e.to_string()))
 }
 
 /// The key of an order.
@@ -287,8 +287,8 @@ pub struct OrderRecord {
     pub order_id: String,
     /// The customer.
     pub user_id: String,
-    /// `accepted`, `rejected`, `packed` or `unpackable`.
-    pub status: String,
+    /// Where the order stands.
+    pub status: OrderStatus,
     /// Why it was rejected, when it was.
     #[serde(default)]
     pub rejection_reasons: Vec<String>,
@@ -437,15 +437,48 @@ pub async fn read_order(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use fleet_common::faults::FaultPlan;
+
+    /// A packed order `o` with no lines, not yet with the carrier: the fixture every handler's
+    /// tests start from.
+    pub(crate) fn packed_order() -> OrderRecord {
+        OrderRecord {
+            pk: "order#o".into(),
+            order_id: "o".into(),
+            user_id: "u".into(),
+            status: OrderStatus::Packed,
+            rejection_reasons: vec![],
+            lines: vec![],
+            delivery_address: Address {
+                name: "n".into(),
+                line1: "l".into(),
+                line2: None,
+                city: "c".into(),
+                postal_code: "p".into(),
+                country: "FR".into(),
+                phone: None,
+            },
+            email: None,
+            payment_reference: "p".into(),
+            correlation_id: "c".into(),
+            event_id: "e".into(),
+            payload_hash: "h".into(),
+            source: None,
+            history: vec![],
+            delivery_status: None,
+            delivery_rank: None,
+            delivery_events: Default::default(),
+            version: 1,
+        }
+    }
 
     #[test]
     fn absent_optional_fields_are_left_out_of_the_item_not_written_as_null() {
         // `attribute_not_exists(delivery_rank)` fails on a NULL attribute: a packed order
         // written with NULLs could never start awaiting the carrier.
-        let mut order = crate::delivery::tests::order(None, &[]);
+        let mut order = packed_order();
         order.lines.push(RecordLine {
             sku: "A".into(),
             name: "a".into(),
@@ -460,7 +493,7 @@ mod tests {
         order.history.push(HistoryEntry {
             at: now_rfc3339(),
             stage: "orders".into(),
-            event: "accepted".into(),
+            event: OrderStatus::Accepted.as_str().into(),
             note: None,
             event_id: "e".into(),
         });

@@ -22,8 +22,9 @@ use aws_sdk_dynamodb::types::{
     CancellationReason, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
 };
 use backon::{BackoffBuilder, ExponentialBuilder};
-use fleet_common::contract::{Envelope, OrderRef, ORDER_PACKED, SCHEMA_VERSION};
+use fleet_common::contract::{Envelope, OrderRef, OrderStatus, ORDER_PACKED, SCHEMA_VERSION};
 use fleet_common::failure::{HandlerError, Reason};
+use fleet_common::role::Role;
 use fleet_common::runtime::{Message, Outcome, Outgoing, TypedHandler};
 use tracing::info;
 
@@ -54,17 +55,17 @@ impl TypedHandler for Warehouse {
             .await?
             .ok_or_else(|| {
                 HandlerError::permanent(
-                    Reason("unknown_order"),
+                    Reason::UNKNOWN_ORDER,
                     format!("order {order_id} does not exist"),
                 )
             })?;
-        let packed = match order.status.as_str() {
-            "accepted" => self.pack(&order, &envelope.event_id).await?,
-            "packed" => true,
-            "unpackable" => false,
-            other => {
+        let packed = match order.status {
+            OrderStatus::Accepted => self.pack(&order, &envelope.event_id).await?,
+            OrderStatus::Packed => true,
+            OrderStatus::Unpackable => false,
+            other @ OrderStatus::Rejected => {
                 return Err(HandlerError::permanent(
-                    Reason("order_not_packable"),
+                    Reason::ORDER_NOT_PACKABLE,
                     format!("order {order_id} is {other}"),
                 ))
             }
@@ -271,7 +272,7 @@ impl Warehouse {
         let products = plan.takes().len();
         if products > store::MAX_PRODUCTS_PER_ORDER {
             return Err(HandlerError::permanent(
-                Reason("order_too_large"),
+                Reason::ORDER_TOO_LARGE,
                 format!(
                     "order {} takes stock from {products} products; one transaction holds {}",
                     order.order_id,
@@ -335,7 +336,7 @@ impl Warehouse {
             }
         }
         Err(HandlerError::transient(
-            Reason("packing_unsettled"),
+            Reason::PACKING_UNSETTLED,
             format!(
                 "order {} kept changing stock between attempts",
                 order.order_id
@@ -365,8 +366,8 @@ impl Warehouse {
             .await
         {
             Ok(_) => {
-                info!(order_id = %order.order_id, status, lines, "order packed");
-                return Ok(Commit::Recorded(status == "packed"));
+                info!(order_id = %order.order_id, %status, lines, "order packed");
+                return Ok(Commit::Recorded(status == OrderStatus::Packed));
             }
             Err(e) => e,
         };
@@ -388,17 +389,17 @@ impl Warehouse {
         order: &OrderRecord,
         plan: &Plan,
         event_id: &str,
-    ) -> (Vec<TransactWriteItem>, &'static str, usize) {
+    ) -> (Vec<TransactWriteItem>, OrderStatus, usize) {
         let (lines, events) = plan.outcome();
         let status = if lines.is_empty() {
-            "unpackable"
+            OrderStatus::Unpackable
         } else {
-            "packed"
+            OrderStatus::Packed
         };
         let now = store::now_rfc3339();
         let entry = |event: &str, note: String| HistoryEntry {
             at: now.clone(),
-            stage: "warehouse".to_owned(),
+            stage: Role::Warehouse.as_str().to_owned(),
             event: event.to_owned(),
             note: Some(note),
             event_id: event_id.to_owned(),
@@ -408,7 +409,7 @@ impl Warehouse {
             .map(|(event, note)| entry(event, note))
             .collect();
         history.push(entry(
-            status,
+            status.as_str(),
             format!("{} of {} lines", lines.len(), order.lines.len()),
         ));
         let record = Update::builder()
@@ -420,8 +421,8 @@ impl Warehouse {
             .expression_attribute_names("#lines", "lines")
             .expression_attribute_names("#history", "history")
             .expression_attribute_names("#version", "version")
-            .expression_attribute_values(":status", s(status))
-            .expression_attribute_values(":accepted", s("accepted"))
+            .expression_attribute_values(":status", s(status.as_str()))
+            .expression_attribute_values(":accepted", s(OrderStatus::Accepted.as_str()))
             .expression_attribute_values(":lines", serde_dynamo::to_attribute_value(&lines).expect("lines serialize"))
             .expression_attribute_values(":history", serde_dynamo::to_attribute_value(&history).expect("history serializes"))
             .expression_attribute_values(":one", n(1))
@@ -503,7 +504,7 @@ fn cancelled(
     if let Some(reason) = failed(0) {
         // Another attempt recorded the order first; its result stands.
         let old: OrderRecord = store::from_item(reason.item().cloned().unwrap_or_default())?;
-        return Ok(Commit::Recorded(old.status == "packed"));
+        return Ok(Commit::Recorded(old.status == OrderStatus::Packed));
     }
     let mut shortages = Vec::new();
     for (i, sku) in plan.takes().keys().enumerate() {
@@ -684,8 +685,8 @@ mod tests {
     }
 
     fn accepted(lines: &[RecordLine]) -> OrderRecord {
-        let mut order = crate::delivery::tests::order(None, &[]);
-        order.status = "accepted".into();
+        let mut order = store::tests::packed_order();
+        order.status = OrderStatus::Accepted;
         order.lines = lines.to_vec();
         order
     }
@@ -823,7 +824,7 @@ mod tests {
     async fn an_order_another_attempt_packed_is_forwarded_without_taking_stock_again() {
         let order = accepted(&[line("A", 1)]);
         let mut done = order.clone();
-        done.status = "packed".into();
+        done.status = OrderStatus::Packed;
         let done_item = store::to_item(&done);
         let get = order_read(&order);
         let pack = mock!(aws_sdk_dynamodb::Client::transact_write_items)

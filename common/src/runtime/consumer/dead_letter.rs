@@ -126,7 +126,7 @@ impl<H: Handler> Inner<H> {
             .and_then(|v| v.string_value().and_then(kept_redrive_record));
         // A message refused for payment data is kept without a digit: the DLQ (kept for days,
         // exported, read by people) must not store what the edge refused to let in.
-        let payment_data = attribution.reason == "payment_data";
+        let payment_data = attribution.reason == Reason::PAYMENT_DATA.as_str();
         let mut attributes = masked(raw, payment_data);
         if let Some(record) = redrive {
             attributes.insert(attribution::REDRIVE.to_owned(), string_attribute(record));
