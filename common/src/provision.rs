@@ -132,7 +132,11 @@ pub fn queue_attributes(
     attrs
 }
 
-async fn provision_queue(
+/// Creates or updates one work queue and its DLQ (attributes, redrive policy); idempotent.
+///
+/// # Errors
+/// When SQS refuses a call.
+pub async fn provision_queue(
     sqs: &aws_sdk_sqs::Client,
     queue: &QueueConfig,
 ) -> Result<Vec<Provisioned>, ProvisionError> {

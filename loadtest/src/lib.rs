@@ -10,6 +10,7 @@ pub mod chaos;
 pub mod flash;
 pub mod probe;
 pub mod report;
+pub mod runtime;
 pub mod scale;
 pub mod svg;
 

@@ -114,6 +114,23 @@ struct Cli {
     /// Simulation: the oldest message's age to stay under, seconds.
     #[arg(long, requires = "simulate_scaling", default_value_t = 120.0)]
     target_age_secs: f64,
+    /// The runtime's cost instead of a load run: a scratch queue of --messages drained by the
+    /// bare SDK loop, then by the consumer runtime with a no-op handler (writes runtime.json).
+    #[arg(long, conflicts_with_all = ["chaos", "simulate_scaling", "flash_share"])]
+    runtime: bool,
+    /// Runtime run: messages per phase (1,000,000 makes it a memory soak).
+    #[arg(long, requires = "runtime", default_value_t = 100_000)]
+    messages: u64,
+    /// Runtime run: the role whose worker settings the runtime runs with.
+    #[arg(long, requires = "runtime", default_value = "orders")]
+    runtime_role: fleet_common::role::Role,
+    /// Runtime run: only this phase (`sdk` or `runtime`), e.g. to profile one.
+    #[arg(long, requires = "runtime", value_parser = ["sdk", "runtime"])]
+    only: Option<String>,
+    /// Runtime run: with the shipped metrics recorder (Prometheus + EMF) and the worker's JSON
+    /// logs at `info` on stderr, as a worker runs.
+    #[arg(long, requires = "runtime")]
+    telemetry: bool,
     /// How often the chaos run SIGKILLs a random role.
     #[arg(long, requires = "chaos", value_parser = humantime::parse_duration, default_value = "3s")]
     kill_every: Duration,
@@ -156,7 +173,11 @@ fn parse_mix(s: &str) -> Result<Mix, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    fleet_common::telemetry::init_cli_tracing();
+    if cli.runtime && cli.telemetry {
+        fleet_common::telemetry::init_tracing(fleet_common::config::LogFormat::Json, None);
+    } else {
+        fleet_common::telemetry::init_cli_tracing();
+    }
     let config = match FleetConfig::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -165,6 +186,13 @@ async fn main() -> ExitCode {
         }
     };
     let (simulate, chaos) = (cli.simulate_scaling, cli.chaos);
+    let runtime = cli.runtime.then_some(loadtest::runtime::RuntimeOptions {
+        messages: cli.messages,
+        role: cli.runtime_role,
+        telemetry: cli.telemetry,
+        only: cli.only.clone(),
+        drain_timeout: cli.drain_timeout,
+    });
     let inputs = scaling_inputs(&cli);
     let (faults, kill_every) = (cli.faults.clone(), cli.kill_every);
     let opts = options(cli, config);
@@ -174,6 +202,9 @@ async fn main() -> ExitCode {
     }
     if chaos {
         return chaos_run(&opts, faults, kill_every, &dir).await;
+    }
+    if let Some(runtime) = runtime {
+        return runtime_run(&opts.config, &runtime, &dir).await;
     }
     match loadtest::run(opts).await {
         Ok(report) => {
@@ -274,6 +305,33 @@ fn simulate_scaling(inputs: &loadtest::scale::Inputs, dir: &std::path::Path) -> 
                 std::fs::read_to_string(dir.join("scaling.md")).unwrap_or_default()
             );
             eprintln!("  report: {}/scaling.md (+ scaling.json, scaling-tasks.svg, scaling-backlog.svg, scaling-oldest.svg)", dir.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `--runtime`: the runtime's cost next to the bare SDK loop, printed.
+async fn runtime_run(
+    config: &FleetConfig,
+    opts: &loadtest::runtime::RuntimeOptions,
+    dir: &std::path::Path,
+) -> ExitCode {
+    if opts.telemetry {
+        let metrics = fleet_common::telemetry::init_metrics();
+        fleet_common::telemetry::spawn_exporters(
+            &metrics,
+            &config.observability,
+            opts.role.as_str(),
+        );
+    }
+    match loadtest::runtime::run(config, opts, dir).await {
+        Ok(report) => {
+            print!("{}", report.summary());
+            println!("  report: {}/runtime.json", dir.display());
             ExitCode::SUCCESS
         }
         Err(e) => {
