@@ -289,9 +289,16 @@ pub struct WorkerConfig {
     /// How long shutdown waits for in-flight jobs before releasing them to the queue.
     #[serde(default = "default_shutdown_deadline_secs")]
     pub shutdown_deadline_secs: u32,
-    /// How long acknowledgements (and forwarded messages) wait to fill a batch of 10.
+    /// How long acknowledgements wait to fill a batch of 10. A message's in-flight slot is
+    /// free once its effect is done, not when it is deleted, so this adds no latency and holds
+    /// no capacity: it only keeps the message invisible a little longer. Capped at a tenth of
+    /// the queue's visibility timeout.
     #[serde(default = "default_ack_flush_ms")]
     pub ack_flush_ms: u64,
+    /// How long forwarded messages wait to fill a batch of 10 (each stage's latency grows by
+    /// up to this much when the next stage's queue gets few messages).
+    #[serde(default = "default_forward_flush_ms")]
+    pub forward_flush_ms: u64,
     /// Batching window: after a receive that brought some messages but fewer than asked for,
     /// wait this long before the next one so that a trickle accumulates into full batches (like
     /// Lambda's batching window), and wait up to this long for room for a full batch under the
@@ -343,6 +350,9 @@ const fn default_shutdown_deadline_secs() -> u32 {
     25
 }
 const fn default_ack_flush_ms() -> u64 {
+    500
+}
+const fn default_forward_flush_ms() -> u64 {
     50
 }
 
@@ -825,6 +835,12 @@ impl FleetConfig {
             })?;
             if !(1..=MAX_BATCH).contains(&w.batch_size) {
                 return Err(ConfigError::invalid(at("batch_size"), "must be 1–10"));
+            }
+            if w.forward_flush_ms > 20_000 {
+                return Err(ConfigError::invalid(
+                    at("forward_flush_ms"),
+                    "must be at most 20000",
+                ));
             }
             if w.batch_window_ms > 20_000 {
                 return Err(ConfigError::invalid(

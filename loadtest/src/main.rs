@@ -247,6 +247,7 @@ fn options(cli: Cli, config: FleetConfig) -> Options {
                 ("pollers", "1"),
                 ("batch_window_ms", "1000"),
                 ("ack_flush_ms", "1000"),
+                ("forward_flush_ms", "1000"),
             ] {
                 fleet_overrides.push((format!("workers.{role}.{k}"), v.to_owned()));
             }

@@ -69,6 +69,8 @@ pub struct Phase {
     /// Least-squares slope of resident memory against messages drained after warm-up, KiB per
     /// 1,000 messages.
     pub rss_slope_kib_per_1000: f64,
+    /// SQS requests of the whole phase (its drain, not its fill), by operation.
+    pub requests: std::collections::BTreeMap<String, u64>,
 }
 
 /// The run's report (`runtime.json`).
@@ -310,6 +312,7 @@ async fn watch(
     drained: impl Fn() -> u64,
 ) -> anyhow::Result<Phase> {
     reset_peak_rss();
+    let before = clients.requests.snapshot();
     let progress =
         indicatif::ProgressBar::new(opts.messages).with_message(format!("{name}: draining"));
     progress.set_style(
@@ -342,7 +345,15 @@ async fn watch(
         );
     }
     progress.finish_and_clear();
-    Ok(reduce(name, opts.messages, &samples))
+    let mut phase = reduce(name, opts.messages, &samples);
+    phase.requests = clients
+        .requests
+        .snapshot()
+        .into_iter()
+        .map(|(op, n)| (op.clone(), n - before.get(&op).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    Ok(phase)
 }
 
 /// A phase's figures from its samples: rates over the middle of the drain (the first sample
@@ -379,6 +390,7 @@ fn reduce(name: &str, messages: u64, samples: &[Sample]) -> Phase {
                 .iter()
                 .map(|s| (s.drained as f64 / 1000.0, s.process.rss_mib * 1024.0)),
         ),
+        requests: std::collections::BTreeMap::new(),
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// The outcome of one entry; the error is a short code or message for logs.
@@ -24,20 +25,23 @@ struct Entry<T> {
 /// A handle to submit entries; cheap to clone.
 pub struct Batcher<T> {
     tx: mpsc::Sender<Entry<T>>,
+    closed: CancellationToken,
 }
 
 impl<T> Clone for Batcher<T> {
     fn clone(&self) -> Self {
         Self {
             tx: self.tx.clone(),
+            closed: self.closed.clone(),
         }
     }
 }
 
 impl<T: Send + 'static> Batcher<T> {
     /// Starts the batching task. `flush` sends one batch (at most `max` entries) and returns one
-    /// result per entry, in order. The task ends when every handle is dropped and all flushes
-    /// have finished; await the returned handle to know that.
+    /// result per entry, in order. The task ends when every handle is dropped, or at
+    /// [`Batcher::close`], once all flushes have finished; await the returned handle to know
+    /// that.
     pub fn spawn<F, Fut>(
         max: usize,
         linger: Duration,
@@ -50,8 +54,29 @@ impl<T: Send + 'static> Batcher<T> {
         // Bounded: a producer waits rather than buffer without limit.
         let (tx, rx) = mpsc::channel(max * 8);
         let flush: Arc<FlushFn<T>> = Arc::new(move |items| Box::pin(flush(items)));
-        let task = tokio::spawn(run(rx, max, linger, flush));
-        (Self { tx }, task)
+        let closed = CancellationToken::new();
+        let task = tokio::spawn(run(rx, max, linger, flush, closed.clone()));
+        (Self { tx, closed }, task)
+    }
+
+    /// Sends what is queued at once, without lingering, and ends the task; entries submitted
+    /// afterwards fail with `"batcher stopped"`. For shutdown, when handles may still be held
+    /// by work that outlives it.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Submits one entry without waiting for its outcome (the flush logs and counts failures):
+    /// waits only for room in the queue.
+    ///
+    /// # Errors
+    /// `"batcher stopped"` when the batching task is gone.
+    pub async fn enqueue(&self, item: T) -> EntryResult {
+        let (done, _) = oneshot::channel();
+        self.tx
+            .send(Entry { item, done })
+            .await
+            .map_err(|_| "batcher stopped".to_owned())
     }
 
     /// Submits one entry and waits for its outcome.
@@ -75,19 +100,12 @@ async fn run<T: Send + 'static>(
     max: usize,
     linger: Duration,
     flush: Arc<FlushFn<T>>,
+    closed: CancellationToken,
 ) {
     let flushes = TaskTracker::new();
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < max {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(entry)) => batch.push(entry),
-                Ok(None) | Err(_) => break,
-            }
-        }
+    // Flushes run concurrently so that gathering the next batch never waits on the network.
+    let send = |batch: Vec<Entry<T>>| {
         let flush = Arc::clone(&flush);
-        // Flushes run concurrently so that gathering the next batch never waits on the network.
         flushes.spawn(async move {
             let (items, dones): (Vec<T>, Vec<_>) =
                 batch.into_iter().map(|e| (e.item, e.done)).unzip();
@@ -98,6 +116,54 @@ async fn run<T: Send + 'static>(
                 let _ = done.send(result);
             }
         });
+    };
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = closed.cancelled() => break,
+            entry = rx.recv() => match entry {
+                Some(entry) => entry,
+                None => break,
+            },
+        };
+        let mut batch = Vec::with_capacity(max);
+        batch.push(first);
+        // What is already waiting is taken without a timer; only a batch still short waits
+        // (one timer for the whole linger, not one per entry).
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(entry) => batch.push(entry),
+                Err(_) => break,
+            }
+        }
+        if batch.len() < max && !linger.is_zero() {
+            let lingering = tokio::time::sleep(linger);
+            tokio::pin!(lingering);
+            while batch.len() < max {
+                tokio::select! {
+                    biased;
+                    () = closed.cancelled() => break,
+                    entry = rx.recv() => match entry {
+                        Some(entry) => batch.push(entry),
+                        None => break,
+                    },
+                    () = &mut lingering => break,
+                }
+            }
+        }
+        send(batch);
+    }
+    // Closed (or every handle dropped): what is queued goes out now, in full batches.
+    rx.close();
+    let mut rest = Vec::new();
+    while let Ok(entry) = rx.try_recv() {
+        rest.push(entry);
+        if rest.len() == max {
+            send(std::mem::take(&mut rest));
+        }
+    }
+    if !rest.is_empty() {
+        send(rest);
     }
     flushes.close();
     flushes.wait().await;
@@ -107,6 +173,36 @@ async fn run<T: Send + 'static>(
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_sends_what_is_queued_at_once_though_a_handle_is_still_held() {
+        let flushed = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&flushed);
+        let (batcher, task) =
+            Batcher::spawn(10, Duration::from_secs(3600), move |items: Vec<u32>| {
+                seen.lock().unwrap().extend(items.iter().copied());
+                let n = items.len();
+                async move { vec![Ok(()); n] }
+            });
+        for i in 0..3 {
+            batcher.enqueue(i).await.unwrap();
+        }
+        tokio::task::yield_now().await;
+        assert!(
+            flushed.lock().unwrap().is_empty(),
+            "lingering for a full batch"
+        );
+        let started = tokio::time::Instant::now();
+        batcher.close();
+        task.await.unwrap();
+        assert_eq!(started.elapsed(), Duration::ZERO, "no linger once closed");
+        assert_eq!(*flushed.lock().unwrap(), vec![0, 1, 2]);
+        assert_eq!(
+            batcher.enqueue(9).await.unwrap_err(),
+            "batcher stopped",
+            "the handle outlived the task"
+        );
+    }
 
     #[tokio::test]
     async fn entries_are_gathered_into_batches_and_answered_one_by_one() {

@@ -64,23 +64,22 @@ pub fn is_valid_id(s: &str) -> bool {
 
 impl Message {
     /// Decodes an SQS message; `None` when it lacks a receipt handle (never sent by SQS).
-    pub fn from_sqs(m: &aws_sdk_sqs::types::Message) -> Option<Self> {
-        let system = m.attributes();
-        let sys = |name: MessageSystemAttributeName| system.and_then(|a| a.get(&name)).cloned();
-        let millis = |name| {
-            sys(name)
-                .and_then(|v| v.parse::<i128>().ok())
+    pub fn from_sqs(m: aws_sdk_sqs::types::Message) -> Option<Self> {
+        let mut system = m.attributes.unwrap_or_default();
+        let mut sys = |name: MessageSystemAttributeName| system.remove(&name);
+        let millis = |v: Option<String>| {
+            v.and_then(|v| v.parse::<i128>().ok())
                 .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).ok())
         };
-        let raw_attributes = m.message_attributes().cloned().unwrap_or_default();
+        let raw_attributes = m.message_attributes.unwrap_or_default();
         let attributes: BTreeMap<String, String> = raw_attributes
             .iter()
             .filter_map(|(k, v)| v.string_value().map(|s| (k.clone(), s.to_owned())))
             .collect();
         Some(Self {
-            message_id: m.message_id().unwrap_or_default().to_owned(),
-            receipt_handle: m.receipt_handle()?.to_owned(),
-            body: m.body().unwrap_or_default().to_owned(),
+            message_id: m.message_id.unwrap_or_default(),
+            receipt_handle: m.receipt_handle?,
+            body: m.body.unwrap_or_default(),
             // Only a well-formed id: it goes into every log line and attribution about the
             // message, and an upstream can put anything in an attribute.
             correlation_id: attributes
@@ -93,8 +92,10 @@ impl Message {
                 .unwrap_or(1),
             prior_attempts: super::fairness::counter(&raw_attributes, super::fairness::ATTEMPTS),
             deferrals: super::fairness::counter(&raw_attributes, super::fairness::DEFERRALS),
-            first_received_at: millis(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp),
-            sent_at: millis(MessageSystemAttributeName::SentTimestamp),
+            first_received_at: millis(sys(
+                MessageSystemAttributeName::ApproximateFirstReceiveTimestamp,
+            )),
+            sent_at: millis(sys(MessageSystemAttributeName::SentTimestamp)),
             group_id: sys(MessageSystemAttributeName::MessageGroupId),
             deduplication_id: sys(MessageSystemAttributeName::MessageDeduplicationId),
             received: std::time::Instant::now(),

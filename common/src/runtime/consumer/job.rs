@@ -146,7 +146,7 @@ impl<H: Handler> Inner<H> {
                 ))
             }
         };
-        events::handled(&self.pair.queue.name, started.elapsed(), message.age());
+        self.metrics.handled(started.elapsed(), message.age());
         result
     }
 
@@ -159,6 +159,7 @@ impl<H: Handler> Inner<H> {
             .unwrap_or_else(|| format!("msg-{}", message.message_id));
         // ERROR level so that the span, and with it the correlation id on every line logged
         // inside it, survives any log filter (a span disabled by the filter carries no fields).
+        // The build's version is not a field here: every JSON line carries it already.
         let span = error_span!(
             "message",
             correlation_id = %correlation_id,
@@ -166,9 +167,11 @@ impl<H: Handler> Inner<H> {
             worker = %self.role,
             queue = %self.pair.queue.name,
             attempt = message.attempt(),
-            redrive = message.redrive_id().unwrap_or_default(),
-            version = crate::build_info::VERSION,
+            redrive = tracing::field::Empty,
         );
+        if let Some(run) = message.redrive_id() {
+            span.record("redrive", run);
+        }
         crate::trace::attach(&span, message);
         span
     }
@@ -277,7 +280,7 @@ impl<H: Handler> Inner<H> {
                             events::concurrency_limit(&self.pair.queue.name, after);
                         }
                         Stats::bump(&self.stats.succeeded, 1);
-                        events::succeeded(&self.pair.queue.name, started.elapsed());
+                        self.metrics.succeeded(started.elapsed());
                         Settled::Left
                     }
                     Err(e) => {
@@ -360,7 +363,9 @@ impl<H: Handler> Inner<H> {
     pub(super) async fn acknowledge(&self, message: &Message) {
         // A failed delete is not a lost message: SQS delivers it again and the handler's
         // idempotency absorbs it. The batcher has already logged and counted the failure.
-        let _ = self.acks.submit(message.receipt_handle.clone()).await;
+        // Not waited for: the delete goes in the next batch, and the message's permit is free
+        // for the next receive meanwhile (shutdown waits for the last batch).
+        let _ = self.acks.enqueue(message.receipt_handle.clone()).await;
     }
 }
 

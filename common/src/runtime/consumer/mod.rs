@@ -53,6 +53,8 @@ use sqs_io::{delete_batch, send_batch};
 const SQS_BATCH: usize = 10;
 /// The longest visibility SQS accepts.
 const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
+/// At least this long is given to the last acknowledgements at shutdown, even past the deadline.
+const ACK_FLUSH_GRACE: Duration = Duration::from_secs(2);
 /// How long a poller waits for enough free capacity to ask for a full batch.
 const BATCH_FILL_WAIT: Duration = Duration::from_millis(100);
 
@@ -61,7 +63,7 @@ const BATCH_FILL_WAIT: Duration = Duration::from_millis(100);
 pub struct Stats {
     /// Messages received.
     pub received: AtomicU64,
-    /// Messages whose effect is done and that were acknowledged.
+    /// Messages whose effect is done and whose acknowledgement (delete) is queued.
     pub succeeded: AtomicU64,
     /// Transient failures sent back for a retry.
     pub retried: AtomicU64,
@@ -142,12 +144,17 @@ pub struct ConsumerSettings {
 /// A running consumer of one queue.
 pub struct Consumer<H> {
     inner: Arc<Inner<H>>,
+    /// The acknowledgement batcher's task: it ends once every job is gone and its last
+    /// batch is deleted.
+    acks_flushed: tokio::task::JoinHandle<()>,
 }
 
 struct Inner<H> {
     /// The business logic.
     handler: H,
     sqs: aws_sdk_sqs::Client,
+    /// `sqs` for long polls: each attempt's deadline is the client's plus the poll's wait.
+    receiver: aws_sdk_sqs::Client,
     role: String,
     /// The consumed queue and its DLQ.
     pair: QueuePair,
@@ -172,6 +179,8 @@ struct Inner<H> {
     ledger: Option<Ledger>,
     redrivers: Vec<String>,
     stats: Arc<Stats>,
+    /// The hot path's metric handles.
+    metrics: events::QueueMetrics,
     health: Health,
 }
 
@@ -211,6 +220,39 @@ fn attributes_size(attributes: &HashMap<String, MessageAttributeValue>) -> usize
         .sum()
 }
 
+/// How long acknowledgements wait to fill a batch: `ack_flush_ms`, at most a tenth of the
+/// visibility timeout (a message waiting for its delete must not become visible again).
+fn ack_linger(ack_flush_ms: u64, visibility_timeout_secs: u32) -> Duration {
+    Duration::from_millis(ack_flush_ms.min(u64::from(visibility_timeout_secs) * 100))
+}
+
+/// The system attributes a receive asks for: those `Message::from_sqs` reads.
+const SYSTEM_ATTRIBUTES: [MessageSystemAttributeName; 7] = [
+    MessageSystemAttributeName::ApproximateReceiveCount,
+    MessageSystemAttributeName::ApproximateFirstReceiveTimestamp,
+    MessageSystemAttributeName::SentTimestamp,
+    MessageSystemAttributeName::MessageGroupId,
+    MessageSystemAttributeName::MessageDeduplicationId,
+    MessageSystemAttributeName::SenderId,
+    MessageSystemAttributeName::AwsTraceHeader,
+];
+
+/// `sqs` with room for a long poll: a receive waits up to `wait_secs` before it answers, so its
+/// attempt deadline is the client's plus that wait. Built once, not overridden per request
+/// (a per-request override rebuilt the client's runtime components on every receive).
+fn long_poll_client(sqs: &aws_sdk_sqs::Client, wait_secs: u32) -> aws_sdk_sqs::Client {
+    let config = sqs.config();
+    let Some(timeouts) = config.timeout_config() else {
+        return sqs.clone();
+    };
+    let Some(attempt) = timeouts.operation_attempt_timeout() else {
+        return sqs.clone();
+    };
+    let mut timeouts = timeouts.to_builder();
+    timeouts.set_operation_attempt_timeout(Some(attempt + Duration::from_secs(wait_secs.into())));
+    aws_sdk_sqs::Client::from_conf(config.to_builder().timeout_config(timeouts.build()).build())
+}
+
 impl<H: Handler> Consumer<H> {
     /// Creates a consumer of `settings.worker.queue`.
     ///
@@ -238,23 +280,29 @@ impl<H: Handler> Consumer<H> {
                 worker.queue
             )
         })?;
-        let linger = Duration::from_millis(worker.ack_flush_ms);
-        let (acks, _) = {
+        let (acks, acks_flushed) = {
             let sqs = sqs.clone();
             let queue = pair.queue.clone();
-            Batcher::spawn(SQS_BATCH, linger, move |receipts| {
-                delete_batch(sqs.clone(), queue.clone(), receipts)
-            })
+            Batcher::spawn(
+                SQS_BATCH,
+                ack_linger(worker.ack_flush_ms, pair.settings.visibility_timeout_secs),
+                move |receipts| delete_batch(sqs.clone(), queue.clone(), receipts),
+            )
         };
         let (sends, _) = {
             let sqs = sqs.clone();
-            Batcher::spawn(SQS_BATCH, linger, move |entries| {
-                send_batch(sqs.clone(), entries, max_message_bytes)
-            })
+            Batcher::spawn(
+                SQS_BATCH,
+                Duration::from_millis(worker.forward_flush_ms),
+                move |entries| send_batch(sqs.clone(), entries, max_message_bytes),
+            )
         };
+        let receiver = long_poll_client(&sqs, worker.receive_wait_secs);
+        let metrics = events::QueueMetrics::new(&pair.queue.name);
         Ok(Self {
             inner: Arc::new(Inner {
                 handler,
+                receiver,
                 sqs,
                 capacity: Arc::new(Semaphore::new(worker.max_in_flight.get())),
                 concurrency: Concurrency::new(worker.max_in_flight.get()),
@@ -273,8 +321,10 @@ impl<H: Handler> Consumer<H> {
                 ledger,
                 redrivers,
                 stats: Arc::new(Stats::default()),
+                metrics,
                 health,
             }),
+            acks_flushed,
         })
     }
 
@@ -287,7 +337,8 @@ impl<H: Handler> Consumer<H> {
     /// within the worker's shutdown deadline, releases what is left to the queue at once, and
     /// returns. Work already accepted is never cancelled mid-handler by this function.
     pub async fn run(self, shutdown: CancellationToken) {
-        let inner = self.inner;
+        let inner = Arc::clone(&self.inner);
+        drop(self.inner);
         let jobs = TaskTracker::new();
         let pollers = TaskTracker::new();
         info!(
@@ -325,13 +376,32 @@ impl<H: Handler> Consumer<H> {
             warn!(worker = %inner.role, unfinished = left.len(), "shutdown deadline reached; releasing unfinished messages");
             inner.release(left).await;
         }
-        info!(worker = %inner.role, "consumer stopped");
+        // The last acknowledgements go out at once (a job still running past the deadline may
+        // hold a handle: its message was released above and comes back).
+        let role = inner.role.clone();
+        inner.acks.close();
+        drop(inner);
+        let flush_by = deadline.max(Instant::now() + ACK_FLUSH_GRACE);
+        if tokio::time::timeout_at(flush_by, self.acks_flushed)
+            .await
+            .is_err()
+        {
+            warn!(worker = %role, "acknowledgements still pending at shutdown; those messages are delivered again");
+        }
+        info!(worker = %role, "consumer stopped");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acknowledgements_linger_at_most_a_tenth_of_the_visibility_timeout() {
+        assert_eq!(ack_linger(500, 30), Duration::from_millis(500));
+        assert_eq!(ack_linger(500, 2), Duration::from_millis(200));
+        assert_eq!(ack_linger(0, 30), Duration::ZERO);
+    }
 
     #[test]
     fn retry_visibility_rounds_up_and_stays_within_twelve_hours_of_the_receive() {
