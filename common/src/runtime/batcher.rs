@@ -11,6 +11,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Flush calls in flight at once, per batcher.
+const MAX_FLUSHES: usize = 4;
+
 /// The outcome of one entry; the error is a short code or message for logs.
 pub type EntryResult = Result<(), String>;
 
@@ -103,10 +106,15 @@ async fn run<T: Send + 'static>(
     closed: CancellationToken,
 ) {
     let flushes = TaskTracker::new();
-    // Flushes run concurrently so that gathering the next batch never waits on the network.
-    let send = |batch: Vec<Entry<T>>| {
+    // Flushes run concurrently so that gathering the next batch never waits on the network, at
+    // most MAX_FLUSHES at once: when calls stall, the batcher waits, its queue fills and
+    // submitters wait in turn (the in-flight cap then stops new receives), instead of calls and
+    // entries piling up without bound.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_FLUSHES));
+    let send = |batch: Vec<Entry<T>>, slot: tokio::sync::OwnedSemaphorePermit| {
         let flush = Arc::clone(&flush);
         flushes.spawn(async move {
+            let _slot = slot;
             let (items, dones): (Vec<T>, Vec<_>) =
                 batch.into_iter().map(|e| (e.item, e.done)).unzip();
             let count = items.len();
@@ -151,19 +159,25 @@ async fn run<T: Send + 'static>(
                 }
             }
         }
-        send(batch);
+        let slot = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .expect("the flush slots are never closed");
+        send(batch, slot);
     }
     // Closed (or every handle dropped): what is queued goes out now, in full batches.
     rx.close();
     let mut rest = Vec::new();
     while let Ok(entry) = rx.try_recv() {
         rest.push(entry);
-        if rest.len() == max {
-            send(std::mem::take(&mut rest));
-        }
     }
-    if !rest.is_empty() {
-        send(rest);
+    while !rest.is_empty() {
+        let batch: Vec<_> = rest.drain(..rest.len().min(max)).collect();
+        let slot = Arc::clone(&slots)
+            .acquire_owned()
+            .await
+            .expect("the flush slots are never closed");
+        send(batch, slot);
     }
     flushes.close();
     flushes.wait().await;
@@ -202,6 +216,39 @@ mod tests {
             "batcher stopped",
             "the handle outlived the task"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stalled_flushes_stop_the_submitters_instead_of_piling_up() {
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let calls = Arc::clone(&started);
+        let (batcher, task) = Batcher::spawn(10, Duration::ZERO, move |items: Vec<u32>| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let n = items.len();
+            async move {
+                // A call that hangs for an hour.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                vec![Ok(()); n]
+            }
+        });
+        let mut accepted = 0;
+        for i in 0..10_000u32 {
+            let enqueued =
+                tokio::time::timeout(Duration::from_secs(1), batcher.enqueue(i)).await;
+            if enqueued.is_err() {
+                break;
+            }
+            accepted += 1;
+        }
+        let calls = started.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(calls, MAX_FLUSHES, "at most {MAX_FLUSHES} calls at once");
+        assert!(
+            accepted <= 10 * (MAX_FLUSHES + 1) + 80 + 1,
+            "entries held are bounded: {accepted} accepted before a submitter had to wait"
+        );
+        // Closing sends the rest, in batches, as the hung calls end.
+        batcher.close();
+        task.await.unwrap();
     }
 
     #[tokio::test]

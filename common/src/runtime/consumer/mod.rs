@@ -54,7 +54,7 @@ const SQS_BATCH: usize = 10;
 /// The longest visibility SQS accepts.
 const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
 /// At least this long is given to the last acknowledgements at shutdown, even past the deadline.
-const ACK_FLUSH_GRACE: Duration = Duration::from_secs(2);
+const ACK_FLUSH_GRACE: Duration = Duration::from_millis(500);
 /// How long a poller waits for enough free capacity to ask for a full batch.
 const BATCH_FILL_WAIT: Duration = Duration::from_millis(100);
 
@@ -161,7 +161,8 @@ struct Inner<H> {
     worker: WorkerConfig,
     /// Forward targets by logical name.
     topology: Topology,
-    /// The in-flight cap: one permit per message from receive to acknowledgement.
+    /// The in-flight cap: one permit per message from receive until its acknowledgement is
+    /// queued (the ack batcher's queue and its bounded flushes hold the rest).
     capacity: Arc<Semaphore>,
     /// The adaptive limit under the cap: halved by throttling, grown back by successes.
     concurrency: Concurrency,
@@ -221,9 +222,18 @@ fn attributes_size(attributes: &HashMap<String, MessageAttributeValue>) -> usize
 }
 
 /// How long acknowledgements wait to fill a batch: `ack_flush_ms`, at most a tenth of the
-/// visibility timeout (a message waiting for its delete must not become visible again).
-fn ack_linger(ack_flush_ms: u64, visibility_timeout_secs: u32) -> Duration {
-    Duration::from_millis(ack_flush_ms.min(u64::from(visibility_timeout_secs) * 100))
+/// visibility timeout and half of what a heartbeat may leave of it (a message waiting for its
+/// delete must not become visible again); on a FIFO queue no longer than forwards wait (a
+/// group's next messages are not delivered until these are deleted).
+fn ack_linger(worker: &WorkerConfig, pair: &QueuePair) -> Duration {
+    let visibility = Duration::from_secs(pair.settings.visibility_timeout_secs.into());
+    let mut linger = Duration::from_millis(worker.ack_flush_ms)
+        .min(visibility / 10)
+        .min(visibility.saturating_sub(worker.heartbeat_interval()) / 2);
+    if pair.queue.fifo {
+        linger = linger.min(Duration::from_millis(worker.forward_flush_ms));
+    }
+    linger
 }
 
 /// The system attributes a receive asks for: those `Message::from_sqs` reads.
@@ -285,7 +295,7 @@ impl<H: Handler> Consumer<H> {
             let queue = pair.queue.clone();
             Batcher::spawn(
                 SQS_BATCH,
-                ack_linger(worker.ack_flush_ms, pair.settings.visibility_timeout_secs),
+                ack_linger(&worker, &pair),
                 move |receipts| delete_batch(sqs.clone(), queue.clone(), receipts),
             )
         };
@@ -397,10 +407,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn acknowledgements_linger_at_most_a_tenth_of_the_visibility_timeout() {
-        assert_eq!(ack_linger(500, 30), Duration::from_millis(500));
-        assert_eq!(ack_linger(500, 2), Duration::from_millis(200));
-        assert_eq!(ack_linger(0, 30), Duration::ZERO);
+    fn acknowledgements_linger_well_inside_the_visibility_timeout() {
+        let config = crate::config::FleetConfig::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/fleet.toml"
+        )))
+        .unwrap();
+        let mut worker = config.worker("orders").unwrap().clone();
+        let queue = |visibility_timeout_secs, fifo| QueuePair {
+            queue: QueueRef {
+                key: "q".into(),
+                name: "q".into(),
+                url: "u".into(),
+                fifo,
+            },
+            dlq: QueueRef {
+                key: "q-dlq".into(),
+                name: "q-dlq".into(),
+                url: "d".into(),
+                fifo,
+            },
+            settings: crate::config::QueueConfig {
+                visibility_timeout_secs,
+                ..config.queues["orders"].clone()
+            },
+        };
+        worker.ack_flush_ms = 500;
+        worker.forward_flush_ms = 50;
+        worker.heartbeat_interval_secs = 1;
+        assert_eq!(ack_linger(&worker, &queue(30, false)), Duration::from_millis(500));
+        assert_eq!(ack_linger(&worker, &queue(2, false)), Duration::from_millis(200));
+        assert_eq!(ack_linger(&worker, &queue(30, true)), Duration::from_millis(50));
+        // A heartbeat every 29 s of a 30 s visibility may leave 1 s: half of it at most.
+        worker.heartbeat_interval_secs = 29;
+        worker.ack_flush_ms = 2000;
+        assert_eq!(ack_linger(&worker, &queue(30, false)), Duration::from_millis(500));
+        worker.ack_flush_ms = 5000;
+        assert_eq!(ack_linger(&worker, &queue(60, false)), Duration::from_millis(5000));
+        assert_eq!(ack_linger(&worker, &queue(30, false)), Duration::from_millis(500));
+        worker.ack_flush_ms = 0;
+        assert_eq!(ack_linger(&worker, &queue(30, false)), Duration::ZERO);
     }
 
     #[test]

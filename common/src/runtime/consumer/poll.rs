@@ -181,7 +181,17 @@ impl<H: Handler> Inner<H> {
                     }
                 })
                 .collect();
-            jobs.spawn(futures::future::join_all(batch));
+            // A panic that escapes a job's own guard ends that job only, not its siblings.
+            let queue = self.pair.queue.name.clone();
+            let guarded = batch.into_iter().map(move |job| {
+                let queue = queue.clone();
+                AssertUnwindSafe(job).catch_unwind().map(move |ran| {
+                    if let Err(panic) = ran {
+                        tracing::error!(queue = %queue, error = %job::panic_text(&panic), "a job panicked outside its handler; its message comes back after its visibility timeout");
+                    }
+                })
+            });
+            jobs.spawn(futures::future::join_all(guarded));
         }
         self.report_in_flight();
     }
