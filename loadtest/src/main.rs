@@ -322,7 +322,7 @@ async fn runtime_run(
     dir: &std::path::Path,
 ) -> ExitCode {
     if opts.telemetry {
-        let metrics = fleet_common::telemetry::init_metrics();
+        let metrics = fleet_common::telemetry::init_metrics(config.observability.emf);
         fleet_common::telemetry::spawn_exporters(
             &metrics,
             &config.observability,

@@ -103,7 +103,7 @@ impl RuntimeReport {
             self.role,
             self.pollers,
             self.max_in_flight,
-            if self.telemetry { "on (Prometheus + EMF, JSON logs)" } else { "off" }
+            if self.telemetry { "on (the worker's metrics recorder and JSON logs)" } else { "off" }
         );
         out.push_str(&format!(
             "  {:<8} {:>10} {:>10} {:>9} {:>10} {:>13} {:>14}\n",

@@ -181,7 +181,7 @@ async fn healthcheck(addr: std::net::SocketAddr) -> anyhow::Result<()> {
 }
 
 async fn run_roles(config: FleetConfig, role: Role) -> anyhow::Result<()> {
-    let metrics = telemetry::init_metrics();
+    let metrics = telemetry::init_metrics(config.observability.emf);
     telemetry::spawn_exporters(&metrics, &config.observability, role.name());
     let faults = fleet_common::faults::FaultPlan::from_env()?;
     let clients = Clients::for_workers(&config.aws, faults.as_ref())

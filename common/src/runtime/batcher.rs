@@ -233,8 +233,7 @@ mod tests {
         });
         let mut accepted = 0;
         for i in 0..10_000u32 {
-            let enqueued =
-                tokio::time::timeout(Duration::from_secs(1), batcher.enqueue(i)).await;
+            let enqueued = tokio::time::timeout(Duration::from_secs(1), batcher.enqueue(i)).await;
             if enqueued.is_err() {
                 break;
             }

@@ -293,11 +293,9 @@ impl<H: Handler> Consumer<H> {
         let (acks, acks_flushed) = {
             let sqs = sqs.clone();
             let queue = pair.queue.clone();
-            Batcher::spawn(
-                SQS_BATCH,
-                ack_linger(&worker, &pair),
-                move |receipts| delete_batch(sqs.clone(), queue.clone(), receipts),
-            )
+            Batcher::spawn(SQS_BATCH, ack_linger(&worker, &pair), move |receipts| {
+                delete_batch(sqs.clone(), queue.clone(), receipts)
+            })
         };
         let (sends, _) = {
             let sqs = sqs.clone();
@@ -435,16 +433,34 @@ mod tests {
         worker.ack_flush_ms = 500;
         worker.forward_flush_ms = 50;
         worker.heartbeat_interval_secs = 1;
-        assert_eq!(ack_linger(&worker, &queue(30, false)), Duration::from_millis(500));
-        assert_eq!(ack_linger(&worker, &queue(2, false)), Duration::from_millis(200));
-        assert_eq!(ack_linger(&worker, &queue(30, true)), Duration::from_millis(50));
+        assert_eq!(
+            ack_linger(&worker, &queue(30, false)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            ack_linger(&worker, &queue(2, false)),
+            Duration::from_millis(200)
+        );
+        assert_eq!(
+            ack_linger(&worker, &queue(30, true)),
+            Duration::from_millis(50)
+        );
         // A heartbeat every 29 s of a 30 s visibility may leave 1 s: half of it at most.
         worker.heartbeat_interval_secs = 29;
         worker.ack_flush_ms = 2000;
-        assert_eq!(ack_linger(&worker, &queue(30, false)), Duration::from_millis(500));
+        assert_eq!(
+            ack_linger(&worker, &queue(30, false)),
+            Duration::from_millis(500)
+        );
         worker.ack_flush_ms = 5000;
-        assert_eq!(ack_linger(&worker, &queue(60, false)), Duration::from_millis(5000));
-        assert_eq!(ack_linger(&worker, &queue(30, false)), Duration::from_millis(500));
+        assert_eq!(
+            ack_linger(&worker, &queue(60, false)),
+            Duration::from_millis(5000)
+        );
+        assert_eq!(
+            ack_linger(&worker, &queue(30, false)),
+            Duration::from_millis(500)
+        );
         worker.ack_flush_ms = 0;
         assert_eq!(ack_linger(&worker, &queue(30, false)), Duration::ZERO);
     }
