@@ -248,7 +248,7 @@ fn first_status(order: &OrderRecord) -> OrderStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_common::contract::{Address, Currency, Money, OrderLine};
+    use fleet_common::contract::{Currency, Money, OrderLine};
 
     fn eur(amount_minor: i64) -> Money {
         Money {
@@ -284,15 +284,7 @@ mod tests {
                     unit_price: eur(*price),
                 })
                 .collect(),
-            delivery_address: Address {
-                name: "n".into(),
-                line1: "l".into(),
-                line2: None,
-                city: "c".into(),
-                postal_code: "p".into(),
-                country: "FR".into(),
-                phone: None,
-            },
+            delivery_address: crate::store::tests::address(),
             payment_reference: "pay".into(),
         }
     }

@@ -441,6 +441,19 @@ pub(crate) mod tests {
     use super::*;
     use fleet_common::faults::FaultPlan;
 
+    /// A delivery address for tests.
+    pub(crate) fn address() -> Address {
+        Address {
+            name: "n".into(),
+            line1: "l".into(),
+            line2: None,
+            city: "c".into(),
+            postal_code: "p".into(),
+            country: "FR".into(),
+            phone: None,
+        }
+    }
+
     /// A packed order `o` with no lines, not yet with the carrier: the fixture every handler's
     /// tests start from.
     pub(crate) fn packed_order() -> OrderRecord {
@@ -451,15 +464,7 @@ pub(crate) mod tests {
             status: OrderStatus::Packed,
             rejection_reasons: vec![],
             lines: vec![],
-            delivery_address: Address {
-                name: "n".into(),
-                line1: "l".into(),
-                line2: None,
-                city: "c".into(),
-                postal_code: "p".into(),
-                country: "FR".into(),
-                phone: None,
-            },
+            delivery_address: address(),
             email: None,
             payment_reference: "p".into(),
             correlation_id: "c".into(),

@@ -159,11 +159,7 @@ async fn run<T: Send + 'static>(
                 }
             }
         }
-        let slot = Arc::clone(&slots)
-            .acquire_owned()
-            .await
-            .expect("the flush slots are never closed");
-        send(batch, slot);
+        send(batch, flush_slot(&slots).await);
     }
     // Closed (or every handle dropped): what is queued goes out now, in full batches.
     rx.close();
@@ -173,14 +169,18 @@ async fn run<T: Send + 'static>(
     }
     while !rest.is_empty() {
         let batch: Vec<_> = rest.drain(..rest.len().min(max)).collect();
-        let slot = Arc::clone(&slots)
-            .acquire_owned()
-            .await
-            .expect("the flush slots are never closed");
-        send(batch, slot);
+        send(batch, flush_slot(&slots).await);
     }
     flushes.close();
     flushes.wait().await;
+}
+
+/// A free flush slot, waited for.
+async fn flush_slot(slots: &Arc<tokio::sync::Semaphore>) -> tokio::sync::OwnedSemaphorePermit {
+    Arc::clone(slots)
+        .acquire_owned()
+        .await
+        .expect("the flush slots are never closed")
 }
 
 #[cfg(test)]
