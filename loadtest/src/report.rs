@@ -472,7 +472,15 @@ pub fn rss_slope_after_warmup(series: &[Sample]) -> Option<f64> {
     if points.len() < 10 {
         return None;
     }
+    Some(least_squares_slope(&points)? * 1000.0 * 1024.0)
+}
+
+/// The least-squares slope of `y` over `x`; `None` with fewer than two distinct `x`.
+pub fn least_squares_slope(points: &[(f64, f64)]) -> Option<f64> {
     let n = points.len() as f64;
+    if n < 2.0 {
+        return None;
+    }
     let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
     let my = points.iter().map(|p| p.1).sum::<f64>() / n;
     let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
@@ -480,7 +488,7 @@ pub fn rss_slope_after_warmup(series: &[Sample]) -> Option<f64> {
         return None;
     }
     let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    Some(sxy / sxx * 1000.0 * 1024.0)
+    Some(sxy / sxx)
 }
 
 /// Request totals of a run, for its cost.

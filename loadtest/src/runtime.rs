@@ -397,19 +397,7 @@ fn reduce(name: &str, messages: u64, samples: &[Sample]) -> Phase {
 /// The least-squares slope of `y` over `x`; 0 with fewer than two distinct `x`.
 fn slope(points: impl Iterator<Item = (f64, f64)>) -> f64 {
     let points: Vec<(f64, f64)> = points.collect();
-    let n = points.len() as f64;
-    if n < 2.0 {
-        return 0.0;
-    }
-    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
-    let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
-    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
-    if sxx == 0.0 {
-        0.0
-    } else {
-        sxy / sxx
-    }
+    crate::report::least_squares_slope(&points).unwrap_or(0.0)
 }
 
 /// Resets this process's peak resident memory (VmHWM), so that each phase reports its own
