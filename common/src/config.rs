@@ -305,6 +305,12 @@ pub struct WorkerConfig {
     /// in-flight cap. Fewer requests per message, up to this much more latency. 0 = off.
     #[serde(default)]
     pub batch_window_ms: u64,
+    /// Adaptive batching (with `batch_window_ms` 0): after a partial receive a poller waits
+    /// for a fuller batch only when the measured arrival rate fills it within this long, and
+    /// for at most a tenth of how late the messages already are, so that a fresh message never
+    /// waits (`common/src/runtime/batching.rs`). 0 = never wait.
+    #[serde(default = "default_batch_wait_max_ms")]
+    pub batch_wait_max_ms: u64,
     /// Cap on DynamoDB requests per second from this worker (governor); absent = no cap.
     pub downstream_rate_per_sec: Option<NonZeroU32>,
     /// Longest one run of the handler may take; past it the attempt fails as
@@ -331,6 +337,9 @@ const fn default_throttle_patience_secs() -> u32 {
     300
 }
 
+const fn default_batch_wait_max_ms() -> u64 {
+    1_000
+}
 const fn default_pollers() -> NonZeroUsize {
     NonZeroUsize::new(2).expect("non-zero")
 }
@@ -845,6 +854,12 @@ impl FleetConfig {
             if w.batch_window_ms > 20_000 {
                 return Err(ConfigError::invalid(
                     at("batch_window_ms"),
+                    "must be at most 20000 (a long poll's limit)",
+                ));
+            }
+            if w.batch_wait_max_ms > 20_000 {
+                return Err(ConfigError::invalid(
+                    at("batch_wait_max_ms"),
                     "must be at most 20000 (a long poll's limit)",
                 ));
             }

@@ -336,7 +336,12 @@ pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, Ha
         .find(|k| *k == kind)
         .expect("every external type is routed");
     let sender = sender(limits, message, kind)?;
-    let received_at = crate::now_rfc3339();
+    // When the fleet's queue accepted it (SQS's SentTimestamp): the same for every delivery of
+    // this copy, and how late the order is downstream (adaptive batching reads it).
+    let received_at = message
+        .sent_at
+        .and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(crate::now_rfc3339);
     let body = match kind {
         ORDER_SUBMITTED => stamp::<OrderSubmitted>(value, message, sender, received_at)?,
         _ => stamp::<DeliveryStatusReported>(value, message, sender, received_at)?,

@@ -7,6 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,7 +24,10 @@ type FlushFn<T> =
 
 struct Entry<T> {
     item: T,
-    done: oneshot::Sender<EntryResult>,
+    /// Where the outcome goes; `None` when nobody waits for it.
+    done: Option<oneshot::Sender<EntryResult>>,
+    /// The longest this entry may wait for a batch to fill; `None`: the batcher's linger.
+    linger: Option<Duration>,
 }
 
 /// A handle to submit entries; cheap to clone.
@@ -75,9 +80,12 @@ impl<T: Send + 'static> Batcher<T> {
     /// # Errors
     /// `"batcher stopped"` when the batching task is gone.
     pub async fn enqueue(&self, item: T) -> EntryResult {
-        let (done, _) = oneshot::channel();
         self.tx
-            .send(Entry { item, done })
+            .send(Entry {
+                item,
+                done: None,
+                linger: None,
+            })
             .await
             .map_err(|_| "batcher stopped".to_owned())
     }
@@ -87,9 +95,23 @@ impl<T: Send + 'static> Batcher<T> {
     /// # Errors
     /// The entry's failure, or `"batcher stopped"` when the batching task is gone.
     pub async fn submit(&self, item: T) -> EntryResult {
+        self.submit_within(item, None).await
+    }
+
+    /// [`Batcher::submit`], waiting at most `linger` for a batch to fill (never longer than the
+    /// batcher's own linger): a batch goes out as soon as its most pressed entry may wait no
+    /// longer.
+    ///
+    /// # Errors
+    /// The entry's failure, or `"batcher stopped"` when the batching task is gone.
+    pub async fn submit_within(&self, item: T, linger: Option<Duration>) -> EntryResult {
         let (done, outcome) = oneshot::channel();
         self.tx
-            .send(Entry { item, done })
+            .send(Entry {
+                item,
+                done: Some(done),
+                linger,
+            })
             .await
             .map_err(|_| "batcher stopped".to_owned())?;
         outcome
@@ -121,7 +143,9 @@ async fn run<T: Send + 'static>(
             let mut results = flush(items).await;
             results.resize(count, Err("no result for entry".to_owned()));
             for (done, result) in dones.into_iter().zip(results) {
-                let _ = done.send(result);
+                if let Some(done) = done {
+                    let _ = done.send(result);
+                }
             }
         });
     };
@@ -134,25 +158,41 @@ async fn run<T: Send + 'static>(
                 None => break,
             },
         };
+        let started = Instant::now();
+        // The batch waits until its most pressed entry's linger is up.
+        let until = |entry: &Entry<T>, arrived: Instant| {
+            arrived + entry.linger.map_or(linger, |own| own.min(linger))
+        };
+        let mut deadline = until(&first, started);
         let mut batch = Vec::with_capacity(max);
         batch.push(first);
         // What is already waiting is taken without a timer; only a batch still short waits
         // (one timer for the whole linger, not one per entry).
         while batch.len() < max {
             match rx.try_recv() {
-                Ok(entry) => batch.push(entry),
+                Ok(entry) => {
+                    deadline = deadline.min(until(&entry, started));
+                    batch.push(entry);
+                }
                 Err(_) => break,
             }
         }
-        if batch.len() < max && !linger.is_zero() {
-            let lingering = tokio::time::sleep(linger);
+        if batch.len() < max && deadline > Instant::now() {
+            let lingering = tokio::time::sleep_until(deadline);
             tokio::pin!(lingering);
             while batch.len() < max {
                 tokio::select! {
                     biased;
                     () = closed.cancelled() => break,
                     entry = rx.recv() => match entry {
-                        Some(entry) => batch.push(entry),
+                        Some(entry) => {
+                            let sooner = until(&entry, Instant::now());
+                            batch.push(entry);
+                            if sooner < deadline {
+                                deadline = sooner;
+                                lingering.as_mut().reset(deadline);
+                            }
+                        }
                         None => break,
                     },
                     () = &mut lingering => break,
@@ -248,6 +288,37 @@ mod tests {
         // Closing sends the rest, in batches, as the hung calls end.
         batcher.close();
         task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_goes_out_when_its_most_pressed_entry_may_wait_no_longer() {
+        let flushed = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&flushed);
+        let (batcher, task) = Batcher::spawn(10, Duration::from_secs(10), move |items: Vec<u32>| {
+            seen.lock().unwrap().push((tokio::time::Instant::now(), items.clone()));
+            async move { vec![Ok(()); items.len()] }
+        });
+        let t0 = tokio::time::Instant::now();
+        // One entry that may wait 100 ms: the batch waits 100 ms, not the batcher's 10 s.
+        batcher.submit_within(1, Some(Duration::from_millis(100))).await.unwrap();
+        // An entry that may wait the batcher's linger, joined 50 ms later by one that may not
+        // wait at all: both go out then.
+        let patient = batcher.clone();
+        let waiting = tokio::spawn(async move { patient.submit(2).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        batcher.submit_within(3, Some(Duration::ZERO)).await.unwrap();
+        waiting.await.unwrap().unwrap();
+        // A linger above the batcher's is the batcher's.
+        let late = tokio::time::Instant::now();
+        batcher.submit_within(4, Some(Duration::from_secs(60))).await.unwrap();
+        drop(batcher);
+        task.await.unwrap();
+        let flushed = flushed.lock().unwrap();
+        let at: Vec<_> = flushed.iter().map(|(at, items)| (*at, items.clone())).collect();
+        assert_eq!(at[0], (t0 + Duration::from_millis(100), vec![1]));
+        assert_eq!(at[1].1, vec![2, 3]);
+        assert_eq!(at[1].0 - at[0].0, Duration::from_millis(50));
+        assert_eq!(at[2], (late + Duration::from_secs(10), vec![4]));
     }
 
     #[tokio::test]

@@ -127,6 +127,21 @@ impl Message {
         }
     }
 
+    /// When the fleet first received the order or event this message carries (the edge's
+    /// `fleet-received-at`), when it says so. Not at the edge, where `fleet-*` attributes are an
+    /// upstream's and hidden.
+    pub fn fleet_received_at(&self) -> Option<OffsetDateTime> {
+        let at = self.attributes.get(crate::attribution::RECEIVED_AT)?;
+        OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+    }
+
+    /// How late the message already is at `now`: since the fleet first received what it
+    /// carries (`fleet-received-at`), else since it was sent to this queue; zero when unknown.
+    pub fn lag(&self, now: OffsetDateTime) -> Duration {
+        let since = self.fleet_received_at().or(self.sent_at).unwrap_or(now);
+        (now - since).try_into().unwrap_or(Duration::ZERO)
+    }
+
     /// The `dlq redrive` run that last moved this message back, when it carries a record of
     /// one (logged with every line about the message).
     pub fn redrive_id(&self) -> Option<String> {

@@ -1,6 +1,7 @@
 //! The consumer runtime every worker gets. See [`Consumer`].
 
 mod batcher;
+mod batching;
 mod concurrency;
 mod consumer;
 mod fairness;

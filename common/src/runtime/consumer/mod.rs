@@ -38,6 +38,7 @@ use crate::failure::{retry_delay, FailureClass, HandlerError, Reason};
 use crate::health::Health;
 use crate::redact::redact;
 use crate::redrive_ledger::{self, Ledger};
+use crate::runtime::batching::{self, ArrivalRate};
 use crate::topology::{QueuePair, QueueRef, Topology};
 
 mod dead_letter;
@@ -183,6 +184,8 @@ struct Inner<H> {
     /// The hot path's metric handles.
     metrics: events::QueueMetrics,
     health: Health,
+    /// Messages a second this consumer receives, for adaptive batching.
+    arrivals: ArrivalRate,
 }
 
 /// One message to send in a batch.
@@ -331,6 +334,7 @@ impl<H: Handler> Consumer<H> {
                 stats: Arc::new(Stats::default()),
                 metrics,
                 health,
+                arrivals: ArrivalRate::new(std::time::Instant::now()),
             }),
             acks_flushed,
         })

@@ -8,10 +8,16 @@ use super::*;
 impl<H: Handler> Inner<H> {
     /// Sends the handler's outgoing messages, with the correlation id and source metadata of the
     /// incoming one.
+    /// They wait for a batch to fill at most a tenth of how late the incoming message already is
+    /// (up to `forward_flush_ms`): a fresh order is forwarded at once.
     pub(super) async fn forward(&self, incoming: &Message, outcome: Outcome) -> Result<(), String> {
+        let linger = batching::linger_for(
+            incoming.lag(time::OffsetDateTime::now_utc()),
+            Duration::from_millis(self.worker.forward_flush_ms),
+        );
         let sends = outcome.forward.into_iter().map(|out| {
             let entry = self.send_entry(incoming, out);
-            async move { self.sends.submit(entry?).await }
+            async move { self.sends.submit_within(entry?, Some(linger)).await }
         });
         futures::future::join_all(sends).await.into_iter().collect()
     }

@@ -38,12 +38,12 @@ impl<H: Handler> Inner<H> {
                 Ok(messages) => {
                     failures = 0;
                     probe.received();
-                    let partial = !messages.is_empty() && messages.len() < permits.num_permits();
+                    let wait = self.wait_before_next(&messages, permits.num_permits());
                     self.dispatch(messages, permits, &jobs);
-                    if partial && self.worker.batch_window_ms > 0 {
+                    if !wait.is_zero() {
                         tokio::select! {
                             () = shutdown.cancelled() => break,
-                            () = tokio::time::sleep(Duration::from_millis(self.worker.batch_window_ms)) => {}
+                            () = tokio::time::sleep(wait) => {}
                         }
                     }
                 }
@@ -63,6 +63,34 @@ impl<H: Handler> Inner<H> {
                 }
             }
         }
+    }
+
+    /// How long to wait before the next receive, after one that brought `messages` of `asked`:
+    /// nothing after a full or an empty one; after a partial one the batching window when one
+    /// is configured, else what adaptive batching decides (see [`batching`]).
+    fn wait_before_next(&self, messages: &[Message], asked: usize) -> Duration {
+        let per_sec = self
+            .arrivals
+            .record(messages.len(), std::time::Instant::now());
+        if messages.is_empty() || messages.len() >= asked {
+            return Duration::ZERO;
+        }
+        if self.worker.batch_window_ms > 0 {
+            return Duration::from_millis(self.worker.batch_window_ms);
+        }
+        let now = time::OffsetDateTime::now_utc();
+        let lag = messages
+            .iter()
+            .map(|m| m.lag(now))
+            .min()
+            .unwrap_or(Duration::ZERO);
+        batching::wait_after(batching::Partial {
+            asked,
+            pollers: self.worker.pollers.get(),
+            per_sec,
+            lag,
+            max: Duration::from_millis(self.worker.batch_wait_max_ms),
+        })
     }
 
     /// Waits for room under the adaptive concurrency limit and for at least one free slot,
