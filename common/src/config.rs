@@ -338,7 +338,7 @@ const fn default_throttle_patience_secs() -> u32 {
 }
 
 const fn default_batch_wait_max_ms() -> u64 {
-    1_000
+    2_000
 }
 const fn default_pollers() -> NonZeroUsize {
     NonZeroUsize::new(2).expect("non-zero")

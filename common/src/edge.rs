@@ -340,7 +340,10 @@ pub fn admit(limits: &IngestionConfig, message: &Message) -> Result<Admitted, Ha
     // this copy, and how late the order is downstream (adaptive batching reads it).
     let received_at = message
         .sent_at
-        .and_then(|at| at.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(crate::now_rfc3339);
     let body = match kind {
         ORDER_SUBMITTED => stamp::<OrderSubmitted>(value, message, sender, received_at)?,

@@ -7,12 +7,12 @@
 
 pub mod ceiling;
 pub mod chaos;
+pub mod charts;
 pub mod flash;
 pub mod probe;
 pub mod report;
 pub mod runtime;
 pub mod scale;
-pub mod svg;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -349,6 +349,16 @@ async fn run_load(opts: &Options, setup: &Setup, report: &mut Report) -> anyhow:
         fleet = Some(FleetProcess::start(opts, &setup.config, &log).await?);
     }
     let started = Instant::now();
+    let mut phases = vec![(
+        if opts.backlog {
+            "orders enqueued"
+        } else {
+            "orders"
+        }
+        .to_owned(),
+        0.0,
+    )];
+    let mut phase = |name: &str| phases.push((name.to_owned(), started.elapsed().as_secs_f64()));
     let sampler = Sampler::start(
         harness.sqs.clone(),
         topology.clone(),
@@ -368,6 +378,7 @@ async fn run_load(opts: &Options, setup: &Setup, report: &mut Report) -> anyhow:
         let f = FleetProcess::start(opts, &setup.config, &log).await?;
         sampler.attach(f.pid, f.metrics_addr);
         fleet = Some(f);
+        phase("fleet started");
     }
     // The order phase starts with the first send, or with the fleet when it meets a backlog.
     let load_started = if opts.backlog {
@@ -382,6 +393,7 @@ async fn run_load(opts: &Options, setup: &Setup, report: &mut Report) -> anyhow:
         None => None,
     };
     if opts.carrier_events {
+        phase("carrier events");
         send_phase(
             &harness.sqs,
             &ingest,
@@ -393,6 +405,8 @@ async fn run_load(opts: &Options, setup: &Setup, report: &mut Report) -> anyhow:
         .await?;
         drain(&harness.sqs, topology, opts.drain_timeout).await?;
     }
+    phase("drained");
+    report.phases = phases;
     let elapsed = started.elapsed();
     let samples = sampler.stop().await;
     let final_metrics = match &fleet {
@@ -684,39 +698,54 @@ impl Sampler {
             tokio::spawn(async move {
                 let t0 = Instant::now();
                 let mut last: Option<(f64, f64, f64)> = None; // (t, processed, cpu)
+                let mut last_by_queue: BTreeMap<String, f64> = BTreeMap::new();
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     let t = t0.elapsed().as_secs_f64();
-                    let mut backlog = 0;
-                    for pair in topology.queues.values() {
+                    let mut backlog_by_queue = BTreeMap::new();
+                    for (name, pair) in &topology.queues {
                         if let Ok(d) = fleet_harness::queues::depth(&sqs, &pair.queue.url).await {
-                            backlog += d.visible + d.in_flight;
+                            backlog_by_queue.insert(name.clone(), d.visible + d.in_flight);
                         }
                     }
                     let current = *target.lock().expect("target lock");
                     let mut sample = Sample {
                         t_secs: t,
-                        backlog,
+                        backlog: backlog_by_queue.values().sum(),
+                        backlog_by_queue,
                         ..Sample::default()
                     };
                     if let Some((pid, addr)) = current {
-                        let (processed, receive_delete) =
-                            match probe::http_get(addr, "/metrics").await {
-                                Ok(text) => {
-                                    let m = probe::parse(&text);
-                                    let rd = probe::sum(
-                                        &m,
-                                        "fleet_aws_requests_total",
-                                        &["operation=\"ReceiveMessage\""],
-                                    ) + probe::sum(
-                                        &m,
-                                        "fleet_aws_requests_total",
-                                        &["operation=\"DeleteMessageBatch\""],
-                                    );
-                                    (probe::sum(&m, "fleet_messages_succeeded_total", &[]), rd)
+                        let (processed, receive_delete) = match probe::http_get(addr, "/metrics")
+                            .await
+                        {
+                            Ok(text) => {
+                                let m = probe::parse(&text);
+                                let dt = last.map_or(1.0, |l| (t - l.0).max(0.001));
+                                for (name, pair) in &topology.queues {
+                                    let label = format!("queue=\"{}\"", pair.queue.name);
+                                    let done =
+                                        probe::sum(&m, "fleet_messages_succeeded_total", &[&label]);
+                                    let before = last_by_queue.insert(name.clone(), done);
+                                    if let Some(before) = before {
+                                        sample
+                                            .stages_per_sec
+                                            .insert(name.clone(), (done - before).max(0.0) / dt);
+                                    }
                                 }
-                                Err(_) => (last.map_or(0.0, |l| l.1), 0.0),
-                            };
+                                let rd = probe::sum(
+                                    &m,
+                                    "fleet_aws_requests_total",
+                                    &["operation=\"ReceiveMessage\""],
+                                ) + probe::sum(
+                                    &m,
+                                    "fleet_aws_requests_total",
+                                    &["operation=\"DeleteMessageBatch\""],
+                                );
+                                (probe::sum(&m, "fleet_messages_succeeded_total", &[]), rd)
+                            }
+                            Err(_) => (last.map_or(0.0, |l| l.1), 0.0),
+                        };
                         sample.receive_delete_total = receive_delete;
                         let proc_sample = probe::sample_process(pid).unwrap_or_default();
                         if let Some((lt, lp, lc)) = last {

@@ -528,22 +528,26 @@ pub fn report(inputs: &Inputs, dir: &std::path::Path) -> anyhow::Result<Vec<Scen
         dir.join("scaling.json"),
         serde_json::to_string_pretty(&(inputs, &scenarios))?,
     )?;
+    let chart = |title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]| {
+        crate::charts::lines(&crate::charts::Lines {
+            title: title.into(),
+            x_label: "minutes".into(),
+            y_label: y_label.into(),
+            series: series.to_vec(),
+            ..crate::charts::Lines::default()
+        })
+    };
     std::fs::write(
         dir.join("scaling-tasks.svg"),
-        crate::svg::lines("Tasks of the role", "minutes", "tasks", &charts.tasks),
+        chart("Tasks of the role", "tasks", &charts.tasks),
     )?;
     std::fs::write(
         dir.join("scaling-backlog.svg"),
-        crate::svg::lines("Visible messages", "minutes", "messages", &charts.backlog),
+        chart("Visible messages", "messages", &charts.backlog),
     )?;
     std::fs::write(
         dir.join("scaling-oldest.svg"),
-        crate::svg::lines(
-            "Age of the oldest message",
-            "minutes",
-            "seconds",
-            &charts.oldest,
-        ),
+        chart("Age of the oldest message", "seconds", &charts.oldest),
     )?;
     Ok(scenarios)
 }

@@ -7,7 +7,7 @@
 //! recorded yet, or not packed yet, is retried before it is dead-lettered (`unknown_order`,
 //! `order_not_packed`); the same event id with another payload is `idempotency_conflict`.
 
-use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
+use aws_sdk_dynamodb::types::{ReturnValue, ReturnValuesOnConditionCheckFailure};
 use fleet_common::contract::{
     DeliveryStatus, DeliveryStatusReported, Envelope, OrderRef, OrderStatus,
     DELIVERY_STATUS_REPORTED, ORDER_PACKED,
@@ -17,7 +17,7 @@ use fleet_common::role::Role;
 use fleet_common::runtime::{describe_json_error, Message, Outcome, TypedHandler};
 use tracing::info;
 
-use crate::store::{self, n, s, HistoryEntry, OrderRecord, Store};
+use crate::store::{self, n, s, HistoryEntry, OrderRecord, Store, WriteUnits};
 
 /// The delivery worker.
 pub struct Delivery {
@@ -160,11 +160,23 @@ impl Delivery {
                 .expression_attribute_values(":one", n(1))
                 .expression_attribute_values(":null", s("NULL"))
                 .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+                // The item as written, for its write units (no capacity of its own).
+                .return_values(ReturnValue::AllNew)
                 .send()
         };
-        let old = match self.store.call(1, update).await {
-            Ok(_) => return Ok(()),
-            Err(e) => match store::condition_failed_item(&e) {
+        // Its units are known once the item is seen: counted then.
+        let old = match self.store.call(Some(WriteUnits::default()), update).await {
+            Ok(out) => {
+                if let Some(item) = out.attributes() {
+                    self.store.count_units(WriteUnits::of_item(item));
+                }
+                return Ok(());
+            }
+            Err(e) => match store::condition_failed_item(&e).inspect(|old| {
+                if !old.is_empty() {
+                    self.store.count_units(WriteUnits::of_item(old));
+                }
+            }) {
                 Some(old) if old.is_empty() => {
                     return Err(HandlerError::permanent(
                         Reason::UNKNOWN_ORDER,
@@ -275,6 +287,18 @@ impl Delivery {
             )
         });
         let entry = history(event.event_id, event.status.as_str(), note);
+        let mut after = order.clone();
+        after.delivery_events.insert(
+            event.event_id.to_owned(),
+            event_record(event.status, event.fingerprint),
+        );
+        after.history.push(entry.clone());
+        after.version += 1;
+        if advance {
+            after.delivery_status = Some(event.status.as_str().to_owned());
+            after.delivery_rank = Some(event.status.rank());
+        }
+        let units = WriteUnits::of_order(&after);
         let update = || {
             let mut request = self
                 .store
@@ -311,7 +335,7 @@ impl Delivery {
                 )
                 .send()
         };
-        match self.store.call(1, update).await {
+        match self.store.call(Some(units), update).await {
             Ok(_) => Ok(true),
             Err(e) if store::condition_failed_item(&e).is_some() => Ok(false),
             Err(e) => Err(store::failure("applying the delivery event", &e)),

@@ -13,7 +13,7 @@ use fleet_common::role::Role;
 use fleet_common::runtime::{Message, Outcome, Outgoing, TypedHandler};
 use tracing::info;
 
-use crate::store::{self, s, HistoryEntry, OrderRecord, Product, RecordLine, Store};
+use crate::store::{self, s, HistoryEntry, OrderRecord, Product, RecordLine, Store, WriteUnits};
 
 /// The order-processing worker.
 pub struct Orders {
@@ -168,7 +168,7 @@ impl Orders {
             };
             let out = self
                 .store
-                .call(0, request)
+                .call(None, request)
                 .await
                 .map_err(|e| store::failure("reading the catalog", &e))?;
             for item in out
@@ -210,7 +210,7 @@ impl Orders {
                 )
                 .send()
         };
-        match self.store.call(1, put).await {
+        match self.store.call(Some(WriteUnits::of_item(&item)), put).await {
             Ok(_) => Ok(record.status),
             Err(e) => {
                 let Some(old) = store::condition_failed_item(&e) else {

@@ -72,9 +72,9 @@ impl Store {
 
     /// Runs one DynamoDB request: waits for the rate limiter, retries what is worth retrying
     /// (throttling, a server error, a timeout, a dropped connection) with jittered backoff,
-    /// counts write requests and the write units they cost (`write_units`: 0 for a read, 1 for
-    /// a single-item write of an item under 1 KB, [`transaction_units`] for a transaction).
-    /// Conditional-check failures are returned as they are, for the caller.
+    /// counts write requests and the write units they cost, by purpose (`units`: `None` for a
+    /// read; see [`WriteUnits`]). Conditional-check failures are returned as they are, for the
+    /// caller.
     ///
     /// This is the only retry layer under a handler (the workers' SDK clients retry nothing,
     /// see `Clients::for_workers`): at most [`CALL_ATTEMPTS`] HTTP requests per call, each
@@ -85,7 +85,7 @@ impl Store {
     /// The SDK error after retries.
     pub async fn call<T, E, F, Fut>(
         &self,
-        write_units: u32,
+        units: Option<WriteUnits>,
         request: F,
     ) -> Result<T, SdkError<E, DynamoResponse>>
     where
@@ -97,11 +97,10 @@ impl Store {
             if let Some(limiter) = &self.limiter {
                 limiter.until_ready().await;
             }
-            if write_units > 0 {
+            if let Some(units) = units {
                 metrics::counter!("fleet_ddb_write_requests_total", "stage" => self.stage)
                     .increment(1);
-                metrics::counter!("fleet_ddb_write_units_total", "stage" => self.stage)
-                    .increment(u64::from(write_units));
+                self.count_units(units);
             }
             request().await
         };
@@ -118,14 +117,142 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Counts write units spent, by purpose (`fleet_ddb_write_units_total{stage, purpose}`).
+    pub fn count_units(&self, units: WriteUnits) {
+        for (purpose, n) in units.by_purpose() {
+            if n > 0 {
+                metrics::counter!("fleet_ddb_write_units_total", "stage" => self.stage, "purpose" => purpose)
+                    .increment(u64::from(n));
+            }
+        }
+    }
+}
+
+/// The write units one write costs, by what they pay for. DynamoDB charges a single-item write
+/// one unit per started KB of the item (for an update, of the larger of the item before and
+/// after it), and a transaction twice that per item. Units are split at the margin: `effect`
+/// is what the item would cost with only the attributes the effect needs (status, lines,
+/// address, stock…), `idempotency` what the exactly-once bookkeeping adds (event id, payload
+/// hash, applied carrier events, version), `history` what the order's history adds on top.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteUnits {
+    /// Units the effect needs.
+    pub effect: u32,
+    /// Units the idempotency bookkeeping adds.
+    pub idempotency: u32,
+    /// Units the history adds.
+    pub history: u32,
+}
+
+/// DynamoDB's unit of write size.
+const WRITE_UNIT_BYTES: usize = 1024;
+
+impl WriteUnits {
+    /// A single-item write of `item` (for an update: the item as it will be after it).
+    pub fn of_item(item: &Item) -> Self {
+        let mut bytes = [0usize; 3];
+        for (name, value) in item {
+            let slot = match name.as_str() {
+                "history" => 2,
+                "event_id" | "payload_hash" | "delivery_events" | "version" => 1,
+                _ => 0,
+            };
+            bytes[slot] += name.len() + value_bytes(value);
+        }
+        let units =
+            |b: usize| u32::try_from(b.div_ceil(WRITE_UNIT_BYTES).max(1)).unwrap_or(u32::MAX);
+        let effect = units(bytes[0]);
+        let with_idempotency = units(bytes[0] + bytes[1]);
+        Self {
+            effect,
+            idempotency: with_idempotency - effect,
+            history: units(bytes[0] + bytes[1] + bytes[2]) - with_idempotency,
+        }
+    }
+
+    /// A single-item write of the order as it will be after it.
+    pub fn of_order(after: &OrderRecord) -> Self {
+        Self::of_item(&to_item(after))
+    }
+
+    /// One small item's write that is all effect (a stock counter: under 1 KB).
+    pub const SMALL_EFFECT: Self = Self {
+        effect: 1,
+        idempotency: 0,
+        history: 0,
+    };
+
+    /// The same write inside a transaction: twice the units (prepare and commit).
+    #[must_use]
+    pub fn transactional(self) -> Self {
+        Self {
+            effect: self.effect * 2,
+            idempotency: self.idempotency * 2,
+            history: self.history * 2,
+        }
+    }
+
+    /// All the units.
+    pub fn total(self) -> u32 {
+        self.effect + self.idempotency + self.history
+    }
+
+    /// The units by purpose label.
+    pub fn by_purpose(self) -> [(&'static str, u32); 3] {
+        [
+            ("effect", self.effect),
+            ("idempotency", self.idempotency),
+            ("history", self.history),
+        ]
+    }
+}
+
+impl std::ops::Add for WriteUnits {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        Self {
+            effect: self.effect + other.effect,
+            idempotency: self.idempotency + other.idempotency,
+            history: self.history + other.history,
+        }
+    }
+}
+
+/// The size DynamoDB counts for an attribute value: strings and binaries by length, a number
+/// by its significant digits (one byte per two, plus one), booleans and nulls one byte, lists
+/// and maps 3 bytes plus one per element (and a map's keys).
+fn value_bytes(value: &AttributeValue) -> usize {
+    match value {
+        AttributeValue::S(v) => v.len(),
+        AttributeValue::N(v) => number_bytes(v),
+        AttributeValue::B(v) => v.as_ref().len(),
+        AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
+        AttributeValue::L(items) => 3 + items.iter().map(|v| value_bytes(v) + 1).sum::<usize>(),
+        AttributeValue::M(map) => {
+            3 + map
+                .iter()
+                .map(|(k, v)| k.len() + value_bytes(v) + 1)
+                .sum::<usize>()
+        }
+        AttributeValue::Ss(set) => set.iter().map(String::len).sum(),
+        AttributeValue::Ns(set) => set.iter().map(|v| number_bytes(v)).sum(),
+        AttributeValue::Bs(set) => set.iter().map(|b| b.as_ref().len()).sum(),
+        _ => 0,
+    }
+}
+
+fn number_bytes(v: &str) -> usize {
+    let digits = v
+        .chars()
+        .filter(char::is_ascii_digit)
+        .skip_while(|c| *c == '0')
+        .count();
+    digits.div_ceil(2) + 1
+}
+
 /// HTTP requests at most per [`Store::call`]: the first and four retries.
 pub const CALL_ATTEMPTS: usize = 5;
-
-/// Write units of a TransactWriteItems of `items` items: DynamoDB charges two per item (under
-/// 1 KB), for the prepare and the commit.
-pub fn transaction_units(items: usize) -> u32 {
-    u32::try_from(items.saturating_mul(2)).unwrap_or(u32::MAX)
-}
 
 /// The SDK's raw response type, as it appears in `SdkError`.
 pub use aws_sdk_dynamodb::config::http::HttpResponse as DynamoResponse;
@@ -289,8 +416,8 @@ pub struct OrderRecord {
     pub user_id: String,
     /// Where the order stands.
     pub status: OrderStatus,
-    /// Why it was rejected, when it was.
-    #[serde(default)]
+    /// Why it was rejected, when it was (left out of the item when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rejection_reasons: Vec<String>,
     /// The lines as they stand (replicated from the catalog; modified by packing).
     pub lines: Vec<RecordLine>,
@@ -406,7 +533,15 @@ pub fn stock_item_owner(key: &str) -> (&str, u32) {
     }
 }
 
-pub use fleet_common::now_rfc3339;
+/// Now, RFC 3339 to the millisecond: history times are stored in every order item, and
+/// nanoseconds would add six bytes per entry to every later write of it.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_millisecond(now.millisecond())
+        .expect("a millisecond of now is valid")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("now formats")
+}
 
 /// The most products one order can take stock from: a TransactWriteItems holds 100 items, the
 /// order and one per product. The orders stage rejects larger orders.
@@ -430,7 +565,7 @@ pub async fn read_order(
             .send()
     };
     let out = store
-        .call(0, get)
+        .call(None, get)
         .await
         .map_err(|e| failure("reading the order", &e))?;
     out.item().cloned().map(from_item).transpose()
@@ -516,6 +651,85 @@ pub(crate) mod tests {
         assert_eq!(back, order, "the record reads back unchanged");
     }
 
+    #[test]
+    fn item_sizes_follow_dynamodbs_rules() {
+        // Examples from DynamoDB's "Item sizes and formats": names count, strings by UTF-8
+        // length, a number by its significant digits, containers 3 bytes plus 1 per element.
+        let item: Item = HashMap::from([
+            ("pk".to_owned(), s("abc")),                              // 2 + 3
+            ("n".to_owned(), n(12345)),                               // 1 + 3 + 1
+            ("é".to_owned(), AttributeValue::Bool(true)),             // 2 + 1
+            ("l".to_owned(), AttributeValue::L(vec![s("ab"), n(7)])), // 1 + 3 + (2+1) + (2+1)
+        ]);
+        let bytes: usize = item.iter().map(|(k, v)| k.len() + value_bytes(v)).sum();
+        assert_eq!(bytes, 5 + 5 + 3 + 10);
+        assert_eq!(number_bytes("-0.00123"), 3);
+    }
+
+    #[test]
+    fn write_units_are_split_at_the_margin_by_purpose() {
+        let mut order = packed_order();
+        // Small: one unit, all of it the effect's.
+        let small = WriteUnits::of_order(&order);
+        assert_eq!(
+            small,
+            WriteUnits {
+                effect: 1,
+                idempotency: 0,
+                history: 0
+            }
+        );
+        assert_eq!(small.transactional().total(), 2, "a transaction pays twice");
+        // A history that takes the item past 1 KB: the second unit is the history's.
+        for i in 0..12 {
+            order.history.push(HistoryEntry {
+                at: now_rfc3339(),
+                stage: "delivery".into(),
+                event: "in_transit".into(),
+                note: None,
+                event_id: format!("carrier:event-{i:04}"),
+            });
+        }
+        let bytes = to_item(&order)
+            .iter()
+            .map(|(k, v)| k.len() + value_bytes(v))
+            .sum::<usize>();
+        assert!((1025..=2048).contains(&bytes), "{bytes}");
+        assert_eq!(
+            WriteUnits::of_order(&order),
+            WriteUnits {
+                effect: 1,
+                idempotency: 0,
+                history: 1
+            }
+        );
+        // A long payload hash takes it past 1 KB before the history: the idempotency's unit.
+        order.history.clear();
+        order.payload_hash = "h".repeat(1100);
+        assert_eq!(
+            WriteUnits::of_order(&order),
+            WriteUnits {
+                effect: 1,
+                idempotency: 1,
+                history: 0
+            }
+        );
+    }
+
+    #[test]
+    fn history_times_are_kept_to_the_millisecond() {
+        let at = now_rfc3339();
+        let fraction = at
+            .split('.')
+            .nth(1)
+            .map_or(0, |f| f.trim_end_matches('Z').len());
+        assert!(fraction <= 3, "{at}");
+        assert!(
+            time::OffsetDateTime::parse(&at, &time::format_description::well_known::Rfc3339)
+                .is_ok()
+        );
+    }
+
     /// A store on worker clients whose every DynamoDB request meets `faults` (nothing listens
     /// on the endpoint: every request the plan lets through would fail to connect).
     async fn faulty_store(faults: &str, attempt_timeout_ms: u64) -> (Store, FaultPlan) {
@@ -546,7 +760,10 @@ pub(crate) mod tests {
                 .item("pk", s("order#o"))
                 .send()
         };
-        let e = store.call(1, request).await.unwrap_err();
+        let e = store
+            .call(Some(WriteUnits::SMALL_EFFECT), request)
+            .await
+            .unwrap_err();
         failure("writing the order", &e)
     }
 

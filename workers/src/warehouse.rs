@@ -28,7 +28,7 @@ use fleet_common::role::Role;
 use fleet_common::runtime::{Message, Outcome, Outgoing, TypedHandler};
 use tracing::info;
 
-use crate::store::{self, n, s, HistoryEntry, OrderRecord, Product, RecordLine, Store};
+use crate::store::{self, n, s, HistoryEntry, OrderRecord, Product, RecordLine, Store, WriteUnits};
 
 /// The packing worker.
 pub struct Warehouse {
@@ -352,7 +352,7 @@ impl Warehouse {
         plan: &Plan,
         event_id: &str,
     ) -> Result<Commit, HandlerError> {
-        let (items, status, lines) = self.packing(order, plan, event_id);
+        let (items, status, lines, units) = self.packing(order, plan, event_id);
         let request = || {
             self.store
                 .client
@@ -360,11 +360,7 @@ impl Warehouse {
                 .set_transact_items(Some(items.clone()))
                 .send()
         };
-        let e = match self
-            .store
-            .call(store::transaction_units(items.len()), request)
-            .await
-        {
+        let e = match self.store.call(Some(units), request).await {
             Ok(_) => {
                 info!(order_id = %order.order_id, %status, lines, "order packed");
                 return Ok(Commit::Recorded(status == OrderStatus::Packed));
@@ -383,13 +379,13 @@ impl Warehouse {
 
     /// The packing transaction: the order recorded (`packed`, or `unpackable` with no line
     /// left) only if still `accepted`, and each product's units taken only if there are enough;
-    /// with the status and the number of lines packed.
+    /// with the status, the number of lines packed and the write units it costs.
     fn packing(
         &self,
         order: &OrderRecord,
         plan: &Plan,
         event_id: &str,
-    ) -> (Vec<TransactWriteItem>, OrderStatus, usize) {
+    ) -> (Vec<TransactWriteItem>, OrderStatus, usize, WriteUnits) {
         let (lines, events) = plan.outcome();
         let status = if lines.is_empty() {
             OrderStatus::Unpackable
@@ -429,6 +425,12 @@ impl Warehouse {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .build()
             .expect("table, key and expression set");
+        let mut after = order.clone();
+        after.status = status;
+        after.lines.clone_from(&lines);
+        after.history.extend(history.iter().cloned());
+        after.version += 1;
+        let mut units = WriteUnits::of_order(&after).transactional();
         let mut items = vec![TransactWriteItem::builder().update(record).build()];
         for (sku, quantity) in &plan.takes() {
             let take = Update::builder()
@@ -443,8 +445,9 @@ impl Warehouse {
                 .build()
                 .expect("table, key and expression set");
             items.push(TransactWriteItem::builder().update(take).build());
+            units = units + WriteUnits::SMALL_EFFECT.transactional();
         }
-        (items, status, lines.len())
+        (items, status, lines.len(), units)
     }
 
     /// Reads a product (consistent read); `None` when it does not exist.
@@ -460,7 +463,7 @@ impl Warehouse {
         };
         let out = self
             .store
-            .call(0, request)
+            .call(None, request)
             .await
             .map_err(|e| store::failure("reading a product", &e))?;
         out.item().cloned().map(store::from_item).transpose()

@@ -294,27 +294,42 @@ mod tests {
     async fn a_batch_goes_out_when_its_most_pressed_entry_may_wait_no_longer() {
         let flushed = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&flushed);
-        let (batcher, task) = Batcher::spawn(10, Duration::from_secs(10), move |items: Vec<u32>| {
-            seen.lock().unwrap().push((tokio::time::Instant::now(), items.clone()));
-            async move { vec![Ok(()); items.len()] }
-        });
+        let (batcher, task) =
+            Batcher::spawn(10, Duration::from_secs(10), move |items: Vec<u32>| {
+                seen.lock()
+                    .unwrap()
+                    .push((tokio::time::Instant::now(), items.clone()));
+                async move { vec![Ok(()); items.len()] }
+            });
         let t0 = tokio::time::Instant::now();
         // One entry that may wait 100 ms: the batch waits 100 ms, not the batcher's 10 s.
-        batcher.submit_within(1, Some(Duration::from_millis(100))).await.unwrap();
+        batcher
+            .submit_within(1, Some(Duration::from_millis(100)))
+            .await
+            .unwrap();
         // An entry that may wait the batcher's linger, joined 50 ms later by one that may not
         // wait at all: both go out then.
         let patient = batcher.clone();
         let waiting = tokio::spawn(async move { patient.submit(2).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        batcher.submit_within(3, Some(Duration::ZERO)).await.unwrap();
+        batcher
+            .submit_within(3, Some(Duration::ZERO))
+            .await
+            .unwrap();
         waiting.await.unwrap().unwrap();
         // A linger above the batcher's is the batcher's.
         let late = tokio::time::Instant::now();
-        batcher.submit_within(4, Some(Duration::from_secs(60))).await.unwrap();
+        batcher
+            .submit_within(4, Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
         drop(batcher);
         task.await.unwrap();
         let flushed = flushed.lock().unwrap();
-        let at: Vec<_> = flushed.iter().map(|(at, items)| (*at, items.clone())).collect();
+        let at: Vec<_> = flushed
+            .iter()
+            .map(|(at, items)| (*at, items.clone()))
+            .collect();
         assert_eq!(at[0], (t0 + Duration::from_millis(100), vec![1]));
         assert_eq!(at[1].1, vec![2, 3]);
         assert_eq!(at[1].0 - at[0].0, Duration::from_millis(50));

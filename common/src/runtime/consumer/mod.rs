@@ -57,7 +57,7 @@ const MAX_VISIBILITY: Duration = Duration::from_secs(43_200);
 /// At least this long is given to the last acknowledgements at shutdown, even past the deadline.
 const ACK_FLUSH_GRACE: Duration = Duration::from_millis(500);
 /// How long a poller waits for enough free capacity to ask for a full batch.
-const BATCH_FILL_WAIT: Duration = Duration::from_millis(100);
+const BATCH_FILL_WAIT: Duration = Duration::from_millis(250);
 
 /// Counters of one consumer's run, for reports and tests.
 #[derive(Debug, Default)]

@@ -84,18 +84,30 @@ impl<H: Handler> Inner<H> {
             .map(|m| m.lag(now))
             .min()
             .unwrap_or(Duration::ZERO);
-        batching::wait_after(batching::Partial {
+        let wait = batching::wait_after(batching::Partial {
             asked,
             pollers: self.worker.pollers.get(),
             per_sec,
             lag,
             max: Duration::from_millis(self.worker.batch_wait_max_ms),
-        })
+        });
+        tracing::debug!(
+            queue = %self.pair.queue.name,
+            received = messages.len(),
+            asked,
+            per_sec,
+            lag_ms = lag.as_millis() as u64,
+            wait_ms = wait.as_millis() as u64,
+            "partial receive"
+        );
+        wait
     }
 
     /// Waits for room under the adaptive concurrency limit and for at least one free slot,
-    /// then briefly (100 ms, or the batching window when it is longer) for enough to ask for a
-    /// full batch, never more than the limit leaves room for.
+    /// then briefly (250 ms, or the batching window when it is longer) for enough to ask for a
+    /// full batch: at the in-flight cap, slots free one by one, and a receive per freed slot
+    /// would cost a request per message. Never more than the limit leaves room for: while
+    /// throttled (the limit under the cap) it asks only for the room there is.
     pub(super) async fn reserve_batch(&self) -> OwnedSemaphorePermit {
         let max = self.worker.max_in_flight.get();
         let room = loop {
@@ -109,7 +121,10 @@ impl<H: Handler> Inner<H> {
                 .wait_for_room(Duration::from_millis(50))
                 .await;
         };
-        let want = (self.worker.batch_size as usize).min(max).min(room);
+        let throttled = self.concurrency.limit() < max;
+        let want = (self.worker.batch_size as usize)
+            .min(max)
+            .min(if throttled { room } else { max });
         let mut permits = Arc::clone(&self.capacity)
             .acquire_owned()
             .await
