@@ -295,8 +295,8 @@ pub struct WorkerConfig {
     /// the queue's visibility timeout.
     #[serde(default = "default_ack_flush_ms")]
     pub ack_flush_ms: u64,
-    /// How long forwarded messages wait to fill a batch of 10 (each stage's latency grows by
-    /// up to this much when the next stage's queue gets few messages).
+    /// The longest forwarded messages wait to fill a batch of 10: a forward waits at most a
+    /// tenth of how late its message already is, and not at all under a second late.
     #[serde(default = "default_forward_flush_ms")]
     pub forward_flush_ms: u64,
     /// Batching window: after a receive that brought some messages but fewer than asked for,
@@ -307,8 +307,8 @@ pub struct WorkerConfig {
     pub batch_window_ms: u64,
     /// Adaptive batching (with `batch_window_ms` 0): after a partial receive a poller waits
     /// for a fuller batch only when the measured arrival rate fills it within this long, and
-    /// for at most a tenth of how late the messages already are, so that a fresh message never
-    /// waits (`common/src/runtime/batching.rs`). 0 = never wait.
+    /// for at most a tenth of how late the messages already are; a message less than a second
+    /// late never waits (`common/src/runtime/batching.rs`). 0 = never wait.
     #[serde(default = "default_batch_wait_max_ms")]
     pub batch_wait_max_ms: u64,
     /// Cap on DynamoDB requests per second from this worker (governor); absent = no cap.

@@ -172,10 +172,9 @@ impl Delivery {
                 }
                 return Ok(());
             }
+            // A failed condition still costs the item's units (one when it does not exist).
             Err(e) => match store::condition_failed_item(&e).inspect(|old| {
-                if !old.is_empty() {
-                    self.store.count_units(WriteUnits::of_item(old));
-                }
+                self.store.count_units(WriteUnits::of_item(old));
             }) {
                 Some(old) if old.is_empty() => {
                     return Err(HandlerError::permanent(
@@ -298,7 +297,7 @@ impl Delivery {
             after.delivery_status = Some(event.status.as_str().to_owned());
             after.delivery_rank = Some(event.status.rank());
         }
-        let units = WriteUnits::of_order(&after);
+        let units = WriteUnits::of_update(order, &after);
         let update = || {
             let mut request = self
                 .store

@@ -386,6 +386,25 @@ mod tests {
     }
 
     #[test]
+    fn received_at_is_when_the_fleets_queue_accepted_the_message_the_same_on_every_delivery() {
+        let mut message = Message::for_test(order_body());
+        let sent = time::macros::datetime!(2026-12-04 17:00:00.125 UTC);
+        message.sent_at = Some(sent);
+        let first = ingestion().handle(&message).await_now().unwrap();
+        // Delivered again ten minutes later: the same stamp, the same body.
+        message.receive_count = 2;
+        let again = ingestion().handle(&message).await_now().unwrap();
+        let (first, again) = (&first.forward[0], &again.forward[0]);
+        assert_eq!(first.body, again.body);
+        assert_eq!(
+            first.attributes.get(RECEIVED_AT).map(String::as_str),
+            Some("2026-12-04T17:00:00.125Z")
+        );
+        let env: serde_json::Value = serde_json::from_str(&first.body).unwrap();
+        assert_eq!(env["metadata"]["received_at"], "2026-12-04T17:00:00.125Z");
+    }
+
+    #[test]
     fn attribute_bytes_count_toward_the_size_limit() {
         let mut message = Message::for_test(order_body());
         message.raw_attributes.insert(

@@ -176,6 +176,16 @@ impl WriteUnits {
         Self::of_item(&to_item(after))
     }
 
+    /// An update of an order from `before` to `after`: DynamoDB charges the larger item.
+    pub fn of_update(before: &OrderRecord, after: &OrderRecord) -> Self {
+        let (before, after) = (Self::of_order(before), Self::of_order(after));
+        if before.total() > after.total() {
+            before
+        } else {
+            after
+        }
+    }
+
     /// One small item's write that is all effect (a stock counter: under 1 KB).
     pub const SMALL_EFFECT: Self = Self {
         effect: 1,
@@ -242,13 +252,12 @@ fn value_bytes(value: &AttributeValue) -> usize {
     }
 }
 
+/// A number's size: its significant digits (leading and trailing zeros trimmed), one byte
+/// per two, plus one.
 fn number_bytes(v: &str) -> usize {
-    let digits = v
-        .chars()
-        .filter(char::is_ascii_digit)
-        .skip_while(|c| *c == '0')
-        .count();
-    digits.div_ceil(2) + 1
+    let digits: String = v.chars().filter(char::is_ascii_digit).collect();
+    let significant = digits.trim_start_matches('0').trim_end_matches('0').len();
+    significant.div_ceil(2) + 1
 }
 
 /// HTTP requests at most per [`Store::call`]: the first and four retries.
@@ -664,6 +673,7 @@ pub(crate) mod tests {
         let bytes: usize = item.iter().map(|(k, v)| k.len() + value_bytes(v)).sum();
         assert_eq!(bytes, 5 + 5 + 3 + 10);
         assert_eq!(number_bytes("-0.00123"), 3);
+        assert_eq!(number_bytes("1000"), 2, "trailing zeros are trimmed too");
     }
 
     #[test]

@@ -430,7 +430,7 @@ impl Warehouse {
         after.lines.clone_from(&lines);
         after.history.extend(history.iter().cloned());
         after.version += 1;
-        let mut units = WriteUnits::of_order(&after).transactional();
+        let mut units = WriteUnits::of_update(order, &after).transactional();
         let mut items = vec![TransactWriteItem::builder().update(record).build()];
         for (sku, quantity) in &plan.takes() {
             let take = Update::builder()

@@ -5,8 +5,8 @@
 //! is already spent: the poller waits when the measured arrival rate fills the next batches
 //! within [`WorkerConfig::batch_wait_max_ms`](crate::config::WorkerConfig::batch_wait_max_ms),
 //! and for at most a tenth of how late the receive's freshest message already is (since the
-//! fleet first received it). A fresh order at a trickle never waits (a stage adds a few
-//! milliseconds at most); when the fleet is behind (a backlog upstream, every message seconds
+//! fleet first received it). A message less than [`ON_TIME`] late never waits; when the fleet
+//! is behind (a backlog upstream, every message seconds
 //! old) the downstream stages fill their batches even though each of them sees only a trickle.
 //! Measured with `loadtest` (loadtest/README.md).
 
@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 /// The wait is at most this fraction of how late the messages already are.
 pub const LAG_SHARE: u32 = 10;
+/// A message less late than this is on time: it never waits for a batch (a tenth of its lag at
+/// each stage would add up along the pipeline).
+pub const ON_TIME: Duration = Duration::from_secs(1);
 /// Shorter waits are not worth a timer.
 const MIN_WAIT: Duration = Duration::from_millis(2);
 /// The arrival rate is measured over windows of this length.
@@ -76,15 +79,20 @@ pub struct Partial {
     pub per_sec: f64,
     /// How late the receive's freshest message already is.
     pub lag: Duration,
+    /// How long the receive's freshest message sat in this queue.
+    pub queued: Duration,
     /// `batch_wait_max_ms`.
     pub max: Duration,
 }
 
 /// How long the poller waits before its next receive: the time the arrival rate takes to fill
 /// every poller's next batch, if that is within `max`, and at most a tenth of the lag; zero
-/// otherwise.
+/// otherwise, and zero when messages already wait in this queue (its freshest sat there
+/// [`ON_TIME`] or longer: the queue has a backlog of its own, and SQS may return a partial
+/// batch from one).
 pub fn wait_after(p: Partial) -> Duration {
-    if p.max.is_zero() || p.per_sec <= 0.0 || p.asked == 0 {
+    if p.max.is_zero() || p.per_sec <= 0.0 || p.asked == 0 || p.lag < ON_TIME || p.queued >= ON_TIME
+    {
         return Duration::ZERO;
     }
     let fill_secs = (p.asked * p.pollers.max(1)) as f64 / p.per_sec;
@@ -102,6 +110,9 @@ pub fn wait_after(p: Partial) -> Duration {
 /// How long a forward of a message `lag` late may wait for its batch to fill: a tenth of the
 /// lag, at most `max` (`forward_flush_ms`); zero when that is too short for a timer.
 pub fn linger_for(lag: Duration, max: Duration) -> Duration {
+    if lag < ON_TIME {
+        return Duration::ZERO;
+    }
     let linger = (lag / LAG_SHARE).min(max);
     if linger < MIN_WAIT {
         Duration::ZERO
@@ -120,6 +131,7 @@ mod tests {
             pollers: 2,
             per_sec,
             lag: Duration::from_millis(lag_ms),
+            queued: Duration::from_millis(20),
             max: Duration::from_millis(1000),
         }
     }
@@ -129,9 +141,8 @@ mod tests {
         // 15 a second: two pollers' batches of ten take 1.3 s to fill, longer than the max,
         // however late the message is.
         assert_eq!(wait_after(partial(15.0, 60_000)), Duration::ZERO);
-        // Fast arrivals, but the message is fresh (15 ms since the fleet got it): no wait
-        // worth a timer.
-        assert_eq!(wait_after(partial(500.0, 15)), Duration::ZERO);
+        // Fast arrivals, but the message is on time (900 ms since the fleet got it): no wait.
+        assert_eq!(wait_after(partial(500.0, 900)), Duration::ZERO);
     }
 
     #[test]
@@ -143,6 +154,16 @@ mod tests {
         );
         // The same rate, 2 s late: a tenth of that.
         assert_eq!(wait_after(partial(40.0, 2_000)), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_queue_with_a_backlog_of_its_own_is_not_waited_on() {
+        // Late messages that have sat in this queue for 3 s: it is behind, not a trickle.
+        let behind = Partial {
+            queued: Duration::from_secs(3),
+            ..partial(400.0, 45_000)
+        };
+        assert_eq!(wait_after(behind), Duration::ZERO);
     }
 
     #[test]
@@ -158,10 +179,10 @@ mod tests {
     #[test]
     fn a_forward_lingers_a_tenth_of_its_lag_up_to_the_max() {
         let max = Duration::from_millis(50);
-        assert_eq!(linger_for(Duration::from_millis(15), max), Duration::ZERO);
+        assert_eq!(linger_for(Duration::from_millis(900), max), Duration::ZERO);
         assert_eq!(
-            linger_for(Duration::from_millis(300), max),
-            Duration::from_millis(30)
+            linger_for(Duration::from_millis(1_200), Duration::from_millis(500)),
+            Duration::from_millis(120)
         );
         assert_eq!(linger_for(Duration::from_secs(45), max), max);
     }

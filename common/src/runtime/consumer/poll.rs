@@ -8,6 +8,8 @@ use super::*;
 impl<H: Handler> Inner<H> {
     pub(super) async fn poll_loop(self: Arc<Self>, shutdown: CancellationToken, jobs: TaskTracker) {
         let mut failures: u32 = 0;
+        // The last receive brought all it asked for: more are waiting.
+        let mut after_full = false;
         let probe = self
             .health
             .poller(format!("{}/{}", self.role, self.pair.queue.name));
@@ -16,7 +18,7 @@ impl<H: Handler> Inner<H> {
             let permits = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                permits = self.reserve_batch() => permits,
+                permits = self.reserve_batch(after_full) => permits,
             };
             probe.waiting_for_room(false);
             let receive = self.receive(permits.num_permits());
@@ -38,6 +40,7 @@ impl<H: Handler> Inner<H> {
                 Ok(messages) => {
                     failures = 0;
                     probe.received();
+                    after_full = !messages.is_empty() && messages.len() >= permits.num_permits();
                     let wait = self.wait_before_next(&messages, permits.num_permits());
                     self.dispatch(messages, permits, &jobs);
                     if !wait.is_zero() {
@@ -48,6 +51,7 @@ impl<H: Handler> Inner<H> {
                     }
                 }
                 Err(error) => {
+                    after_full = false;
                     failures = failures.saturating_add(1);
                     let backoff = retry_delay(
                         failures,
@@ -79,16 +83,21 @@ impl<H: Handler> Inner<H> {
             return Duration::from_millis(self.worker.batch_window_ms);
         }
         let now = time::OffsetDateTime::now_utc();
-        let lag = messages
-            .iter()
-            .map(|m| m.lag(now))
-            .min()
-            .unwrap_or(Duration::ZERO);
+        let freshest = |age: &dyn Fn(&Message) -> Duration| {
+            messages.iter().map(age).min().unwrap_or(Duration::ZERO)
+        };
+        let lag = freshest(&|m| m.lag(now));
+        let queued = freshest(&|m| {
+            m.sent_at.map_or(Duration::ZERO, |at| {
+                (now - at).try_into().unwrap_or(Duration::ZERO)
+            })
+        });
         let wait = batching::wait_after(batching::Partial {
             asked,
             pollers: self.worker.pollers.get(),
             per_sec,
             lag,
+            queued,
             max: Duration::from_millis(self.worker.batch_wait_max_ms),
         });
         tracing::debug!(
@@ -97,18 +106,20 @@ impl<H: Handler> Inner<H> {
             asked,
             per_sec,
             lag_ms = lag.as_millis() as u64,
+            queued_ms = queued.as_millis() as u64,
             wait_ms = wait.as_millis() as u64,
             "partial receive"
         );
         wait
     }
 
-    /// Waits for room under the adaptive concurrency limit and for at least one free slot,
-    /// then briefly (250 ms, or the batching window when it is longer) for enough to ask for a
-    /// full batch: at the in-flight cap, slots free one by one, and a receive per freed slot
-    /// would cost a request per message. Never more than the limit leaves room for: while
-    /// throttled (the limit under the cap) it asks only for the room there is.
-    pub(super) async fn reserve_batch(&self) -> OwnedSemaphorePermit {
+    /// Waits for room under the adaptive concurrency limit and for at least one free slot.
+    /// After a full receive (messages are waiting) it then waits briefly (250 ms, or the
+    /// batching window when it is longer) for room for a full batch: at the in-flight cap
+    /// slots free one by one, and a receive per freed slot would cost a request per message.
+    /// Otherwise it asks for what is free now, so that a trickle never waits here. Never more
+    /// than the adaptive limit leaves room for, even when it falls during the wait.
+    pub(super) async fn reserve_batch(&self, after_full: bool) -> OwnedSemaphorePermit {
         let max = self.worker.max_in_flight.get();
         let room = loop {
             let in_use = max - self.capacity.available_permits();
@@ -121,17 +132,21 @@ impl<H: Handler> Inner<H> {
                 .wait_for_room(Duration::from_millis(50))
                 .await;
         };
-        let throttled = self.concurrency.limit() < max;
+        let fill = after_full && self.concurrency.limit() >= max;
         let want = (self.worker.batch_size as usize)
             .min(max)
-            .min(if throttled { room } else { max });
+            .min(if fill { max } else { room });
         let mut permits = Arc::clone(&self.capacity)
             .acquire_owned()
             .await
             .expect("capacity is never closed");
         if want > 1 {
             let more = Arc::clone(&self.capacity).acquire_many_owned((want - 1) as u32);
-            let fill_wait = BATCH_FILL_WAIT.max(Duration::from_millis(self.worker.batch_window_ms));
+            let fill_wait = if fill {
+                BATCH_FILL_WAIT.max(Duration::from_millis(self.worker.batch_window_ms))
+            } else {
+                Duration::from_millis(self.worker.batch_window_ms)
+            };
             match tokio::time::timeout(fill_wait, more).await {
                 Ok(Ok(more)) => permits.merge(more),
                 _ => {
@@ -142,6 +157,14 @@ impl<H: Handler> Inner<H> {
                         }
                     }
                 }
+            }
+        }
+        // Throttled while waiting: keep only what the lowered limit leaves room for.
+        if self.concurrency.limit() < max {
+            let others = max - self.capacity.available_permits() - permits.num_permits();
+            let room = self.concurrency.room(others).max(1);
+            if permits.num_permits() > room {
+                drop(permits.split(permits.num_permits() - room));
             }
         }
         permits
