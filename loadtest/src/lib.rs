@@ -744,7 +744,19 @@ impl Sampler {
                                 );
                                 (probe::sum(&m, "fleet_messages_succeeded_total", &[]), rd)
                             }
-                            Err(_) => (last.map_or(0.0, |l| l.1), 0.0),
+                            Err(_) => {
+                                // A failed scrape: carry the counts, no rates, and keep the
+                                // last good scrape as the base (else the next second shows
+                                // two seconds of work).
+                                let mut samples = samples.lock().expect("samples lock");
+                                let previous = samples.last().cloned().unwrap_or_default();
+                                sample.processed_total = previous.processed_total;
+                                sample.receive_delete_total = previous.receive_delete_total;
+                                sample.rss_mib =
+                                    probe::sample_process(pid).unwrap_or_default().rss_mib;
+                                samples.push(sample);
+                                continue;
+                            }
                         };
                         sample.receive_delete_total = receive_delete;
                         let proc_sample = probe::sample_process(pid).unwrap_or_default();

@@ -465,6 +465,7 @@ impl Report {
                         .min(b.dynamodb_bound_messages_per_sec),
                 )
             })
+            .filter(|(_, bound)| *bound > 0.0)
             .collect();
         let throughput = charts::lines(&charts::Lines {
             title: "Throughput: messages completed per second, by stage".into(),
@@ -577,7 +578,7 @@ impl Report {
             .map(|(_, svg)| format!("<figure>{svg}</figure>"))
             .collect();
         format!(
-            r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Load test {id}</title><style>body{{font-family:sans-serif;max-width:920px;margin:2em auto;color:#222}}table{{border-collapse:collapse;width:100%}}th,td{{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top;font-size:14px}}th{{width:30%;background:#f6f6f6}}figure{{margin:1.5em 0}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}}</style></head><body><h1>Load test {id}: {verdict}</h1><table>{table}</table>{figures}<h2>Summary</h2><pre>{summary}</pre></body></html>"#,
+            r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Load test {id}</title><style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}}table{{border-collapse:collapse;width:100%}}th,td{{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top;font-size:14px}}th{{width:30%;background:#f6f6f6}}figure{{margin:1.5em 0}}pre{{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}}</style></head><body><h1>Load test {id}: {verdict}</h1><table>{table}</table>{figures}<h2>Summary</h2><pre>{summary}</pre></body></html>"#,
             id = escape(&self.run_id),
             verdict = escape(&self.verdict),
             summary = escape(&self.summary()),

@@ -117,8 +117,10 @@ impl<H: Handler> Inner<H> {
     /// After a full receive (messages are waiting) it then waits briefly (250 ms, or the
     /// batching window when it is longer) for room for a full batch: at the in-flight cap
     /// slots free one by one, and a receive per freed slot would cost a request per message.
-    /// Otherwise it asks for what is free now, so that a trickle never waits here. Never more
-    /// than the adaptive limit leaves room for, even when it falls during the wait.
+    /// Otherwise it asks for what is free now, so that a trickle never waits here. No more than
+    /// the adaptive limit leaves room for, even when it falls during the wait (but one: a
+    /// poller that waited keeps one slot, so in flight may pass a lowered limit by one per
+    /// poller until jobs finish).
     pub(super) async fn reserve_batch(&self, after_full: bool) -> OwnedSemaphorePermit {
         let max = self.worker.max_in_flight.get();
         let room = loop {
@@ -141,15 +143,21 @@ impl<H: Handler> Inner<H> {
             .await
             .expect("capacity is never closed");
         if want > 1 {
-            let more = Arc::clone(&self.capacity).acquire_many_owned((want - 1) as u32);
             let fill_wait = if fill {
                 BATCH_FILL_WAIT.max(Duration::from_millis(self.worker.batch_window_ms))
             } else {
                 Duration::from_millis(self.worker.batch_window_ms)
             };
-            match tokio::time::timeout(fill_wait, more).await {
-                Ok(Ok(more)) => permits.merge(more),
-                _ => {
+            let more = async {
+                if fill_wait.is_zero() {
+                    return None;
+                }
+                let more = Arc::clone(&self.capacity).acquire_many_owned((want - 1) as u32);
+                tokio::time::timeout(fill_wait, more).await.ok()?.ok()
+            };
+            match more.await {
+                Some(more) => permits.merge(more),
+                None => {
                     while permits.num_permits() < want {
                         match Arc::clone(&self.capacity).try_acquire_owned() {
                             Ok(one) => permits.merge(one),
