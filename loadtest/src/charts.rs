@@ -35,6 +35,9 @@ pub struct Lines {
     pub bounds: Vec<(String, f64)>,
     /// Vertical marks (phases): (label, x).
     pub marks: Vec<(String, f64)>,
+    /// Scale y to the bulk of the points (the 98th percentile, and the bounds) rather than to
+    /// short peaks, which then run off the top; the title says so.
+    pub clip_peaks: bool,
 }
 
 /// Draws `chart` as an SVG document.
@@ -55,14 +58,32 @@ fn draw_lines<'a>(
         .map(|p| p.0)
         .chain(chart.marks.iter().map(|m| m.1))
         .fold(1.0, f64::max);
-    let y_max = points()
-        .map(|p| p.1)
-        .chain(chart.bounds.iter().map(|b| b.1))
-        .fold(1.0, f64::max)
+    let highest = points().map(|p| p.1).fold(1.0, f64::max);
+    let top = if chart.clip_peaks {
+        let mut ys: Vec<f64> = points().map(|p| p.1).filter(|y| y.is_finite()).collect();
+        ys.sort_by(f64::total_cmp);
+        ys.get(ys.len() * 98 / 100).copied().unwrap_or(1.0)
+    } else {
+        highest
+    };
+    let y_max = chart
+        .bounds
+        .iter()
+        .map(|b| b.1)
+        .fold(top.max(1.0), f64::max)
         * 1.12;
+    let title = if highest > y_max {
+        format!(
+            "{} (peaks up to {} cut off)",
+            chart.title,
+            tick(highest.round())
+        )
+    } else {
+        chart.title.clone()
+    };
     let root = SVGBackend::with_string(out, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let root = root.titled(&chart.title, ("sans-serif", 18))?;
+    let root = root.titled(&title, ("sans-serif", 18))?;
     let (plot, legend_area) = root.split_horizontally(SIZE.0 - LEGEND_WIDTH);
     let mut legend = Vec::new();
     let mut c = ChartBuilder::on(&plot)
@@ -321,6 +342,23 @@ mod tests {
     use super::*;
 
     #[test]
+    #[ignore = "writes /tmp/chart-peaks.svg to look at"]
+    fn peaks_chart_for_a_look() {
+        let mut points: Vec<(f64, f64)> = (0..100).map(|i| (f64::from(i), 60.0)).collect();
+        points[50].1 = 3_700.0;
+        let svg = lines(&Lines {
+            title: "Throughput".into(),
+            x_label: "seconds".into(),
+            y_label: "messages/s".into(),
+            series: vec![("all".into(), points)],
+            bounds: vec![("bound".into(), 111.0)],
+            marks: vec![],
+            clip_peaks: true,
+        });
+        std::fs::write("/tmp/chart-peaks.svg", svg).unwrap();
+    }
+
+    #[test]
     fn ticks_are_round_and_readable() {
         assert_eq!(tick(10_000.0), "10,000");
         assert_eq!(tick(1_234_567.0), "1,234,567");
@@ -351,6 +389,7 @@ mod tests {
             ],
             bounds: vec![("bound".into(), 40.0)],
             marks: vec![("drained".into(), 1.5)],
+            clip_peaks: false,
         };
         let svg = lines(&chart);
         assert!(

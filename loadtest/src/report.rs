@@ -474,6 +474,7 @@ impl Report {
             series: throughput,
             bounds,
             marks: self.phases.clone(),
+            clip_peaks: true,
         });
         let backlog = charts::lines(&charts::Lines {
             title: "Backlog: messages visible or in flight, by queue".into(),
@@ -485,8 +486,8 @@ impl Report {
                     .map(|(q, n)| (q.clone(), *n as f64))
                     .collect()
             }),
-            bounds: Vec::new(),
             marks: self.phases.clone(),
+            ..charts::Lines::default()
         });
         let memory = charts::lines(&charts::Lines {
             title: "Worker resident memory against messages processed".into(),
