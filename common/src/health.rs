@@ -48,7 +48,7 @@ struct PollerState {
 
 #[derive(Debug)]
 struct JobState {
-    queue: String,
+    queue: Arc<str>,
     started: Instant,
     deadline: Duration,
 }
@@ -125,7 +125,7 @@ impl Health {
     }
 
     /// Registers a running job with its deadline (until the probe is dropped).
-    pub fn job(&self, queue: impl Into<String>, deadline: Duration) -> JobProbe {
+    pub fn job(&self, queue: impl Into<Arc<str>>, deadline: Duration) -> JobProbe {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         self.inner.jobs.lock().expect("health lock").insert(
             id,

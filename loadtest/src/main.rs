@@ -170,6 +170,12 @@ fn parse_mix(s: &str) -> Result<Mix, String> {
     Ok(mix)
 }
 
+/// mimalloc, not the system allocator: the runtime allocates per message on one thread and
+/// frees on another, where glibc's arenas contend and trim (measured with `loadtest --runtime`,
+/// loadtest/README.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -129,9 +129,12 @@ impl<H: Handler> Inner<H> {
     /// Runs the handler once, within its deadline; a panic is a transient failure.
     pub(super) async fn run_handler(&self, message: &Message) -> Result<Outcome, HandlerError> {
         let deadline = self.worker.handler_deadline();
-        let _job = self.health.job(self.pair.queue.name.clone(), deadline);
+        let _job = self.health.job(Arc::clone(&self.queue_name), deadline);
         let started = Instant::now();
-        let work = AssertUnwindSafe(self.handler.handle(message)).catch_unwind();
+        // Boxed, like every cold path of a job (failing, releasing, heartbeats, the redrive
+        // ledger): a job's future stays small, so moving the not yet started futures of a
+        // receive's batch into their task copies little (measured with `loadtest --runtime`).
+        let work = AssertUnwindSafe(Box::pin(self.handler.handle(message))).catch_unwind();
         let result = match tokio::time::timeout(deadline, work).await {
             Ok(Ok(result)) => result,
             Ok(Err(panic)) => Err(HandlerError::transient(
@@ -153,10 +156,7 @@ impl<H: Handler> Inner<H> {
     /// The span of one message's handling: every line logged in it carries the correlation id;
     /// with tracing on it is the message's span in the order's trace.
     pub(super) fn message_span(&self, message: &Message) -> tracing::Span {
-        let correlation_id = message
-            .correlation_id
-            .clone()
-            .unwrap_or_else(|| format!("msg-{}", message.message_id));
+        let correlation_id = CorrelationId(message);
         // ERROR level so that the span, and with it the correlation id on every line logged
         // inside it, survives any log filter (a span disabled by the filter carries no fields).
         // The build's version is not a field here: every JSON line carries it already.
@@ -201,7 +201,7 @@ impl<H: Handler> Inner<H> {
                 ),
                 Ran::Stopped => {
                     // Shutdown while throttled: back to the queue at once, no attempt used.
-                    self.release(vec![message.receipt_handle.clone()]).await;
+                    Box::pin(self.release(vec![message.receipt_handle.clone()])).await;
                     false
                 }
             };
@@ -284,17 +284,17 @@ impl<H: Handler> Inner<H> {
                         Settled::Left
                     }
                     Err(e) => {
-                        self.fail(
+                        Box::pin(self.fail(
                             message,
                             attempt,
                             HandlerError::transient(Reason::FORWARD_FAILED, e),
                             hold,
-                        )
+                        ))
                         .await
                     }
                 }
             }
-            Err(error) => self.fail(message, attempt, error, hold).await,
+            Err(error) => Box::pin(self.fail(message, attempt, error, hold)).await,
         }
     }
 
@@ -326,7 +326,9 @@ impl<H: Handler> Inner<H> {
             };
             let receipts = held.lock().expect("held lock").clone();
             for chunk in receipts.chunks(SQS_BATCH) {
-                let ok = self.change_visibility(chunk, extend_to).await.is_ok();
+                let ok = Box::pin(self.change_visibility(chunk, extend_to))
+                    .await
+                    .is_ok();
                 events::heartbeat(&self.pair.queue.name, ok);
             }
         }
@@ -349,7 +351,7 @@ impl<H: Handler> Inner<H> {
             _ => message.message_id.clone(),
         };
         let now = OffsetDateTime::now_utc();
-        let write = ledger.record(&run, &key, outcome, now);
+        let write = Box::pin(ledger.record(&run, &key, outcome, now));
         let result = match tokio::time::timeout(redrive_ledger::WRITE_TIMEOUT, write).await {
             Ok(result) => result,
             Err(_) => Err(redrive_ledger::LedgerError::Aws(format!(
@@ -366,6 +368,19 @@ impl<H: Handler> Inner<H> {
         // Not waited for: the delete goes in the next batch, and the message's permit is free
         // for the next receive meanwhile (shutdown waits for the last batch).
         let _ = self.acks.enqueue(message.receipt_handle.clone()).await;
+    }
+}
+
+/// A message's correlation id for its span, formatted in place: the one it carries, else one
+/// made from its message id.
+struct CorrelationId<'a>(&'a Message);
+
+impl std::fmt::Display for CorrelationId<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0.correlation_id {
+            Some(id) => f.write_str(id),
+            None => write!(f, "msg-{}", self.0.message_id),
+        }
     }
 }
 

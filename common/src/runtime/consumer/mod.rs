@@ -38,7 +38,7 @@ use crate::failure::{retry_delay, FailureClass, HandlerError, Reason};
 use crate::health::Health;
 use crate::redact::redact;
 use crate::redrive_ledger::{self, Ledger};
-use crate::runtime::batching::{self, ArrivalRate};
+use crate::runtime::batching::{self, ArrivalRate, ReceiveHold};
 use crate::topology::{QueuePair, QueueRef, Topology};
 
 mod dead_letter;
@@ -159,6 +159,8 @@ struct Inner<H> {
     role: String,
     /// The consumed queue and its DLQ.
     pair: QueuePair,
+    /// The consumed queue's name, shared by the health probes of its jobs.
+    queue_name: Arc<str>,
     worker: WorkerConfig,
     /// Forward targets by logical name.
     topology: Topology,
@@ -186,6 +188,8 @@ struct Inner<H> {
     health: Health,
     /// Messages a second this consumer receives, for adaptive batching.
     arrivals: ArrivalRate,
+    /// Adaptive batching's hold on receives, shared by the consumer's pollers.
+    receive_hold: ReceiveHold,
 }
 
 /// One message to send in a batch.
@@ -314,6 +318,7 @@ impl<H: Handler> Consumer<H> {
             inner: Arc::new(Inner {
                 handler,
                 receiver,
+                queue_name: Arc::from(pair.queue.name.as_str()),
                 sqs,
                 capacity: Arc::new(Semaphore::new(worker.max_in_flight.get())),
                 concurrency: Concurrency::new(worker.max_in_flight.get()),
@@ -335,6 +340,7 @@ impl<H: Handler> Consumer<H> {
                 metrics,
                 health,
                 arrivals: ArrivalRate::new(std::time::Instant::now()),
+                receive_hold: ReceiveHold::default(),
             }),
             acks_flushed,
         })

@@ -15,6 +15,13 @@ impl<H: Handler> Inner<H> {
             .poller(format!("{}/{}", self.role, self.pair.queue.name));
         loop {
             probe.waiting_for_room(true);
+            // While adaptive batching holds receives, the pollers take turns (see
+            // `batching::ReceiveHold`); the turn is kept until this receive has set the next hold.
+            let turn = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                turn = self.receive_hold.turn() => turn,
+            };
             let permits = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -42,15 +49,12 @@ impl<H: Handler> Inner<H> {
                     probe.received();
                     after_full = !messages.is_empty() && messages.len() >= permits.num_permits();
                     let wait = self.wait_before_next(&messages, permits.num_permits());
+                    self.receive_hold.set(wait, tokio::time::Instant::now());
+                    drop(turn);
                     self.dispatch(messages, permits, &jobs);
-                    if !wait.is_zero() {
-                        tokio::select! {
-                            () = shutdown.cancelled() => break,
-                            () = tokio::time::sleep(wait) => {}
-                        }
-                    }
                 }
                 Err(error) => {
+                    drop(turn);
                     after_full = false;
                     failures = failures.saturating_add(1);
                     let backoff = retry_delay(
@@ -69,9 +73,9 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    /// How long to wait before the next receive, after one that brought `messages` of `asked`:
-    /// nothing after a full or an empty one; after a partial one the batching window when one
-    /// is configured, else what adaptive batching decides (see [`batching`]).
+    /// How long to hold the consumer's next receive, after one that brought `messages` of
+    /// `asked`: nothing after a full or an empty one; after a partial one the batching window
+    /// when one is configured, else what adaptive batching decides (see [`batching`]).
     fn wait_before_next(&self, messages: &[Message], asked: usize) -> Duration {
         let per_sec = self
             .arrivals
@@ -94,7 +98,6 @@ impl<H: Handler> Inner<H> {
         });
         let wait = batching::wait_after(batching::Partial {
             asked,
-            pollers: self.worker.pollers.get(),
             per_sec,
             lag,
             queued,
@@ -238,34 +241,31 @@ impl<H: Handler> Inner<H> {
             // its permit given back the moment it is done): a task per message cost a spawn and
             // cross-thread wake-ups per message, the runtime's largest overhead (measured with
             // `loadtest --runtime`).
-            let batch: Vec<_> = messages
-                .into_iter()
-                .map(|m| {
-                    let permit = take_one();
-                    let this = Arc::clone(self);
-                    match self.groups.try_enter(m.group_id.as_deref(), m.deferrals) {
-                        Some(slot) => futures::future::Either::Left(async move {
-                            this.process(m).await;
-                            drop((slot, permit));
-                        }),
-                        None => futures::future::Either::Right(async move {
-                            this.defer_for_group(m).await;
-                            drop(permit);
-                        }),
+            // Each job's future is built in place, in one pass, and kept small (its cold paths
+            // are boxed): moving a batch of large futures was a copy of kilobytes per message.
+            let batch = messages.into_iter().map(|m| {
+                let permit = take_one();
+                let slot = self.groups.try_enter(m.group_id.as_deref(), m.deferrals);
+                let this = Arc::clone(self);
+                async move {
+                    let job = AssertUnwindSafe(async {
+                        match slot {
+                            Some(slot) => {
+                                this.process(m).await;
+                                drop(slot);
+                            }
+                            None => Box::pin(this.defer_for_group(m)).await,
+                        }
+                    });
+                    // A panic that escapes a job's own guard ends that job only, not its
+                    // siblings.
+                    if let Err(panic) = job.catch_unwind().await {
+                        tracing::error!(queue = %this.pair.queue.name, error = %job::panic_text(&panic), "a job panicked outside its handler; its message comes back after its visibility timeout");
                     }
-                })
-                .collect();
-            // A panic that escapes a job's own guard ends that job only, not its siblings.
-            let queue = self.pair.queue.name.clone();
-            let guarded = batch.into_iter().map(move |job| {
-                let queue = queue.clone();
-                AssertUnwindSafe(job).catch_unwind().map(move |ran| {
-                    if let Err(panic) = ran {
-                        tracing::error!(queue = %queue, error = %job::panic_text(&panic), "a job panicked outside its handler; its message comes back after its visibility timeout");
-                    }
-                })
+                    drop(permit);
+                }
             });
-            jobs.spawn(futures::future::join_all(guarded));
+            jobs.spawn(futures::future::join_all(batch));
         }
         self.report_in_flight();
     }
