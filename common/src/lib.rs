@@ -15,6 +15,7 @@ pub mod events;
 pub mod failure;
 pub mod faults;
 pub mod health;
+pub mod process;
 pub mod provision;
 pub mod redact;
 pub mod redrive_ledger;

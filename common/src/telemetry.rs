@@ -45,6 +45,7 @@ pub fn init_tracing(format: LogFormat, traces: Option<&SdkTracerProvider>) {
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .compact()
+            .with_ansi(stderr_is_terminal())
             .with_writer(std::io::stderr)
             .boxed(),
     };
@@ -88,8 +89,16 @@ pub fn init_cli_tracing() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(stderr_is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Colours only for a person at a terminal: no escape codes in a file or a pipe (and none to
+/// format for every span, measured with `loadtest --runtime`).
+fn stderr_is_terminal() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal()
 }
 
 /// Installs the global metrics recorder once per process and returns it: Prometheus, and with

@@ -131,6 +131,10 @@ struct Cli {
     /// logs at `info` on stderr, as a worker runs.
     #[arg(long, requires = "runtime")]
     telemetry: bool,
+    /// Runtime run: threads of the async runtime both phases run on, as the worker's
+    /// `--threads` (default 1, as a worker runs by default).
+    #[arg(long, requires = "runtime", default_value = "1", value_parser = fleet_common::process::parse_threads)]
+    runtime_threads: std::num::NonZeroUsize,
     /// How often the chaos run SIGKILLs a random role.
     #[arg(long, requires = "chaos", value_parser = humantime::parse_duration, default_value = "3s")]
     kill_every: Duration,
@@ -176,9 +180,27 @@ fn parse_mix(s: &str) -> Result<Mix, String> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A runtime run measures the consumer on the runtime a worker runs on; everything else
+    // (producers, sampler, ceilings) on a multi-threaded one.
+    let runtime = if cli.runtime {
+        fleet_common::process::tokio_runtime(cli.runtime_threads)
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(loadtest_main(cli)),
+        Err(e) => {
+            eprintln!("loadtest: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn loadtest_main(cli: Cli) -> ExitCode {
     if cli.runtime && cli.telemetry {
         fleet_common::telemetry::init_tracing(fleet_common::config::LogFormat::Json, None);
     } else {
@@ -198,6 +220,7 @@ async fn main() -> ExitCode {
         telemetry: cli.telemetry,
         only: cli.only.clone(),
         drain_timeout: cli.drain_timeout,
+        threads: cli.runtime_threads.get(),
     });
     let inputs = scaling_inputs(&cli);
     let (faults, kill_every) = (cli.faults.clone(), cli.kill_every);

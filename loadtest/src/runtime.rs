@@ -41,6 +41,9 @@ pub struct RuntimeOptions {
     pub only: Option<String>,
     /// Longest a phase may take to drain its queue.
     pub drain_timeout: Duration,
+    /// Threads of the async runtime the run is on (the caller builds it; 1 is a current-thread
+    /// runtime, as a worker runs by default).
+    pub threads: usize,
 }
 
 /// One phase's figures.
@@ -84,6 +87,8 @@ pub struct RuntimeReport {
     pub pollers: usize,
     /// Its in-flight cap.
     pub max_in_flight: usize,
+    /// Threads of the async runtime both phases ran on (the worker's `--threads`).
+    pub threads: usize,
     /// Whether the shipped metrics recorder and JSON logs were on.
     pub telemetry: bool,
     /// The bare SDK loop.
@@ -98,11 +103,12 @@ impl RuntimeReport {
     /// The table printed at the end of the run.
     pub fn summary(&self) -> String {
         let mut out = format!(
-            "runtime cost: {} messages per phase, role {} ({} pollers, in-flight cap {}), telemetry {}\n",
+            "runtime cost: {} messages per phase, role {} ({} pollers, in-flight cap {}), {} runtime thread(s), telemetry {}\n",
             self.messages,
             self.role,
             self.pollers,
             self.max_in_flight,
+            self.threads,
             if self.telemetry { "on (the worker's metrics recorder and JSON logs)" } else { "off" }
         );
         out.push_str(&format!(
@@ -216,6 +222,7 @@ pub async fn run(
         role: opts.role.as_str().to_owned(),
         pollers: worker.pollers.get(),
         max_in_flight: worker.max_in_flight.get(),
+        threads: opts.threads,
         telemetry: opts.telemetry,
         cpu_ratio: match (&sdk, &runtime) {
             (Some(sdk), Some(runtime)) if sdk.cpu_us_per_message > 0.0 => {

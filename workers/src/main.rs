@@ -21,6 +21,10 @@ struct Cli {
     /// The fleet config file.
     #[arg(long, global = true, env = CONFIG_PATH_ENV, default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
+    /// Threads of the async runtime: 1 (the default) suits a task of up to one vCPU, where the
+    /// hand-offs between a worker's tasks cost no thread wake-ups; more for bigger tasks.
+    #[arg(long, global = true, env = fleet_common::process::THREADS_ENV, default_value = "1", value_parser = fleet_common::process::parse_threads)]
+    threads: std::num::NonZeroUsize,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,9 +98,18 @@ enum Command {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match fleet_common::process::tokio_runtime(cli.threads) {
+        Ok(runtime) => runtime.block_on(worker(cli)),
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn worker(cli: Cli) -> ExitCode {
     let config = match FleetConfig::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {

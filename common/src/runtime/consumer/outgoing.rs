@@ -11,6 +11,9 @@ impl<H: Handler> Inner<H> {
     /// They wait for a batch to fill at most a tenth of how late the incoming message already is
     /// (up to `forward_flush_ms`): a fresh order is forwarded at once.
     pub(super) async fn forward(&self, incoming: &Message, outcome: Outcome) -> Result<(), String> {
+        if outcome.forward.is_empty() {
+            return Ok(());
+        }
         let linger = batching::linger_for(
             incoming.lag(time::OffsetDateTime::now_utc()),
             Duration::from_millis(self.worker.forward_flush_ms),
