@@ -300,13 +300,13 @@ pub struct WorkerConfig {
     #[serde(default = "default_forward_flush_ms")]
     pub forward_flush_ms: u64,
     /// Batching window: after a receive that brought some messages but fewer than asked for,
-    /// hold the consumer's next one this long so that a trickle accumulates into full batches (like
+    /// wait this long before the next one so that a trickle accumulates into full batches (like
     /// Lambda's batching window), and wait up to this long for room for a full batch under the
     /// in-flight cap. Fewer requests per message, up to this much more latency. 0 = off.
     #[serde(default)]
     pub batch_window_ms: u64,
-    /// Adaptive batching (with `batch_window_ms` 0): after a partial receive the consumer
-    /// holds its next receive for a fuller batch only when the measured arrival rate fills it within this long, and
+    /// Adaptive batching (with `batch_window_ms` 0): after a partial receive a poller waits
+    /// for a fuller batch only when the measured arrival rate fills it within this long, and
     /// for at most a tenth of how late the messages already are; a message less than a second
     /// late never waits (`common/src/runtime/batching.rs`). 0 = never wait.
     #[serde(default = "default_batch_wait_max_ms")]

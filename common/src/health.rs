@@ -13,7 +13,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 /// How long past its deadline a job may still run before `/healthz` fails (by default): the
-/// deadline stops a handler that yields, so a job this late is stuck in code that never yields.
+/// deadline stops a handler that yields, so a job this late is stuck in code that never yields
+/// (on a multi-threaded runtime; on the default one thread such code stalls the process and
+/// `/healthz` does not answer, which the container health check treats as failed too).
 pub const JOB_GRACE: Duration = Duration::from_secs(30);
 
 /// Shared health state of one process.

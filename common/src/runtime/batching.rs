@@ -1,14 +1,13 @@
 //! Adaptive receive batching: after a receive that brought fewer messages than it asked for,
-//! should the consumer hold its next one so that it comes back with a fuller batch?
+//! should the poller wait before the next one so that it comes back with a fuller batch?
 //!
 //! A wait buys fewer requests per message with latency. The fleet pays it only where the latency
-//! is already spent: the consumer holds its receives ([`ReceiveHold`]) when the measured arrival
-//! rate fills the next batch within
-//! [`WorkerConfig::batch_wait_max_ms`](crate::config::WorkerConfig::batch_wait_max_ms), and for
-//! at most a tenth of how late the receive's freshest message already is (since the fleet first
-//! received it). A message less than [`ON_TIME`] late never waits; when the fleet is behind (a
-//! backlog upstream, every message seconds old) the downstream stages fill their batches even
-//! though each of them sees only a trickle.
+//! is already spent: the poller waits when the measured arrival rate fills the next batches
+//! within [`WorkerConfig::batch_wait_max_ms`](crate::config::WorkerConfig::batch_wait_max_ms),
+//! and for at most a tenth of how late the receive's freshest message already is (since the
+//! fleet first received it). A message less than [`ON_TIME`] late never waits; when the fleet
+//! is behind (a backlog upstream, every message seconds
+//! old) the downstream stages fill their batches even though each of them sees only a trickle.
 //! Measured with `loadtest` (loadtest/README.md).
 
 use std::sync::Mutex;
@@ -74,6 +73,8 @@ impl ArrivalRate {
 pub struct Partial {
     /// Messages the receive asked for.
     pub asked: usize,
+    /// Long-poll loops on the queue (they take turns, so each waits for all of them).
+    pub pollers: usize,
     /// Messages a second arriving, as [`ArrivalRate`] measures it.
     pub per_sec: f64,
     /// How late the receive's freshest message already is.
@@ -84,8 +85,8 @@ pub struct Partial {
     pub max: Duration,
 }
 
-/// How long the consumer holds its next receive (see [`ReceiveHold`]): the time the arrival
-/// rate takes to fill the next batch, if that is within `max`, and at most a tenth of the lag; zero
+/// How long the poller waits before its next receive: the time the arrival rate takes to fill
+/// every poller's next batch, if that is within `max`, and at most a tenth of the lag; zero
 /// otherwise, and zero when messages already wait in this queue (its freshest sat there
 /// [`ON_TIME`] or longer: the queue has a backlog of its own, and SQS may return a partial
 /// batch from one).
@@ -94,7 +95,7 @@ pub fn wait_after(p: Partial) -> Duration {
     {
         return Duration::ZERO;
     }
-    let fill_secs = p.asked as f64 / p.per_sec;
+    let fill_secs = (p.asked * p.pollers.max(1)) as f64 / p.per_sec;
     if !fill_secs.is_finite() || fill_secs > p.max.as_secs_f64() {
         return Duration::ZERO;
     }
@@ -103,58 +104,6 @@ pub fn wait_after(p: Partial) -> Duration {
         Duration::ZERO
     } else {
         wait
-    }
-}
-
-/// Adaptive batching's hold on one consumer's receives. After a partial receive that decides
-/// to wait, no poller of the consumer receives until the hold ends, and they take turns: one
-/// waits out the hold and receives while the others wait for their turn. A poller left in a
-/// long poll meanwhile would catch the early arrivals one by one, a request each (measured with
-/// `loadtest --backlog`). Receives run free, all pollers at once, when no hold is set.
-#[derive(Debug)]
-pub struct ReceiveHold {
-    until: Mutex<Option<tokio::time::Instant>>,
-    turn: tokio::sync::Mutex<()>,
-}
-
-impl Default for ReceiveHold {
-    fn default() -> Self {
-        Self {
-            until: Mutex::new(None),
-            turn: tokio::sync::Mutex::new(()),
-        }
-    }
-}
-
-impl ReceiveHold {
-    fn until(&self) -> Option<tokio::time::Instant> {
-        *self.until.lock().expect("the hold lock is never poisoned")
-    }
-
-    /// Whether a hold is set (receives take turns).
-    pub fn is_set(&self) -> bool {
-        self.until().is_some()
-    }
-
-    /// Waits for this poller's turn and then for the hold to end; `None` at once when no hold
-    /// is set. The poller receives while it keeps the guard, and sets the next hold
-    /// ([`ReceiveHold::set`]) before it lets go.
-    pub async fn turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        if !self.is_set() {
-            return None;
-        }
-        let guard = self.turn.lock().await;
-        if let Some(until) = self.until() {
-            tokio::time::sleep_until(until).await;
-        }
-        Some(guard)
-    }
-
-    /// After a receive: hold the next one for `wait` from `now`, or lift the hold when `wait`
-    /// is zero.
-    pub fn set(&self, wait: Duration, now: tokio::time::Instant) {
-        *self.until.lock().expect("the hold lock is never poisoned") =
-            (!wait.is_zero()).then(|| now + wait);
     }
 }
 
@@ -179,6 +128,7 @@ mod tests {
     fn partial(per_sec: f64, lag_ms: u64) -> Partial {
         Partial {
             asked: 10,
+            pollers: 2,
             per_sec,
             lag: Duration::from_millis(lag_ms),
             queued: Duration::from_millis(20),
@@ -188,22 +138,22 @@ mod tests {
 
     #[test]
     fn a_fresh_message_at_a_trickle_never_waits() {
-        // 8 a second: a batch of ten takes 1.25 s to fill, longer than the max, however late
-        // the message is.
-        assert_eq!(wait_after(partial(8.0, 60_000)), Duration::ZERO);
+        // 15 a second: two pollers' batches of ten take 1.3 s to fill, longer than the max,
+        // however late the message is.
+        assert_eq!(wait_after(partial(15.0, 60_000)), Duration::ZERO);
         // Fast arrivals, but the message is on time (900 ms since the fleet got it): no wait.
         assert_eq!(wait_after(partial(500.0, 900)), Duration::ZERO);
     }
 
     #[test]
     fn a_late_message_waits_for_the_batch_to_fill_and_no_longer() {
-        // 20 a second: 500 ms fills the next batch.
+        // 40 a second, two pollers: 500 ms fills both next batches.
         assert_eq!(
-            wait_after(partial(20.0, 45_000)),
+            wait_after(partial(40.0, 45_000)),
             Duration::from_millis(500)
         );
         // The same rate, 2 s late: a tenth of that.
-        assert_eq!(wait_after(partial(20.0, 2_000)), Duration::from_millis(200));
+        assert_eq!(wait_after(partial(40.0, 2_000)), Duration::from_millis(200));
     }
 
     #[test]
@@ -235,34 +185,6 @@ mod tests {
             Duration::from_millis(120)
         );
         assert_eq!(linger_for(Duration::from_secs(45), max), max);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_hold_makes_pollers_take_turns_and_lifts_when_a_receive_needs_no_wait() {
-        let hold = std::sync::Arc::new(ReceiveHold::default());
-        assert!(hold.turn().await.is_none(), "no hold: receives run free");
-        let start = tokio::time::Instant::now();
-        hold.set(Duration::from_millis(300), start);
-        let first = hold.turn().await.expect("a hold is set");
-        assert_eq!(start.elapsed(), Duration::from_millis(300));
-        // While the first poller receives, a second waits for its turn, not in a long poll.
-        let second = tokio::spawn({
-            let hold = std::sync::Arc::clone(&hold);
-            async move {
-                let _turn = hold.turn().await;
-                tokio::time::Instant::now()
-            }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!second.is_finished());
-        // The first receive was partial again: the next one is held 200 ms from now.
-        hold.set(Duration::from_millis(200), tokio::time::Instant::now());
-        drop(first);
-        let second_at = second.await.unwrap();
-        assert_eq!(second_at - start, Duration::from_millis(550));
-        // A full receive lifts the hold.
-        hold.set(Duration::ZERO, tokio::time::Instant::now());
-        assert!(hold.turn().await.is_none());
     }
 
     #[test]

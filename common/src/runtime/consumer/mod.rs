@@ -38,7 +38,7 @@ use crate::failure::{retry_delay, FailureClass, HandlerError, Reason};
 use crate::health::Health;
 use crate::redact::redact;
 use crate::redrive_ledger::{self, Ledger};
-use crate::runtime::batching::{self, ArrivalRate, ReceiveHold};
+use crate::runtime::batching::{self, ArrivalRate};
 use crate::topology::{QueuePair, QueueRef, Topology};
 
 mod dead_letter;
@@ -188,8 +188,6 @@ struct Inner<H> {
     health: Health,
     /// Messages a second this consumer receives, for adaptive batching.
     arrivals: ArrivalRate,
-    /// Adaptive batching's hold on receives, shared by the consumer's pollers.
-    receive_hold: ReceiveHold,
 }
 
 /// One message to send in a batch.
@@ -340,7 +338,6 @@ impl<H: Handler> Consumer<H> {
                 metrics,
                 health,
                 arrivals: ArrivalRate::new(std::time::Instant::now()),
-                receive_hold: ReceiveHold::default(),
             }),
             acks_flushed,
         })

@@ -15,13 +15,6 @@ impl<H: Handler> Inner<H> {
             .poller(format!("{}/{}", self.role, self.pair.queue.name));
         loop {
             probe.waiting_for_room(true);
-            // While adaptive batching holds receives, the pollers take turns (see
-            // `batching::ReceiveHold`); the turn is kept until this receive has set the next hold.
-            let turn = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                turn = self.receive_hold.turn() => turn,
-            };
             let permits = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -49,12 +42,15 @@ impl<H: Handler> Inner<H> {
                     probe.received();
                     after_full = !messages.is_empty() && messages.len() >= permits.num_permits();
                     let wait = self.wait_before_next(&messages, permits.num_permits());
-                    self.receive_hold.set(wait, tokio::time::Instant::now());
-                    drop(turn);
                     self.dispatch(messages, permits, &jobs);
+                    if !wait.is_zero() {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                    }
                 }
                 Err(error) => {
-                    drop(turn);
                     after_full = false;
                     failures = failures.saturating_add(1);
                     let backoff = retry_delay(
@@ -73,9 +69,9 @@ impl<H: Handler> Inner<H> {
         }
     }
 
-    /// How long to hold the consumer's next receive, after one that brought `messages` of
-    /// `asked`: nothing after a full or an empty one; after a partial one the batching window
-    /// when one is configured, else what adaptive batching decides (see [`batching`]).
+    /// How long to wait before the next receive, after one that brought `messages` of `asked`:
+    /// nothing after a full or an empty one; after a partial one the batching window when one
+    /// is configured, else what adaptive batching decides (see [`batching`]).
     fn wait_before_next(&self, messages: &[Message], asked: usize) -> Duration {
         let per_sec = self
             .arrivals
@@ -98,6 +94,7 @@ impl<H: Handler> Inner<H> {
         });
         let wait = batching::wait_after(batching::Partial {
             asked,
+            pollers: self.worker.pollers.get(),
             per_sec,
             lag,
             queued,
