@@ -174,12 +174,6 @@ fn parse_mix(s: &str) -> Result<Mix, String> {
     Ok(mix)
 }
 
-/// mimalloc, not the system allocator: the runtime allocates per message on one thread and
-/// frees on another, where glibc's arenas contend and trim (measured with `loadtest --runtime`,
-/// loadtest/README.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // A runtime run measures the consumer on the runtime a worker runs on; everything else

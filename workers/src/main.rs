@@ -92,12 +92,6 @@ enum Command {
     },
 }
 
-/// mimalloc, not the system allocator: the runtime allocates per message on one thread and
-/// frees on another, where glibc's arenas contend and trim (measured with `loadtest --runtime`,
-/// loadtest/README.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match fleet_common::process::tokio_runtime(cli.threads) {
