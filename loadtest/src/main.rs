@@ -214,7 +214,6 @@ async fn loadtest_main(cli: Cli) -> ExitCode {
         telemetry: cli.telemetry,
         only: cli.only.clone(),
         drain_timeout: cli.drain_timeout,
-        threads: cli.runtime_threads.get(),
     });
     let inputs = scaling_inputs(&cli);
     let (faults, kill_every) = (cli.faults.clone(), cli.kill_every);

@@ -41,9 +41,6 @@ pub struct RuntimeOptions {
     pub only: Option<String>,
     /// Longest a phase may take to drain its queue.
     pub drain_timeout: Duration,
-    /// Threads of the async runtime the run is on (the caller builds it; 1 is a current-thread
-    /// runtime, as a worker runs by default).
-    pub threads: usize,
 }
 
 /// One phase's figures.
@@ -222,7 +219,8 @@ pub async fn run(
         role: opts.role.as_str().to_owned(),
         pollers: worker.pollers.get(),
         max_in_flight: worker.max_in_flight.get(),
-        threads: opts.threads,
+        // The runtime the caller built (the worker's `--threads`): 1 is a current-thread one.
+        threads: tokio::runtime::Handle::current().metrics().num_workers(),
         telemetry: opts.telemetry,
         cpu_ratio: match (&sdk, &runtime) {
             (Some(sdk), Some(runtime)) if sdk.cpu_us_per_message > 0.0 => {
